@@ -1,0 +1,184 @@
+"""Typed, validated configuration and the named presets of SPEC section 2.
+
+Every experiment takes a :class:`Preset`. Configs are pydantic models so that a
+bad value fails at load time with the field named (see :func:`describe_error`),
+and so that the resolved config can be written beside every result as JSON.
+Values the paper does not pin down are ours; ``docs/presets.md`` says which.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Strict):
+    """In-context sparse linear regression: x ~ N(0, I_d), s-sparse w*, noise sigma."""
+
+    d: int = Field(ge=1, description="covariate dimension")
+    s: int = Field(ge=1, description="support size of w*")
+    tau: float = Field(default=1.0, gt=0, description="std of the non-zero weights")
+    sigma: float = Field(ge=0, description="label-noise std")
+    n_max: int = Field(ge=1, description="largest context length")
+
+    @model_validator(mode="after")
+    def _s_le_d(self) -> "TaskConfig":
+        if self.s > self.d:
+            raise ValueError(f"s must be <= d (got s={self.s}, d={self.d})")
+        return self
+
+
+class ModelConfig(_Strict):
+    """GPT-2-style pre-LN decoder (SPEC section 3). ``n_dims``/``n_max`` come from the task."""
+
+    n_dims: int = Field(ge=1)
+    n_max: int = Field(ge=1)
+    d_model: int = Field(ge=1)
+    n_layers: int = Field(ge=1)
+    n_heads: int = Field(ge=1)
+    attention: Literal["softmax", "linear"] = "softmax"
+    mlp: bool = True
+    pos_emb: bool = True
+    layer_norm: bool = True
+    token_format: Literal["pair", "interleaved"] = "pair"
+    mask: Literal["prefix", "full"] = "prefix"
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads must divide d_model (got d_model={self.d_model}, n_heads={self.n_heads})")
+        if self.token_format == "interleaved" and self.mask != "prefix":
+            raise ValueError("mask='full' needs token_format='pair'")
+        return self
+
+
+class TrainConfig(_Strict):
+    """AdamW + warm-up/cosine on fresh prompts every step."""
+
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    min_lr_frac: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=200, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    curriculum: bool = False
+    curriculum_start_frac: float = Field(default=0.25, gt=0, le=1, description="first n_max as a fraction")
+    curriculum_steps_frac: float = Field(default=0.5, gt=0, le=1, description="share of steps spent ramping")
+    eval_every: int = Field(default=500, ge=1)
+    n_eval_prompts: int = Field(default=512, ge=1)
+    checkpoint_every: int = Field(default=500, ge=1)
+    threads: int = Field(default=0, ge=0, description="torch threads on CPU; 0 = torch default")
+
+
+class EvalConfig(_Strict):
+    """Sizes of the validation (hyper-parameter tuning) and test prompt sets."""
+
+    n_val: int = Field(default=1000, ge=2)
+    n_test: int = Field(default=2000, ge=2)
+    pto_steps: list[int] = Field(default=[1, 2, 3, 5, 10, 20, 50, 100, 200, 400])
+
+
+class Preset(_Strict):
+    """A complete, named experimental setting."""
+
+    name: str
+    task: TaskConfig
+    sigmas: list[float] = Field(default_factory=list, description="extra noise levels swept by E5 on this preset")
+    d_model: int = Field(ge=1)
+    n_layers: int = Field(ge=1)
+    heads: list[int] = Field(min_length=1)
+    attention: Literal["softmax", "linear"] = "softmax"
+    mlp: bool = True
+    pos_emb: bool = True
+    train: TrainConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _heads_ok(self) -> "Preset":
+        for h in self.heads:
+            if h < 1 or self.d_model % h:
+                raise ValueError(f"every head count must divide d_model={self.d_model} (got {h})")
+        return self
+
+    def model_config_for(self, n_heads: int) -> ModelConfig:
+        return ModelConfig(
+            n_dims=self.task.d, n_max=self.task.n_max, d_model=self.d_model, n_layers=self.n_layers,
+            n_heads=n_heads, attention=self.attention, mlp=self.mlp, pos_emb=self.pos_emb,
+        )
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(
+        task=dict(d=5, s=2, sigma=0.1, n_max=10),
+        d_model=32, n_layers=2, heads=[1, 2],
+        train=dict(steps=300, batch_size=64, lr=3e-3, warmup_steps=30, eval_every=100,
+                   n_eval_prompts=128, checkpoint_every=100),
+        eval=dict(n_val=200, n_test=400, pto_steps=[1, 5, 20, 100]),
+    ),
+    "quick": dict(
+        task=dict(d=10, s=2, sigma=0.1, n_max=20),
+        d_model=64, n_layers=3, heads=[1, 2, 4],
+        train=dict(steps=4000, batch_size=64, lr=2e-3, warmup_steps=200, eval_every=500,
+                   n_eval_prompts=512, checkpoint_every=500),
+        eval=dict(n_val=1000, n_test=2000),
+    ),
+    "paper": dict(
+        task=dict(d=20, s=3, sigma=0.1, n_max=40), sigmas=[0.0, 0.5],
+        d_model=256, n_layers=4, heads=[1, 2, 4, 8],
+        train=dict(steps=50000, batch_size=128, lr=5e-4, warmup_steps=2000, eval_every=2000,
+                   n_eval_prompts=1024, checkpoint_every=2000, curriculum=True),
+        eval=dict(n_val=2000, n_test=4000),
+    ),
+}
+
+PRESET_NAMES = tuple(_PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> Preset:
+    """Return a validated preset; ``overrides`` are dotted paths, e.g. ``{"task.d": 8}``."""
+    if name not in _PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r} (choose from {', '.join(PRESET_NAMES)})")
+    raw = _deep_copy(_PRESETS[name])
+    raw["name"] = name
+    for path, value in overrides.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return validate(Preset, raw)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased as one line naming the field."""
+
+
+def validate(model: type[BaseModel], raw: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(describe_error(e)) from None
+
+
+def describe_error(e: ValidationError) -> str:
+    """One line naming the first offending field, e.g. ``task.s: s must be <= d (got s=12, d=10)``."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    field = loc or e.title
+    if "input" in err and not isinstance(err["input"], dict) and err["type"] != "value_error":
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{field}: {msg}"
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else v) for k, v in d.items()}
