@@ -77,6 +77,217 @@ def estimators(preset: str, out: Path, d: Optional[int], s: Optional[int], sigma
     click.echo(f"E5 written to {out}")
 
 
+def _analysis_options(f: Any) -> Any:
+    """Options shared by assess-heads, prune and probe (preset defaults to the checkpoint's)."""
+    for opt in reversed([
+        click.option("--preset", default=None, help="preset for prompts (default: the one in the checkpoint's meta.json)"),
+        out_option,
+        click.option("--prompts", type=int, help="prompts per set (default: the preset's eval.n_test)"),
+        click.option("--seed", type=int, help="prompt seed (default: the preset's)"),
+        device_option,
+    ]):
+        f = opt(f)
+    return f
+
+
+def _check_analysis_args(preset: Optional[str], prompts: Optional[int], seed: Optional[int]) -> None:
+    if preset is not None:
+        get_preset(preset)
+    if prompts is not None and prompts < 3:
+        raise ConfigError(f"prompts: need at least 3 prompts (got {prompts})")
+    if seed is not None and seed < 0:
+        raise ConfigError(f"seed: must be >= 0 (got {seed})")
+
+
+@app.command("assess-heads")
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@_analysis_options
+@click.option("--boot", type=int, default=1000, show_default=True, help="bootstrap resamples for concentration CIs")
+def assess_heads_cmd(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int],
+                     device: str, boot: int) -> None:
+    """E2: risk increase when each head is gated off (and keep-only), heat-map, per-layer concentration."""
+    _check_analysis_args(preset, prompts, seed)
+    if boot < 10:
+        raise ConfigError(f"boot: need at least 10 bootstrap resamples (got {boot})")
+    dev = resolve_device(device)
+    from .analysis.heads import run_e2
+
+    s = run_e2(ckpt, out, preset, prompts, seed, dev, boot)
+    for c in s["concentration"]:
+        click.echo(f"layer {c['layer']}: top head {c['top_head']} share {c['top_share']:.2f} "
+                   f"[{c['ci_low']:.2f}, {c['ci_high']:.2f}] (uniform {c['uniform_share']:.2f})")
+    click.echo(f"E2 written to {out}")
+
+
+@app.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@_analysis_options
+@click.option("--keep", default=None, help='per-layer policy, 1-based layers, e.g. "1:all,2:top1,3:top1" '
+                                          "(default: all heads in layer 1, top1 in every later layer)")
+@click.option("--finetune", "finetune_steps", type=int, default=0, show_default=True,
+              help="AdamW steps with the gates fixed after pruning (0 = no retraining)")
+def prune(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int], device: str,
+          keep: Optional[str], finetune_steps: int) -> None:
+    """E3: risk vs n of the full model, the pruned model and the control (layer 1 cut to one head too)."""
+    _check_analysis_args(preset, prompts, seed)
+    if finetune_steps < 0:
+        raise ConfigError(f"finetune: steps must be >= 0 (got {finetune_steps})")
+    dev = resolve_device(device)
+    from .analysis.heads import parse_policy, run_e3
+
+    if keep is not None:
+        parse_policy(keep)
+    s = run_e3(ckpt, out, keep, preset, finetune_steps, prompts, seed, dev)
+    for name, r in s["risk_ratio_vs_full"].items():
+        click.echo(f"{name}: risk / full = {r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+    click.echo(f"E3 written to {out}")
+
+
+@app.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@_analysis_options
+@click.option("--prune", "prune_policy", default=None,
+              help='also probe the pruned model: a policy such as "1:all,2:top1,3:top1", or "default"')
+@click.option("--compare", multiple=True, type=click.Path(path_type=Path),
+              help="other checkpoints to probe on the same prompts (e.g. the single-head model); repeatable")
+def probe(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int], device: str,
+          prune_policy: Optional[str], compare: tuple[Path, ...]) -> None:
+    """E4: ridge probes of <w*, x_q> from the residual stream after each layer, per context length."""
+    _check_analysis_args(preset, prompts, seed)
+    dev = resolve_device(device)
+    from .analysis.heads import parse_policy
+    from .analysis.probes import run_e4
+
+    if prune_policy not in (None, "default"):
+        parse_policy(prune_policy)
+    s = run_e4(ckpt, out, prune_policy, list(compare), preset, prompts, seed, dev)
+    for m, by_layer in s["mean_probe_risk_norm"].items():
+        click.echo(f"{m}: " + ", ".join(f"{l}={v:.3f}" for l, v in by_layer.items()))
+    click.echo(f"E4 written to {out}")
+
+
+@app.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@_analysis_options
+@click.option("--single", type=click.Path(path_type=Path), default=None,
+              help="single-head checkpoint of the same task, analysed on the same prompts")
+@click.option("--no-construct", is_flag=True, help="skip E6c (the hand-built PtO transformer check)")
+def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int],
+              device: str, single: Optional[Path], no_construct: bool) -> None:
+    """E6: decode PtO's features from layer 1 (E6a), compare layers with PtO/GD steps (E6b), check E6c."""
+    _check_analysis_args(preset, prompts, seed)
+    dev = resolve_device(device)
+    from .analysis.mechanism import run_e6
+
+    s = run_e6(ckpt, out, single, preset=preset, n_prompts=prompts, seed=seed, device=dev,
+               with_construct=not no_construct)
+    for k, v in s["e6a_mean_r2"].items():
+        if "/layer1/" in k:
+            click.echo(f"E6a R^2 {k}: {v:.3f}")
+    for v in s["e6b_verdict"]:
+        if v["eta_fit"] == "match":
+            click.echo(f"E6b {v['model']} {v['readout']} layer {v['layer']}: rel.err PtO {v['pto_rel_err']:.3f} "
+                       f"vs GD {v['gd_rel_err']:.3f} (GD - PtO 95% CI [{v['diff_ci_low']:.3f}, "
+                       f"{v['diff_ci_high']:.3f}]) -> tracks {v['tracks']}")
+    if s["e6c_max_abs_dev"] is not None:
+        click.echo(f"E6c construct vs PtO: max abs deviation {s['e6c_max_abs_dev']:.2e}")
+    click.echo(f"E6 written to {out}")
+
+
+@app.command()
+@preset_option
+@out_option
+@click.option("--seeds", default=1, show_default=True, type=int, help="train every model with this many seeds")
+@device_option
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override any preset field by dotted path, e.g. --set train.steps=2000 (repeatable)")
+def reproduce(preset: str, out: Path, seeds: int, device: str, sets: tuple[str, ...]) -> None:
+    """Run E5, E1, E2, E3, E4 and E6 for a preset and write report.md/report.html into OUT."""
+    p = make_preset(preset, None, **parse_sets(sets))
+    dev = resolve_device(device)
+    if seeds < 1:
+        raise ConfigError(f"seeds: must be >= 1 (got {seeds})")
+    from .reproduce import reproduce as run
+
+    report = run(p, out, seeds=seeds, device=dev)
+    click.echo(f"done: report at {report} (and {report.with_suffix('.html')})")
+
+
+def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs to dotted overrides; VALUE is read as JSON when it parses, else as text."""
+    import json
+
+    ov: dict[str, Any] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"set: expected KEY=VALUE (got {item!r})")
+        try:
+            ov[key] = json.loads(value)
+        except json.JSONDecodeError:
+            ov[key] = value
+    return ov
+
+
+@app.command("train")
+@preset_option
+@click.option("--heads", type=int, required=True, help="number of attention heads")
+@out_option
+@click.option("--resume", is_flag=True, help="continue the checkpoint in OUT (bit-identical on CPU)")
+@device_option
+@click.option("--steps", type=int, help="override train.steps")
+@click.option("--seed", type=int, help="base seed")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def train_cmd(preset: str, heads: int, out: Path, resume: bool, device: str, steps: Optional[int],
+              seed: Optional[int], quiet: bool) -> None:
+    """Train one model on fresh prompts; checkpoint (safetensors + JSON) in OUT."""
+    p = make_preset(preset, seed, **{"train.steps": steps})
+    dev = resolve_device(device)
+    from .training import TrainSpec, train
+
+    TrainSpec.from_preset(p, heads)  # validates the head count before any work
+    r = train(p, heads, out, dev, resume=resume, progress=not quiet)
+    last = r.history[-1] if r.history else {}
+    click.echo(f"trained h={heads} to step {r.meta['step']} in {out}; "
+               + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("r@")))
+
+
+@app.command("eval")
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@out_option
+@device_option
+@click.option("--prompts", type=int, help="number of test prompts (default: the preset's eval.n_test)")
+def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int]) -> None:
+    """Risk vs n (95% bands) of a checkpoint on the test prompts: risk.csv, risk.png, config.json."""
+    if prompts is not None and prompts < 2:
+        raise ConfigError(f"prompts: need at least 2 test prompts (got {prompts})")
+    dev = resolve_device(device)
+    from .training import evaluate_checkpoint
+
+    evaluate_checkpoint(ckpt, out, dev, prompts)
+    click.echo(f"evaluation written to {out}")
+
+
+@app.command("sweep-heads")
+@preset_option
+@out_option
+@device_option
+@click.option("--steps", type=int, help="override train.steps")
+@click.option("--seed", type=int, help="base seed")
+@click.option("--workers", type=int, help="training processes on CPU (default: one per head count)")
+def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed: Optional[int],
+                workers: Optional[int]) -> None:
+    """E1: one model per head count (same seed and budget) vs the estimators; e1_heads.csv/.png."""
+    p = make_preset(preset, seed, **{"train.steps": steps})
+    if workers is not None and workers < 1:
+        raise ConfigError(f"workers: must be >= 1 (got {workers})")
+    dev = resolve_device(device)
+    from .experiments.heads_sweep import run_e1
+
+    s = run_e1(p, out, dev, workers=workers)
+    click.echo(f"E1 written to {out} (training {s['train_wall_s']:.0f} s)")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app, turning every expected failure into one line on stderr."""
     try:

@@ -185,9 +185,10 @@ class Transformer(nn.Module):
         key = (n_examples, str(device))
         if key not in self._layouts:
             lay = layout(self.cfg, n_examples)
+            mask = attention_mask(self.cfg, lay).to(device)  # built on CPU (torch.eye there), then moved
             lay = Layout(n_examples, *(t.to(device) for t in (lay.token_type, lay.position, lay.query_index,
                                                                 lay.query_n, lay.context_index)))
-            self._layouts[key] = (lay, attention_mask(self.cfg, lay).to(device))
+            self._layouts[key] = (lay, mask)
         return self._layouts[key]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""Training throughput of our transformer vs the reference ICL setup (Garg et al. 2022) on GPT2Model.
+
+Both models: same width, depth, heads and context length, batch 64, AdamW, one
+training step = forward + MSE over every prefix prediction + backward + clip +
+step. The reference is Hugging Face ``GPT2Model`` (built from a ``GPT2Config``,
+no weight download) fed the interleaved sequence ``x_0, y_0, x_1, ..., x_n``
+through a linear read-in, read out at the x tokens: ``n + 1`` prefix predictions
+per prompt, the same number as ours. The two are timed in alternating blocks
+(A B A B ...) so machine load hits both alike; the median block rate is reported.
+
+    .venv/bin/python benchmarks/train_throughput.py --preset quick --threads 1
+
+Needs the ``bench`` extra (``pip install -e .[bench]`` for ``transformers``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icl_heads.config import get_preset
+from icl_heads.model import Transformer
+from icl_heads.tasks import generator, sample_prompts
+
+
+class GPT2Reference(nn.Module):
+    """Garg et al.'s ``TransformerModel``: interleaved tokens, GPT2Model backbone, read-out at x tokens."""
+
+    def __init__(self, d: int, n_examples: int, d_model: int, n_layers: int, n_heads: int):
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model
+
+        cfg = GPT2Config(n_positions=2 * n_examples, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+        self.read_in = nn.Linear(d + 1, d_model)
+        self.backbone = GPT2Model(cfg)
+        self.read_out = nn.Linear(d_model, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        B, N, d = x.shape
+        xs = torch.cat([x, torch.zeros(B, N, 1, dtype=x.dtype)], -1)
+        ys = torch.cat([torch.zeros_like(x), y[..., None]], -1)
+        z = torch.stack([xs, ys], 2).reshape(B, 2 * N, d + 1)[:, : 2 * N - 1]
+        h = self.backbone(inputs_embeds=self.read_in(z)).last_hidden_state
+        return self.read_out(h[:, ::2]).squeeze(-1)
+
+
+def step_fn(model: nn.Module, task, batch: int) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = generator(0, "train")
+
+    def step() -> None:
+        p = sample_prompts(task, batch, gen)
+        loss = F.mse_loss(model(p.x, p.y), p.y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--blocks", type=int, default=6, help="alternating timing blocks per model")
+    ap.add_argument("--steps", type=int, default=20, help="steps per block")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    p = get_preset(a.preset)
+    n_ex = p.task.n_max + 1
+    torch.manual_seed(0)
+    cfg = p.model_config_for(a.heads)
+    models: dict[str, nn.Module] = {
+        "ours (pair, MLP)": Transformer(cfg.model_copy(update={"mlp": True})),
+        "GPT2Model (interleaved, MLP)": GPT2Reference(p.task.d, n_ex, p.d_model, p.n_layers, a.heads),
+    }
+    if not cfg.mlp:
+        models[f"ours ({a.preset} preset: attention-only)"] = Transformer(cfg)
+    steps = {k: step_fn(m, p.task, a.batch) for k, m in models.items()}
+    for s in steps.values():  # warm-up
+        for _ in range(3):
+            s()
+    rates: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(a.blocks):
+        for k, s in steps.items():
+            t = time.perf_counter()
+            for _ in range(a.steps):
+                s()
+            rates[k].append(a.steps / (time.perf_counter() - t))
+    print(f"preset={a.preset} d={p.task.d} n_max={p.task.n_max} D={p.d_model} L={p.n_layers} h={a.heads} "
+          f"batch={a.batch} threads={a.threads}; median of {a.blocks} alternating blocks of {a.steps} steps")
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    preds = {k: med[k] * a.batch * n_ex for k in med}  # every model predicts all n_max+1 prefixes per prompt
+    for k in models:
+        n_par = sum(q.numel() for q in models[k].parameters())
+        print(f"  {k:40s} {med[k]:7.1f} steps/s  {preds[k]:9.0f} prefix-predictions/s  ({n_par} params)")
+    ref = "GPT2Model (interleaved, MLP)"
+    for k in models:
+        if k != ref:
+            print(f"ratio {k} / GPT2Model: steps/s {med[k] / med[ref]:.2f}x, "
+                  f"prefix-predictions/s {preds[k] / preds[ref]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,504 @@
+"""Head importance (E2) and head pruning (E3): which attention heads a trained model needs.
+
+* :func:`assess_heads` gates every head off in turn ("ablate") and, separately, keeps only
+  one head of a layer ("keep"), and records the per-prompt squared error at every context
+  length. Importance of head ``(l, k)`` = excess risk with its gate at 0 minus the base risk.
+  All ``2 L h`` gate settings run as batched forward passes with per-prompt gates ``(B, L, h)``
+  (prompts x ablations in one batch, chunked). Settings that only touch layer ``l`` share the
+  residual stream entering layer ``l``, which is computed once: gates of layer ``l`` cannot
+  change earlier layers, so this is exact, and it saves the work of layers ``< l``.
+* :meth:`HeadImportance.concentration` is the per-layer concentration score: the share of the
+  top head in the layer's total (positive) importance, ``1/h`` when all heads matter equally
+  and 1 when one head carries everything, with a paired bootstrap CI over prompts.
+* :func:`parse_policy` / :func:`prune_gates` turn a policy such as ``"1:all,2:top1,3:top1"``
+  (1-based layers, as in the paper) into gates; :func:`run_e3` compares full, pruned and the
+  control (layer 1 pruned to its top head too), optionally after a short fine-tune with the
+  gates fixed (:func:`finetune`).
+
+``run_e2`` / ``run_e3`` are what the CLI and ``reproduce`` call; the rest works on a loaded
+model in a notebook.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_meta, load_model
+from ..config import ConfigError, Preset, TaskConfig, get_preset, validate
+from ..evaluation import predict
+from ..io import write_csv, write_json, write_provenance
+from ..metrics import curve_from_errors, squared_errors
+from ..model import Transformer
+from ..tasks import Prompts, fixed_prompts, generator, sample_prompts
+
+ABLATE, KEEP = "ablate", "keep"
+
+
+# --------------------------------------------------------------------------- E2: importance
+
+@dataclass
+class HeadImportance:
+    """Per-prompt squared errors of the base model and of every single-head gate change.
+
+    ``base_err`` is ``(P, N)``; ``ablate_err[l, k]`` (head ``k`` of layer ``l`` gated off) and
+    ``keep_err[l, k]`` (only head ``k`` kept in layer ``l``) are ``(L, h, P, N)``. Indices are
+    0-based here; CSVs and figures use 1-based layers and heads, as the paper does.
+    Scores average over context lengths ``n >= n_min`` (n = 0 has no context to use).
+    """
+
+    base_err: np.ndarray
+    ablate_err: np.ndarray
+    keep_err: np.ndarray
+    base_gates: np.ndarray
+    norm: float
+    n_min: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.ablate_err.shape[0], self.ablate_err.shape[1]
+
+    @property
+    def n_prompts(self) -> int:
+        return self.base_err.shape[0]
+
+    def delta(self, kind: str = ABLATE) -> np.ndarray:
+        """Per-prompt excess-risk change ``(L, h, P, N)`` (not normalised)."""
+        return self._err(kind) - self.base_err
+
+    def per_prompt_score(self, kind: str = ABLATE) -> np.ndarray:
+        """``(L, h, P)``: normalised risk change averaged over ``n >= n_min``, per prompt."""
+        return self.delta(kind)[..., self.n_min:].mean(-1) / self.norm
+
+    def score(self, kind: str = ABLATE) -> np.ndarray:
+        """``(L, h)`` importance: mean normalised excess-risk increase over prompts and n."""
+        return self.per_prompt_score(kind).mean(-1)
+
+    def ranking(self, layer: int) -> list[int]:
+        """Heads of 0-based ``layer``, most important first (ties: lower index first)."""
+        s = self.score(ABLATE)[layer]
+        return sorted(range(s.size), key=lambda k: (-s[k], k))
+
+    def concentration(self, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[dict[str, Any]]:
+        """Per layer: top head, its share of the layer's positive importance, bootstrap CI, stability.
+
+        The bootstrap resamples prompts (the same resample for every head and layer, since the
+        share couples heads) and recomputes the share; ``top_head_stability`` is the fraction of
+        resamples whose top head is the full-sample top head; ``share_minus_layer1`` (with its
+        paired CI) compares the layer's concentration with layer 1's.
+        """
+        L, h = self.shape
+        data = self.per_prompt_score(ABLATE).reshape(L * h, -1)
+        rng = np.random.default_rng(seed)
+        counts = rng.multinomial(self.n_prompts, np.full(self.n_prompts, 1 / self.n_prompts), size=n_boot)
+        boot = (data @ counts.T / self.n_prompts).reshape(L, h, n_boot)  # (L, h, B)
+        point = self.score(ABLATE)
+        share, boot_share = top_share(point), top_share(np.moveaxis(boot, -1, 0))  # (L,), (B, L)
+        a = (1 - level) / 2
+        rows = []
+        for l in range(L):
+            top = self.ranking(l)[0]
+            bs = boot_share[:, l]
+            lo, hi = (np.nanquantile(bs, [a, 1 - a]) if np.isfinite(bs).any() else (np.nan, np.nan))
+            gap = bs - boot_share[:, 0]  # paired: same resample for both layers
+            glo, ghi = (np.nanquantile(gap, [a, 1 - a]) if np.isfinite(gap).any() else (np.nan, np.nan))
+            rows.append(dict(layer=l + 1, n_heads=h, top_head=top + 1, top_importance=float(point[l, top]),
+                             total_importance=float(np.clip(point[l], 0, None).sum()),
+                             top_share=float(share[l]), ci_low=float(lo), ci_high=float(hi),
+                             top_head_stability=float((boot[l].argmax(0) == top).mean()),
+                             uniform_share=1 / h, share_minus_layer1=float(share[l] - share[0]),
+                             share_minus_layer1_ci_low=float(glo), share_minus_layer1_ci_high=float(ghi)))
+        return rows
+
+    def rows_by_n(self, task: TaskConfig) -> list[dict[str, Any]]:
+        """Tidy rows per (layer, head, n): base, ablated and keep-only risk, deltas with 95% CIs."""
+        L, h = self.shape
+        base = curve_from_errors(self.base_err, task)
+        rows = []
+        for l in range(L):
+            for k in range(h):
+                ab = curve_from_errors(self.ablate_err[l, k], task)
+                kp = curve_from_errors(self.keep_err[l, k], task)
+                dab = curve_from_errors(self.delta(ABLATE)[l, k], task)
+                dkp = curve_from_errors(self.delta(KEEP)[l, k], task)
+                for i, n in enumerate(base.n):
+                    rows.append(dict(
+                        layer=l + 1, head=k + 1, n=int(n), base_risk=base.risk[i], ablate_risk=ab.risk[i],
+                        delta_risk=dab.risk[i], delta_risk_norm=dab.risk[i] / dab.norm,
+                        delta_ci_low=dab.ci_low[i] / dab.norm, delta_ci_high=dab.ci_high[i] / dab.norm,
+                        keep_risk=kp.risk[i], keep_delta_risk_norm=dkp.risk[i] / dkp.norm,
+                        keep_delta_ci_low=dkp.ci_low[i] / dkp.norm, keep_delta_ci_high=dkp.ci_high[i] / dkp.norm))
+        return rows
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Tidy rows per (layer, head), averaged over n >= n_min, with rank and per-layer share."""
+        L, h = self.shape
+        rows = []
+        for kind_name, kind in (("", ABLATE), ("keep_", KEEP)):
+            pp = self.per_prompt_score(kind)
+            mean, half = pp.mean(-1), 1.959963984540054 * pp.std(-1, ddof=1) / np.sqrt(self.n_prompts)
+            for l in range(L):
+                for k in range(h):
+                    if not kind_name:
+                        rows.append(dict(layer=l + 1, head=k + 1))
+                    r = rows[l * h + k]
+                    r[f"{kind_name}importance"] = float(mean[l, k])
+                    r[f"{kind_name}ci_low"] = float(mean[l, k] - half[l, k])
+                    r[f"{kind_name}ci_high"] = float(mean[l, k] + half[l, k])
+        share = per_layer_share(self.score(ABLATE))
+        for l in range(L):
+            order = self.ranking(l)
+            for k in range(h):
+                rows[l * h + k].update(rank_in_layer=order.index(k) + 1, share_in_layer=float(share[l, k]),
+                                       n_min=self.n_min)
+        return rows
+
+    def _err(self, kind: str) -> np.ndarray:
+        if kind == ABLATE:
+            return self.ablate_err
+        if kind == KEEP:
+            return self.keep_err
+        raise ValueError(f"kind must be {ABLATE!r} or {KEEP!r} (got {kind!r})")
+
+
+def per_layer_share(score: np.ndarray) -> np.ndarray:
+    """Importance normalised per layer: positive part divided by the layer's positive total."""
+    pos = np.clip(score, 0, None)
+    tot = pos.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tot > 0, pos / tot, np.nan)
+
+
+def top_share(score: np.ndarray) -> np.ndarray:
+    """Share of the top head in each layer's positive importance (last axis = heads; NaN if none)."""
+    return per_layer_share(score).max(-1)
+
+
+def gate_settings(base: torch.Tensor, layer: int) -> torch.Tensor:
+    """The ``2h`` gate sets for ``layer``: ``h`` single-head ablations, then ``h`` keep-only sets."""
+    L, h = base.shape
+    eye = torch.eye(h, dtype=base.dtype, device=base.device)
+    g = base.expand(2 * h, L, h).clone()
+    g[:h, layer] = base[layer] * (1 - eye)
+    g[h:, layer] = base[layer] * eye
+    return g
+
+
+@torch.no_grad()
+def assess_heads(model: Transformer, prompts: Prompts, task: TaskConfig, gates: torch.Tensor | None = None,
+                 batch_rows: int = 2048, n_min: int = 1) -> HeadImportance:
+    """E2 on a loaded model: errors of the base model and of all ``2 L h`` single-layer gate changes.
+
+    ``gates`` (``(L, h)``, default the model's own) is the base setting that ablations start
+    from. ``batch_rows`` bounds the rows of one forward pass (prompts x gate settings).
+    """
+    _check_prompts(model, prompts)
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    L, h = model.cfg.n_layers, model.cfg.n_heads
+    base_gates = (model.head_gates if gates is None else gates).detach().to(dev, torch.float32)
+    if base_gates.shape != (L, h):
+        raise ConfigError(f"gates: expected shape ({L}, {h}) (got {tuple(base_gates.shape)})")
+    settings = [gate_settings(base_gates, l) for l in range(L)]  # each (2h, L, h)
+    P, N = prompts.f.shape
+    preds = torch.empty(1 + 2 * L * h, P, N, dtype=torch.float64)
+    chunk = max(1, batch_rows // (2 * h))
+    for i in range(0, P, chunk):
+        p = prompts.slice(i, i + chunk).to(dev, torch.float32)
+        b = p.batch
+        pred, cache = model.run_with_cache(p.x, p.y, base_gates)
+        preds[0, i:i + b] = pred.double().cpu()
+        for l in range(L):
+            h_in = cache["embed"] if l == 0 else cache[f"blocks.{l - 1}.resid_post"]
+            A = settings[l].shape[0]
+            rep = h_in.unsqueeze(0).expand(A, *h_in.shape).reshape(A * b, *h_in.shape[1:])
+            g = settings[l].repeat_interleave(b, dim=0)  # (A*b, L, h), setting-major like rep
+            out = _run_from(model, rep, l, g, N).view(A, b, N).double().cpu()
+            preds[1 + 2 * l * h: 1 + 2 * (l + 1) * h, i:i + b] = out
+    model.train(was_training)
+    err = np.stack([squared_errors(pr, prompts.f) for pr in preds])  # (1 + 2Lh, P, N)
+    per_layer = err[1:].reshape(L, 2, h, P, N)
+    return HeadImportance(err[0], per_layer[:, 0], per_layer[:, 1], base_gates.cpu().numpy(),
+                          task.s * task.tau ** 2, n_min)
+
+
+def _run_from(model: Transformer, h: torch.Tensor, layer: int, gates: torch.Tensor, n_examples: int) -> torch.Tensor:
+    lay, mask = model.layout(n_examples, h.device)
+    for l in range(layer, model.cfg.n_layers):
+        h = model.blocks[l](h, mask, gates[..., l, :], None, f"blocks.{l}")
+    return model.read_out(model.ln_f(h[:, lay.query_index])).squeeze(-1)
+
+
+def _check_prompts(model: Transformer, prompts: Prompts) -> None:
+    if prompts.x.shape[-1] != model.cfg.n_dims:
+        raise ConfigError(f"task.d: prompts have d={prompts.x.shape[-1]} but the model expects {model.cfg.n_dims}")
+    if prompts.x.shape[1] > model.cfg.n_max + 1:
+        raise ConfigError(f"task.n_max: prompts have {prompts.x.shape[1] - 1} context examples, "
+                          f"the model at most {model.cfg.n_max}")
+
+
+# --------------------------------------------------------------------------- E3: pruning
+
+_SPEC = re.compile(r"^(all|top([1-9][0-9]*))$")
+
+
+def parse_policy(text: str) -> dict[int, str]:
+    """Parse ``"1:all,2:top1,3:top1"`` into ``{1: "all", 2: "top1", 3: "top1"}`` (1-based layers).
+
+    Each item is ``LAYER:all`` or ``LAYER:topK``; layers must be distinct positive integers.
+    Whether they match a model is checked by :func:`prune_gates`.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"keep: empty policy (got {text!r}); expected e.g. '1:all,2:top1,3:top1'")
+    policy: dict[int, str] = {}
+    for item in text.split(","):
+        layer, sep, spec = item.strip().partition(":")
+        if not sep or not layer.strip().isdigit() or not _SPEC.match(spec.strip()):
+            raise ConfigError(f"keep: each item must be LAYER:all or LAYER:topK with LAYER >= 1 (got {item.strip()!r})")
+        l = int(layer)
+        if l < 1:
+            raise ConfigError(f"keep: layers are 1-based (got {l})")
+        if l in policy:
+            raise ConfigError(f"keep: layer {l} listed twice")
+        policy[l] = spec.strip()
+    return policy
+
+
+def default_policy(n_layers: int) -> str:
+    """SPEC E3: all heads in layer 1, the most important head in every later layer."""
+    return ",".join(["1:all"] + [f"{l}:top1" for l in range(2, n_layers + 1)])
+
+
+def control_policy(policy: str) -> str:
+    """The control: the same policy with layer 1 cut to its most important head."""
+    p = parse_policy(policy)
+    p[1] = "top1"
+    return ",".join(f"{l}:{s}" for l, s in sorted(p.items()))
+
+
+def prune_gates(importance: HeadImportance, policy: str) -> torch.Tensor:
+    """Gates ``(L, h)`` keeping, per layer, all heads or the top-K heads by ablation importance.
+
+    Every layer of the model must appear exactly once in ``policy`` (strict on purpose: a
+    policy written for a 3-layer model is an error on a 4-layer one, not a silent default).
+    """
+    p = parse_policy(policy)
+    L, h = importance.shape
+    if set(p) != set(range(1, L + 1)):
+        raise ConfigError(f"keep: policy must list every layer 1..{L} exactly once (got layers {sorted(p)})")
+    gates = torch.zeros(L, h)
+    for l, spec in p.items():
+        if spec == "all":
+            gates[l - 1] = 1.0
+            continue
+        k = int(spec[3:])
+        if k > h:
+            raise ConfigError(f"keep: layer {l} asks for top{k} but the model has {h} heads")
+        gates[l - 1, importance.ranking(l - 1)[:k]] = 1.0
+    return gates * torch.as_tensor(importance.base_gates, dtype=gates.dtype)
+
+
+def finetune(model: Transformer, gates: torch.Tensor, task: TaskConfig, steps: int, batch_size: int = 64,
+             lr: float = 1e-4, seed: int = 0, grad_clip: float = 1.0) -> Transformer:
+    """A copy of ``model`` trained ``steps`` AdamW steps with ``gates`` fixed (fresh "train" prompts).
+
+    Minimal on purpose (constant LR, MSE on every query position as in training): it answers
+    "does a short fine-tune recover what pruning lost?", not "what is the best pruned model?".
+    """
+    if steps < 0:
+        raise ConfigError(f"finetune: steps must be >= 0 (got {steps})")
+    tuned = copy.deepcopy(model)
+    dev = next(tuned.parameters()).device
+    tuned.head_gates.copy_(gates.to(dev))
+    if steps == 0:
+        return tuned
+    tuned.train()
+    opt = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
+    gen = generator(seed, "train", dev)
+    for _ in range(steps):
+        p = sample_prompts(task, batch_size, gen)
+        loss = torch.nn.functional.mse_loss(tuned(p.x, p.y), p.y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tuned.parameters(), grad_clip)
+        opt.step()
+    tuned.eval()
+    return tuned
+
+
+def paired_ratio(num_err: np.ndarray, den_err: np.ndarray, n_min: int = 1, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Ratio of risks averaged over ``n >= n_min`` with a paired percentile bootstrap CI over prompts."""
+    a, b = num_err[:, n_min:].mean(-1), den_err[:, n_min:].mean(-1)
+    P = a.size
+    counts = np.random.default_rng(seed).multinomial(P, np.full(P, 1 / P), size=n_boot)
+    boot = (counts @ a) / (counts @ b)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return dict(ratio=float(a.mean() / b.mean()), ci_low=float(lo), ci_high=float(hi))
+
+
+# --------------------------------------------------------------------------- runners (CLI, reproduce)
+
+def resolve_preset(ckpt: str | Path, preset: Preset | str | None) -> Preset:
+    """The preset to sample prompts from: the one given, else the one named in ``meta.json``.
+
+    Training records the preset's name and the exact task it trained on; the recorded task
+    wins over the named preset's, so a model trained with task overrides is analysed on its task.
+    """
+    if isinstance(preset, Preset):
+        return preset
+    if isinstance(preset, str):
+        return get_preset(preset)
+    meta = load_meta(ckpt)
+    rec = meta.get("preset")
+    if isinstance(rec, dict):
+        return validate(Preset, rec)
+    if not isinstance(rec, str):
+        raise ConfigError(f"preset: {ckpt} records no preset in meta.json; pass --preset")
+    pre = get_preset(rec)
+    if isinstance(meta.get("task"), dict):
+        pre = pre.model_copy(update={"task": validate(TaskConfig, meta["task"])})
+    return pre
+
+
+def load_for_analysis(ckpt: str | Path, preset: Preset | str | None = None,
+                      device: str = "cpu") -> tuple[Transformer, dict[str, Any], Preset]:
+    """Load a checkpoint and the preset whose task it was trained on; check they fit together."""
+    pre = resolve_preset(ckpt, preset)
+    model, meta = load_model(ckpt, device)
+    if pre.task.d != model.cfg.n_dims or pre.task.n_max > model.cfg.n_max:
+        raise ConfigError(f"preset: task d={pre.task.d}, n_max={pre.task.n_max} does not fit checkpoint {ckpt} "
+                          f"(n_dims={model.cfg.n_dims}, n_max={model.cfg.n_max})")
+    model.eval()
+    return model, meta, pre
+
+
+def model_label(model: Transformer) -> str:
+    return f"h={model.cfg.n_heads}"
+
+
+def claim1_verdict(rows: list[dict[str, Any]], conc: list[dict[str, Any]]) -> dict[str, Any]:
+    """SPEC claim 1 as two checks with CIs: every layer-1 head matters (importance CI above 0),
+    and every later layer is more concentrated than layer 1 (paired CI of the share gap above 0)."""
+    l1 = [r for r in rows if r["layer"] == 1]
+    later = [c for c in conc if c["layer"] > 1]
+    all_l1 = all(r["ci_low"] > 0 for r in l1)
+    conc_later = bool(later) and all(c["share_minus_layer1_ci_low"] > 0 for c in later)
+    return dict(all_layer1_heads_matter=all_l1, later_layers_more_concentrated=conc_later,
+                reproduces=all_l1 and conc_later and len(l1) > 1,
+                layer1_importance_ci_low=[r["ci_low"] for r in l1],
+                rule="all layer-1 head importances have 95% CI > 0, and for every later layer the paired "
+                     "bootstrap 95% CI of (top share - layer-1 top share) is > 0; needs h > 1")
+
+
+def run_e2(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None, n_prompts: int | None = None,
+           seed: int | None = None, device: str = "cpu", n_boot: int = 1000) -> dict[str, Any]:
+    """E2 for one checkpoint: CSVs, heat-map figure, concentration with CIs, summary JSON."""
+    out = Path(out)
+    model, meta, pre = load_for_analysis(ckpt, preset, device)
+    seed = pre.seed if seed is None else seed
+    prompts = fixed_prompts(pre.task, n_prompts or pre.eval.n_test, seed, "test")
+    imp = assess_heads(model, prompts, pre.task)
+    conc = imp.concentration(n_boot=n_boot, seed=seed)
+    write_csv(out / "head_importance.csv", imp.rows())
+    write_csv(out / "head_importance_by_n.csv", imp.rows_by_n(pre.task))
+    write_csv(out / "concentration.csv", conc)
+    plot_importance(imp, out / "head_importance.png", title=f"E2 head importance, {model_label(model)} ({ckpt})")
+    base = curve_from_errors(imp.base_err, pre.task)
+    summary = dict(claim1=claim1_verdict(imp.rows(), conc), checkpoint=str(ckpt), n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads,
+                   n_prompts=prompts.batch, n_min=imp.n_min,
+                   base_risk_norm_mean=float(base.risk_norm[imp.n_min:].mean()),
+                   importance=imp.score(ABLATE).tolist(), keep_importance=imp.score(KEEP).tolist(),
+                   concentration=conc)
+    write_json(out / "summary.json", summary)
+    write_provenance(out, pre, seed, experiment="E2", checkpoint=str(ckpt), n_prompts=prompts.batch,
+                     n_boot=n_boot, stream="test")
+    return summary
+
+
+def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset: Preset | str | None = None,
+           finetune_steps: int = 0, n_prompts: int | None = None, seed: int | None = None,
+           device: str = "cpu", n_boot: int = 1000) -> dict[str, Any]:
+    """E3: heads ranked on "val" prompts, full vs pruned vs control compared on "test" prompts."""
+    from ..plotting import risk_vs_n
+
+    out = Path(out)
+    if policy is not None:
+        parse_policy(policy)  # fail before loading anything
+    model, meta, pre = load_for_analysis(ckpt, preset, device)
+    policy = policy or default_policy(model.cfg.n_layers)
+    control = control_policy(policy)
+    seed = pre.seed if seed is None else seed
+    n = n_prompts or pre.eval.n_test
+    imp = assess_heads(model, fixed_prompts(pre.task, n, seed, "val"), pre.task)
+    gates = {"full": imp.base_gates, "pruned": prune_gates(imp, policy).numpy(),
+             "control": prune_gates(imp, control).numpy()}
+    models = {name: model for name in gates}
+    if finetune_steps:
+        for name in ("pruned", "control"):
+            models[f"{name}+ft"] = finetune(model, torch.as_tensor(gates[name]), pre.task, finetune_steps,
+                                            pre.train.batch_size, lr=pre.train.lr * 0.1, seed=seed)
+            gates[f"{name}+ft"] = gates[name]
+    test = fixed_prompts(pre.task, n, seed, "test")
+    errs = {name: squared_errors(predict(models[name], test, head_gates=torch.as_tensor(gates[name])), test.f)
+            for name in gates}
+    rows, curves = [], {}
+    for name, e in errs.items():
+        c = curve_from_errors(e, pre.task).rows(model=name, n_heads=model.cfg.n_heads,
+                                                 policy={"full": "", "pruned": policy, "control": control}
+                                                 [name.removesuffix("+ft")])
+        rows += c
+        curves[name] = c
+    write_csv(out / "pruning.csv", rows)
+    risk_vs_n(curves, out / "pruning.png", f"E3 pruning, {model_label(model)}: full vs {policy} vs control {control}")
+    ratios = {name: paired_ratio(e, errs["full"], imp.n_min, n_boot, seed) for name, e in errs.items() if name != "full"}
+    summary = dict(checkpoint=str(ckpt), policy=policy, control=control, finetune_steps=finetune_steps,
+                   gates={k: np.asarray(v).tolist() for k, v in gates.items()},
+                   kept_heads={k: [[i + 1 for i in np.flatnonzero(row)] for row in np.asarray(v)] for k, v in gates.items()},
+                   risk_ratio_vs_full=ratios, n_prompts=n, n_min=imp.n_min,
+                   risk_norm_mean={k: float(v[:, imp.n_min:].mean() / (pre.task.s * pre.task.tau ** 2))
+                                   for k, v in errs.items()})
+    write_json(out / "summary.json", summary)
+    write_provenance(out, pre, seed, experiment="E3", checkpoint=str(ckpt), policy=policy, control=control,
+                     finetune_steps=finetune_steps, rank_stream="val", eval_stream="test")
+    return summary
+
+
+def plot_importance(imp: HeadImportance, path: str | Path, title: str) -> Path:
+    """Heat-maps (layers x heads): raw importance, normalised per layer, and keep-only risk change."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import save_figure
+
+    L, h = imp.shape
+    panels = [("importance: risk increase when gated off", imp.score(ABLATE), "magma"),
+              ("normalised per layer (share of positive total)", per_layer_share(imp.score(ABLATE)), "magma"),
+              ("keep only this head in its layer: risk increase", imp.score(KEEP), "viridis")]
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.6 * h * 1.5, 1.2 + 0.8 * L))
+    for ax, (name, val, cmap) in zip(axes, panels):
+        im = ax.imshow(val, cmap=cmap, aspect="auto")
+        for l in range(L):
+            for k in range(h):
+                bright = np.isfinite(val[l, k]) and val[l, k] > np.nanmin(val) + 0.6 * (np.nanmax(val) - np.nanmin(val))
+                ax.text(k, l, f"{val[l, k]:.3g}", ha="center", va="center", fontsize=7, color="k" if bright else "w")
+        ax.set_xticks(range(h), [str(k + 1) for k in range(h)])
+        ax.set_yticks(range(L), [str(l + 1) for l in range(L)])
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(name, fontsize=8)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title + f" (normalised excess risk, mean over n >= {imp.n_min})", fontsize=9)
+    fig.tight_layout()
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out

@@ -1,0 +1,576 @@
+"""E6: is the trained transformer running preprocess-then-optimise? (SPEC section 5, E6a-E6c).
+
+**E6a, preprocessing readout.** Linear decoders (standardise + ``RidgeCV``, one alpha per
+output) map the residual stream after block 0 (``blocks.0.resid_post``) at the context
+tokens to the preprocessed features ``r_j x_ij``. With the causal prefix mask, context
+token ``i`` only sees examples ``0..i``, so the natural target uses ``r`` of that prefix,
+``r^(i) = (1/(i+1)) sum_{k<=i} y_k x_k`` (``pto_prefix``); ``r`` of the whole context
+(``pto_full``) is reported too (it is the right target for the full-mask construction of
+E6c). Controls: ``x_ij`` (the skip connection carries it, so a positive control) and
+``y_i x_ij`` (a product without the context average). The same decoders from the read-in
+(``embed``) show what layer 1 adds. Decoders are fitted on the "probe" prompt stream,
+pooled over context positions, and scored (R^2) on the "test" stream.
+
+**E6b, optimisation readout.** For every layer ``l`` the prediction at the query tokens is
+read out two ways: ``probe`` (a ridge probe per context length ``n`` from the residual
+stream after block ``l-1`` to ``<w*, x_q>``, fitted on "probe" prompts, as in E4) and
+``lens`` (the model's own final norm and read-out applied to that residual stream; at
+``l = L`` it is the model's prediction). For ``l >= 2`` the readout is compared with PtO
+and with plain GD after ``t = l - 1`` steps from :mod:`icl_heads.estimators` (each with a
+fixed and a scale-free step rule). The step size is fitted per ``(n, t)`` on "val"
+prompts in two ways: ``risk`` (the algorithm's own best excess risk, as a stand-alone
+estimator) and ``match`` (the step that best matches that readout, the most favourable
+choice for each algorithm). On "test" prompts we report the relative error
+``E[(readout - alg)^2] / E[readout^2]`` (normalised by the readout, so it is comparable
+across algorithms and step sizes), the Pearson correlation over prompts, and the
+disagreement ``E[(readout - alg)^2] / (s tau^2)`` on the normalised-risk scale.
+
+Caveat, measured on the construction: a linear ``probe`` is a weak test of *which* algorithm
+a layer runs. Once layer 1 has written ``r_j x_qj`` at the query, a probe can sum them into
+``<r, x_q>``, which *is* one GD step; so on the exact-PtO construction the layer-2 probe tracks
+GD better than PtO, while ``lens`` recovers PtO exactly. Read the two readouts together.
+
+Context (:func:`final_output_any_t`): the model's final prediction is also matched against
+every algorithm at any ``T`` in a grid, to see whether it looks like few steps, many, or neither.
+
+**E6c.** :func:`run_e6c` checks the hand-built transformer of :mod:`icl_heads.construct`
+against ``estimators.pto``/``pto_groups`` with the fixed step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from sklearn.linear_model import RidgeCV
+from sklearn.metrics import r2_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ..config import ConfigError, Preset, TaskConfig
+from ..io import write_csv, write_json, write_provenance
+from ..model import Transformer
+from ..tasks import Prompts, fixed_prompts
+
+ALPHAS = np.logspace(-8, 4, 25)
+FEATURE_TARGETS = ("pto_prefix", "pto_full", "yx", "x")
+SOURCES = ("embed", "layer1")
+READOUTS = ("probe", "lens")
+ETA_FITS = ("match", "risk")
+ETA_GRID = [float(10.0**e) for e in np.arange(-3.0, 1.001, 0.125)]  # fixed step sizes
+C_GRID = [float(10.0**e) for e in np.arange(-2.5, 0.2501, 0.125)]  # scale-free: step c / lambda_max, c < 2
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One comparison algorithm: an ``estimators`` family with one step rule and its grid."""
+
+    name: str
+    family: str  # key of estimators.FAMILIES
+    step: str  # "fixed" | "scale_free"
+    grid: tuple[float, ...]
+
+    @property
+    def key(self) -> str:
+        return "c" if self.step == "scale_free" else "eta"
+
+    @property
+    def kind(self) -> str:
+        return "pto" if self.family == "pto" else "gd"
+
+
+ALGORITHMS = {a.name: a for a in (
+    Algorithm("pto_scale_free", "pto", "scale_free", tuple(C_GRID)),
+    Algorithm("pto_fixed", "pto", "fixed", tuple(ETA_GRID)),
+    Algorithm("gd_scale_free", "gd", "scale_free", tuple(C_GRID)),
+    Algorithm("gd_fixed", "gd", "fixed", tuple(ETA_GRID)),
+)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Activations:
+    """What E6 reads from one model on one prompt set (float64 numpy, CPU).
+
+    ``context``: ``{"embed", "layer1"} -> (B, C, D)`` at the context tokens (examples ``ctx_pos``);
+    ``query``: ``(L, B, Q, D)`` residual stream after each block at the query tokens;
+    ``lens``: ``(L, B, Q)`` final norm + read-out of those; ``q_pos``/``q_n``: the example each
+    query predicts and its context length.
+    """
+
+    context: dict[str, np.ndarray]
+    query: np.ndarray
+    lens: np.ndarray
+    ctx_pos: np.ndarray
+    q_pos: np.ndarray
+    q_n: np.ndarray
+
+
+@torch.no_grad()
+def activations(model: Transformer, prompts: Prompts, batch_size: int = 500) -> Activations:
+    """Run ``model`` (in its own dtype, float64 for the construction) and collect E6's activations."""
+    was_training = model.training
+    model.eval()
+    p0 = next(model.parameters())
+    lay, _ = model.layout(prompts.x.shape[1], p0.device)
+    L = model.cfg.n_layers
+    ctx, qry, lens = {s: [] for s in SOURCES}, [], []
+    for i in range(0, prompts.batch, batch_size):
+        p = prompts.slice(i, i + batch_size).to(p0.device, p0.dtype)
+        _, cache = model.run_with_cache(p.x, p.y)
+        ctx["embed"].append(cache["embed"][:, lay.context_index].double().cpu())
+        ctx["layer1"].append(cache["blocks.0.resid_post"][:, lay.context_index].double().cpu())
+        q = torch.stack([cache[f"blocks.{l}.resid_post"][:, lay.query_index] for l in range(L)])
+        qry.append(q.double().cpu())
+        lens.append(model.read_out(model.ln_f(q)).squeeze(-1).double().cpu())
+    model.train(was_training)
+    return Activations({k: torch.cat(v).numpy() for k, v in ctx.items()}, torch.cat(qry, 1).numpy(),
+                       torch.cat(lens, 1).numpy(), lay.position[lay.context_index].cpu().numpy(),
+                       lay.position[lay.query_index].cpu().numpy(), lay.query_n.cpu().numpy())
+
+
+def _decoder(X: np.ndarray, Y: np.ndarray) -> Any:
+    """Standardise + RidgeCV (efficient leave-one-out, one alpha per output column)."""
+    multi = Y.ndim == 2 and Y.shape[1] > 1
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS, alpha_per_target=multi)).fit(X, Y)
+
+
+# ----------------------------------------------------------------------------------------------
+# E6a
+# ----------------------------------------------------------------------------------------------
+
+
+def feature_targets(x: np.ndarray, y: np.ndarray, ctx_pos: np.ndarray) -> dict[str, np.ndarray]:
+    """E6a targets ``(B, C, d)`` at the context examples ``ctx_pos`` (see the module docstring)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    xc, yc = x[:, ctx_pos], y[:, ctx_pos]
+    yx = yc[..., None] * xc
+    r_prefix = np.cumsum(yx, axis=1) / np.arange(1, len(ctx_pos) + 1)[None, :, None]
+    r_full = yx.mean(axis=1, keepdims=True)
+    return {"pto_prefix": r_prefix * xc, "pto_full": r_full * xc, "yx": yx, "x": xc}
+
+
+def preprocessing_readout(probe_acts: Activations, probe: Prompts, test_acts: Activations, test: Prompts,
+                          **labels: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """E6a rows: R^2 per (source, target, feature) incl. ``feature="mean"``, and per context position."""
+    t_fit = feature_targets(probe.x.numpy(), probe.y.numpy(), probe_acts.ctx_pos)
+    t_test = feature_targets(test.x.numpy(), test.y.numpy(), test_acts.ctx_pos)
+    rows, by_pos = [], []
+    for src in SOURCES:
+        A_fit, A_test = probe_acts.context[src], test_acts.context[src]
+        B, C, D = A_test.shape
+        for tgt in FEATURE_TARGETS:
+            d = t_fit[tgt].shape[-1]
+            dec = _decoder(A_fit.reshape(-1, D), t_fit[tgt].reshape(-1, d))
+            pred = dec.predict(A_test.reshape(-1, D)).reshape(B, C, d)
+            truth = t_test[tgt]
+            r2 = r2_score(truth.reshape(-1, d), pred.reshape(-1, d), multioutput="raw_values")
+            alphas = np.broadcast_to(dec[-1].alpha_, (d,))
+            for j in range(d):
+                rows.append(dict(labels, source=src, target=tgt, feature=str(j), r2=float(r2[j]),
+                                 alpha=float(alphas[j])))
+            rows.append(dict(labels, source=src, target=tgt, feature="mean", r2=float(r2.mean()),
+                             alpha=float("nan")))
+            for c in range(C):
+                r2c = r2_score(truth[:, c], pred[:, c], multioutput="raw_values")
+                by_pos.append(dict(labels, source=src, target=tgt, position=int(test_acts.ctx_pos[c]),
+                                   r2=float(r2c.mean())))
+    return rows, by_pos
+
+
+# ----------------------------------------------------------------------------------------------
+# E6b
+# ----------------------------------------------------------------------------------------------
+
+
+def readouts(probe_acts: Activations, probe: Prompts, others: Sequence[Activations]) -> list[dict[str, np.ndarray]]:
+    """Per prompt set in ``others``: ``{"probe": (L, B, Q), "lens": (L, B, Q)}`` predictions."""
+    L, _, Q, _ = probe_acts.query.shape
+    target = probe.f.double().numpy()[:, probe_acts.q_pos]  # (B, Q)
+    outs = [{"probe": np.empty((L, o.query.shape[1], Q)), "lens": o.lens} for o in others]
+    for l in range(L):
+        for q in range(Q):
+            dec = _decoder(probe_acts.query[l, :, q], target[:, q])
+            for o, res in zip(others, outs):
+                res["probe"][l, :, q] = dec.predict(o.query[l, :, q])
+    return outs
+
+
+def algorithm_paths(task: TaskConfig, prompts: Prompts, steps: Sequence[int],
+                    algorithms: Sequence[Algorithm]) -> dict[str, np.ndarray]:
+    """``name -> (len(grid), len(steps), B, N)`` predictions of each algorithm for every step size and step."""
+    from ..estimators import FAMILIES
+
+    out = {}
+    for alg in algorithms:
+        fam = FAMILIES[alg.family](task, list(steps))
+        combos = [{"step": alg.step, alg.key: e, "T": t} for e in alg.grid for t in steps]
+        pred = fam.predict(prompts.x.double(), prompts.y.double(), prompts.w.double(), combos).numpy()
+        out[alg.name] = pred.reshape(len(alg.grid), len(steps), *pred.shape[1:])
+    return out
+
+
+def _nan_to_inf(a: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(a), a, np.inf)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def optimisation_readout(task: TaskConfig, val: Prompts, test: Prompts, val_acts: Activations,
+                         test_acts: Activations, val_reads: dict[str, np.ndarray], test_reads: dict[str, np.ndarray],
+                         algorithms: Sequence[Algorithm] | None = None, n_min: int = 1,
+                         detail: dict[tuple, tuple[np.ndarray, np.ndarray]] | None = None,
+                         **labels: Any) -> list[dict[str, Any]]:
+    """E6b rows: for layers ``l >= 2``, each readout vs each algorithm after ``l - 1`` steps, per n.
+
+    ``detail``, if given, receives per-prompt ``(readout - alg)^2`` and ``readout^2`` arrays
+    ``(B, n values)`` keyed by ``(model, readout, layer, algorithm, eta_fit)`` for :func:`verdicts`.
+    """
+    algorithms = list(ALGORITHMS.values()) if algorithms is None else list(algorithms)
+    L = test_acts.query.shape[0]
+    if L < 2:
+        return []
+    steps = list(range(1, L))
+    norm = task.s * task.tau**2
+    cols = test_acts.q_pos
+    paths_val = {k: v[..., cols] for k, v in algorithm_paths(task, val, steps, algorithms).items()}
+    paths_test = {k: v[..., cols] for k, v in algorithm_paths(task, test, steps, algorithms).items()}
+    f_val, f_test = val.f.double().numpy()[:, cols], test.f.double().numpy()[:, cols]
+    rows = []
+    for ro in READOUTS:
+        for l in range(2, L + 1):
+            t = l - 1
+            r_val, r_test = val_reads[ro][l - 1], test_reads[ro][l - 1]  # (B, Q)
+            for alg in algorithms:
+                a_val, a_test = paths_val[alg.name][:, t - 1], paths_test[alg.name][:, t - 1]  # (E, B, Q)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    crit = {"risk": _nan_to_inf(((a_val - f_val[None]) ** 2).mean(1)),
+                            "match": _nan_to_inf(((a_val - r_val[None]) ** 2).mean(1))}  # (E, Q)
+                for fit in ETA_FITS:
+                    best = crit[fit].argmin(0)
+                    if detail is not None:
+                        keep = test_acts.q_n >= n_min
+                        a_best = a_test[best, :, np.arange(len(best))].T  # (B, Q)
+                        detail[(labels.get("model"), ro, l, alg.name, fit)] = (
+                            ((r_test - a_best) ** 2)[:, keep], (r_test**2)[:, keep])
+                    for q, n in enumerate(test_acts.q_n):
+                        if n < n_min:
+                            continue
+                        a, r, f = a_test[best[q], :, q], r_test[:, q], f_test[:, q]
+                        diff = float(((r - a) ** 2).mean())
+                        rows.append(dict(labels, readout=ro, layer=l, steps=t, algorithm=alg.name, kind=alg.kind,
+                                         eta_fit=fit, n=int(n), step_rule=alg.step,
+                                         step_size=alg.grid[best[q]],
+                                         rel_err=diff / float((r**2).mean()) if (r**2).mean() > 0 else float("inf"),
+                                         corr=_corr(r, a), disagree_norm=diff / norm,
+                                         readout_risk_norm=float(((r - f) ** 2).mean()) / norm,
+                                         alg_risk_norm=float(((a - f) ** 2).mean()) / norm))
+    return rows
+
+
+def summarise_e6b(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, readout, layer, algorithm, eta_fit): mean over n of rel_err, corr, disagreement."""
+    keys = ("model", "readout", "layer", "steps", "algorithm", "kind", "eta_fit")
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    out = []
+    for k, rs in groups.items():
+        m = {c: float(np.mean([r[c] for r in rs])) for c in ("rel_err", "corr", "disagree_norm",
+                                                              "readout_risk_norm", "alg_risk_norm")}
+        out.append(dict(zip(keys, k), n_values=len(rs), **{f"mean_{c}": v for c, v in m.items()}))
+    return out
+
+
+def _rel_err(sq: np.ndarray, r2: np.ndarray) -> np.ndarray:
+    """Mean over n of ``sum_b sq / sum_b r2``; works on bootstrap stacks ``(..., B, Q)``."""
+    return (sq.sum(-2) / r2.sum(-2)).mean(-1)
+
+
+def verdicts(summary: Sequence[dict[str, Any]], detail: dict[tuple, tuple[np.ndarray, np.ndarray]] | None = None,
+             n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Per (model, readout, layer, eta_fit): the best PtO variant vs the best GD variant (by mean rel_err).
+
+    With ``detail`` (from :func:`optimisation_readout`), a paired bootstrap over test prompts gives
+    a 95% CI for ``gd_rel_err - pto_rel_err``. ``tracks`` is ``"neither"`` when both relative
+    errors are >= 1 (no closer than predicting 0), ``"tie"`` when the CI contains 0, else the
+    algorithm with the lower error.
+    """
+    keys = ("model", "readout", "layer", "eta_fit")
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in summary:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, rs in groups.items():
+        best = {kind: min((r for r in rs if r["kind"] == kind), key=lambda r: r["mean_rel_err"], default=None)
+                for kind in ("pto", "gd")}
+        if best["pto"] is None or best["gd"] is None:
+            continue
+        p, g = best["pto"], best["gd"]
+        row = dict(zip(keys, k), best_pto=p["algorithm"], pto_rel_err=p["mean_rel_err"], pto_corr=p["mean_corr"],
+                   best_gd=g["algorithm"], gd_rel_err=g["mean_rel_err"], gd_corr=g["mean_corr"],
+                   diff=g["mean_rel_err"] - p["mean_rel_err"], diff_ci_low=float("nan"), diff_ci_high=float("nan"))
+        lo = hi = row["diff"]
+        if detail is not None:
+            (sp, rp), (sg, rg) = (detail[(k[0], k[1], k[2], b["algorithm"], k[3])] for b in (p, g))
+            B = sp.shape[0]
+            boots = []
+            for i in range(0, n_boot, 100):
+                idx = rng.integers(0, B, size=(min(100, n_boot - i), B))
+                boots.append(_rel_err(sg[idx], rg[idx]) - _rel_err(sp[idx], rp[idx]))
+            lo, hi = np.quantile(np.concatenate(boots), [0.025, 0.975])
+            row.update(diff_ci_low=float(lo), diff_ci_high=float(hi))
+        if min(p["mean_rel_err"], g["mean_rel_err"]) >= 1:
+            row["tracks"] = "neither"
+        elif lo <= 0 <= hi and detail is not None:
+            row["tracks"] = "tie"
+        else:
+            row["tracks"] = "pto" if row["diff"] > 0 else "gd"
+        out.append(row)
+    return out
+
+
+FINAL_T_GRID = (1, 2, 3, 5, 10, 20, 50, 100)
+
+
+def final_output_any_t(task: TaskConfig, val: Prompts, test: Prompts, val_pred: np.ndarray, test_pred: np.ndarray,
+                       q_pos: np.ndarray, q_n: np.ndarray, T_grid: Sequence[int] = FINAL_T_GRID,
+                       algorithms: Sequence[Algorithm] | None = None, n_min: int = 1,
+                       **labels: Any) -> list[dict[str, Any]]:
+    """Context for E6b: how close the model's *final* prediction comes to each algorithm at any T.
+
+    The step size is matched per n on "val" (as ``eta_fit="match"``); rows give the mean over n of
+    the relative error and correlation on "test" for every T, so one can see whether the output
+    looks like few steps, many steps, or neither.
+    """
+    algorithms = list(ALGORITHMS.values()) if algorithms is None else list(algorithms)
+    keep = q_n >= n_min
+    rows = []
+    for alg in algorithms:
+        with np.errstate(over="ignore", invalid="ignore"):  # fixed steps diverge at large T: inf, never chosen
+            p_val = algorithm_paths(task, val, T_grid, [alg])[alg.name][..., q_pos]  # (E, S, B, Q)
+            p_test = algorithm_paths(task, test, T_grid, [alg])[alg.name][..., q_pos]
+            for i, T in enumerate(T_grid):
+                best = _nan_to_inf(((p_val[:, i] - val_pred[None]) ** 2).mean(1)).argmin(0)
+                a = p_test[best, i, :, np.arange(len(best))].T  # (B, Q)
+                rel = ((test_pred - a) ** 2).mean(0) / (test_pred**2).mean(0)
+                corr = [_corr(test_pred[:, q], a[:, q]) for q in range(len(q_n))]
+                rows.append(dict(labels, algorithm=alg.name, kind=alg.kind, T=int(T),
+                                 mean_rel_err=float(rel[keep].mean()),
+                                 mean_corr=float(np.mean(np.asarray(corr)[keep]))))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# E6c
+# ----------------------------------------------------------------------------------------------
+
+E6C_SETTINGS = (  # (d, h, a, T, n, eta): h = d is PtO, h < d grouped PtO; eta small enough not to diverge
+    (5, 5, 0.0, 1, 8, 0.1), (5, 5, 0.0, 3, 4, 0.1), (10, 10, 0.0, 2, 20, 0.1), (10, 10, 0.0, 4, 6, 0.05),
+    (10, 2, 0.0, 3, 20, 0.1), (10, 4, 0.3, 2, 12, 0.1), (8, 3, 1.0, 4, 10, 0.05), (6, 1, 0.0, 2, 5, 0.1),
+)
+
+
+def construct_deviation(d: int, h: int, a: float, T: int, n: int, eta: float, batch: int = 200,
+                        seed: int = 0, s: int = 2, sigma: float = 0.1) -> dict[str, Any]:
+    """Max |construct - PtO| (``h = d``) or |construct - grouped PtO| on sparse-regression prompts."""
+    from ..construct import pto_transformer
+    from ..estimators import pto, pto_groups
+
+    task = TaskConfig(d=d, s=min(s, d), sigma=sigma, n_max=n)
+    p = fixed_prompts(task, batch, seed, "test")
+    model = pto_transformer(d, T, eta, groups=h, a=a)
+    with torch.no_grad():
+        got = model(p.x, p.y)[:, 0]
+    if h == d and a == 0:
+        ref, name = pto(p.x, p.y, T, eta, step="fixed")[:, n], "pto"
+    else:
+        ref, name = pto_groups(p.x, p.y, h, a, T, eta, step="fixed")[:, n], "pto_groups"
+    dev = (got - ref).abs().max().item()
+    return dict(d=d, h=h, a=a, T=T, n=n, eta=eta, reference=name, n_layers=model.cfg.n_layers,
+                d_model=model.cfg.d_model, prompts=batch, max_abs_dev=dev,
+                max_rel_dev=dev / max(ref.abs().max().item(), 1e-300), max_abs_pred=ref.abs().max().item())
+
+
+def run_e6c(out: str | Path, settings: Sequence[tuple] = E6C_SETTINGS, seed: int = 0) -> list[dict[str, Any]]:
+    """Write ``e6c_construct.csv``: the construction's deviation from (grouped) PtO for a few settings."""
+    rows = [construct_deviation(*s, seed=seed) for s in settings]
+    write_csv(Path(out) / "e6c_construct.csv", rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver, figures
+# ----------------------------------------------------------------------------------------------
+
+
+def analyse_model(model: Transformer, task: TaskConfig, probe: Prompts, val: Prompts, test: Prompts,
+                  label: str, algorithms: Sequence[Algorithm] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """E6a and E6b for one model; ``label`` names it in every row (column ``model``)."""
+    acts = {k: activations(model, p) for k, p in (("probe", probe), ("val", val), ("test", test))}
+    r2, r2_pos = preprocessing_readout(acts["probe"], probe, acts["test"], test, model=label)
+    val_reads, test_reads = readouts(acts["probe"], probe, [acts["val"], acts["test"]])
+    detail: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    agree = optimisation_readout(task, val, test, acts["val"], acts["test"], val_reads, test_reads,
+                                 algorithms, detail=detail, model=label)
+    L = model.cfg.n_layers
+    any_t = final_output_any_t(task, val, test, val_reads["lens"][L - 1], test_reads["lens"][L - 1],
+                               acts["test"].q_pos, acts["test"].q_n, algorithms=algorithms, model=label)
+    return {"r2": r2, "r2_position": r2_pos, "agreement": agree, "final_any_t": any_t, "detail": detail}
+
+
+def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = None, *,
+           preset: Preset | str | None = None, n_prompts: int | None = None, n_probe: int | None = None,
+           n_val: int | None = None, n_test: int | None = None, seed: int | None = None, device: str = "cpu",
+           with_construct: bool = True) -> dict[str, Any]:
+    """E6 for the model in ``ckpt`` (and the single-head ``single_ckpt``): CSVs, figures, summary JSON.
+
+    Prompts: "probe" (decoders, probes), "val" (step sizes), "test" (scores), from the task
+    recorded in the checkpoint (or ``preset``) and the preset's seed, as in E2-E4; each set has ``n_prompts`` prompts, by default the preset's
+    ``eval.n_test`` (probe, test) and ``eval.n_val`` (val). ``with_construct`` adds E6c.
+    """
+    from .heads import load_for_analysis
+
+    out = Path(out)
+    model, meta, pre = load_for_analysis(ckpt, preset, device)
+    models = [(ckpt, model)]
+    if single_ckpt is not None:
+        single, _, pre_s = load_for_analysis(single_ckpt, preset, device)
+        if pre_s.task != pre.task:
+            raise ConfigError(f"single_ckpt: trained on another task ({pre_s.task!r} vs {pre.task!r})")
+        models.append((single_ckpt, single))
+    seed = pre.seed if seed is None else seed  # as E2-E4: every replicate is scored on the same prompts
+    sizes = dict(n_probe=n_probe or n_prompts or pre.eval.n_test, n_val=n_val or n_prompts or pre.eval.n_val,
+                 n_test=n_test or n_prompts or pre.eval.n_test)
+    for k, v in sizes.items():
+        if v < 3:
+            raise ConfigError(f"{k}: need at least 3 prompts (got {v})")
+    probe, val, test = (fixed_prompts(pre.task, sizes[f"n_{s}"], seed, s) for s in ("probe", "val", "test"))
+    results: dict[str, Any] = {"r2": [], "r2_position": [], "agreement": [], "final_any_t": [], "detail": {}}
+    labels = []
+    for path, m in models:
+        label = f"h{m.cfg.n_heads}" + ("" if f"h{m.cfg.n_heads}" not in labels else f"_{len(labels)}")
+        labels.append(label)
+        for k, v in analyse_model(m, pre.task, probe, val, test, label).items():
+            if k == "detail":
+                results[k].update(v)
+            else:
+                results[k] += v
+    summary = summarise_e6b(results["agreement"])
+    verdict = verdicts(summary, results["detail"], seed=seed)
+    write_csv(out / "e6a_r2.csv", results["r2"])
+    write_csv(out / "e6a_r2_by_position.csv", results["r2_position"])
+    write_csv(out / "e6b_agreement.csv", results["agreement"])
+    write_csv(out / "e6b_summary.csv", summary)
+    write_csv(out / "e6b_verdict.csv", verdict)
+    write_csv(out / "e6b_final_any_t.csv", results["final_any_t"])
+    figs = [plot_e6a(results["r2"], out / "e6a_r2.png", results["r2_position"])]
+    figs += [plot_e6b(results["agreement"], lab, out / f"e6b_agreement_{lab}.png") for lab in labels]
+    e6c = run_e6c(out) if with_construct else []
+    headline = dict(
+        checkpoints={lab: str(p) for lab, (p, _) in zip(labels, models)}, seed=seed, **sizes,
+        e6a_mean_r2={f"{r['model']}/{r['source']}/{r['target']}": r["r2"]
+                     for r in results["r2"] if r["feature"] == "mean"},
+        e6b_verdict=verdict,
+        e6b_final_best_t={f"{m}/{a}": min((r for r in results["final_any_t"] if (r["model"], r["algorithm"]) == (m, a)),
+                                          key=lambda r: r["mean_rel_err"])
+                          for m in labels for a in ALGORITHMS},
+        e6c_max_abs_dev=max((r["max_abs_dev"] for r in e6c), default=None),
+        figures=[str(f) for f in figs],
+    )
+    write_json(out / "e6_summary.json", headline)
+    write_provenance(out, pre, seed, checkpoints=headline["checkpoints"], sizes=sizes,
+                     eta_grid=ETA_GRID, c_grid=C_GRID, decoder_alphas=ALPHAS.tolist())
+    return headline
+
+
+def plot_e6a(rows: Sequence[dict[str, Any]], path: str | Path,
+             by_position: Sequence[dict[str, Any]] = ()) -> Path:
+    """Left: mean R^2 per target, one bar per (model, source). Right: layer-1 R^2 of ``r_j x_ij`` vs position."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import save_figure
+
+    mean = [r for r in rows if r["feature"] == "mean"]
+    series = list(dict.fromkeys((r["model"], r["source"]) for r in mean))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [1.6, 1]})
+    width = 0.8 / max(1, len(series))
+    for i, (m, s) in enumerate(series):
+        vals = [next((r["r2"] for r in mean if (r["model"], r["source"], r["target"]) == (m, s, t)), np.nan)
+                for t in FEATURE_TARGETS]
+        ax.bar(np.arange(len(FEATURE_TARGETS)) + i * width, vals, width, label=f"{m}, {s}",
+               hatch="//" if s == "embed" else None, alpha=0.6 if s == "embed" else 1.0)
+    ax.set_xticks(np.arange(len(FEATURE_TARGETS)) + width * (len(series) - 1) / 2)
+    ax.set_xticklabels(["r_j x_ij (prefix r)", "r_j x_ij (full r)", "y_i x_ij", "x_ij"])
+    ax.set_ylabel("held-out R^2 (mean over j)")
+    ax.set_ylim(min(0.0, np.nanmin([r["r2"] for r in mean]) - 0.05), 1.05)
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_title("E6a: linear decoding of features at context tokens")
+    ax.legend(fontsize=8)
+    for m, s in series:
+        for tgt, ls in (("pto_prefix", "-"), ("pto_full", ":")):
+            rs = sorted((r for r in by_position if (r["model"], r["source"], r["target"]) == (m, s, tgt)),
+                        key=lambda r: r["position"])
+            if rs and s == "layer1":
+                ax2.plot([r["position"] for r in rs], [r["r2"] for r in rs], ls=ls, marker="o", ms=3,
+                         label=f"{m}, {'prefix' if tgt == 'pto_prefix' else 'full'} r")
+    ax2.set_xlabel("context position i")
+    ax2.set_ylabel("R^2 of r_j x_ij from layer 1")
+    ax2.set_title("by position (pooled decoder)")
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(fontsize=8)
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_e6b(rows: Sequence[dict[str, Any]], model: str, path: str | Path, readout: str = "probe",
+             eta_fit: str = "match") -> Path:
+    """Relative error (top) and correlation (bottom) vs n, one column per layer >= 2, one line per algorithm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import save_figure
+
+    sel = [r for r in rows if r["model"] == model and r["readout"] == readout and r["eta_fit"] == eta_fit]
+    layers = sorted({r["layer"] for r in sel})
+    fig, axes = plt.subplots(2, max(1, len(layers)), figsize=(4.2 * max(1, len(layers)), 6.5), squeeze=False)
+    for c, l in enumerate(layers):
+        for alg in ALGORITHMS:
+            rs = sorted((r for r in sel if r["layer"] == l and r["algorithm"] == alg), key=lambda r: r["n"])
+            if not rs:
+                continue
+            style = dict(ls="-" if alg.startswith("pto") else "--", marker="o" if "fixed" in alg else "s", ms=3)
+            n = [r["n"] for r in rs]
+            axes[0, c].plot(n, [r["rel_err"] for r in rs], label=alg, **style)
+            axes[1, c].plot(n, [r["corr"] for r in rs], label=alg, **style)
+        axes[0, c].set_yscale("log")
+        axes[0, c].set_title(f"layer {l} vs {l - 1} step(s)")
+        axes[1, c].set_xlabel("context length n")
+        for ax in axes[:, c]:
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].set_ylabel("relative error")
+    axes[1, 0].set_ylabel("correlation")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"E6b: {model}, {readout} readout vs algorithms (step fitted: {eta_fit})")
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out

@@ -1,0 +1,212 @@
+"""Layer-wise linear probes (E4): how much of ``<w*, x_q>`` each layer's residual stream holds.
+
+For every layer (``embed`` = after the read-in, then after each block) and every context
+length ``n``, a ridge probe maps the residual stream at the query token of context length
+``n`` to the noiseless target ``f = <w*, x_q>``. Probes are fitted on the "probe" prompt
+stream and scored on the "test" stream, so a probe's excess risk is an honest held-out
+number on the same scale as the model's own risk.
+
+One probe per (layer, n), not one per layer across n: the query representation at n = 2 and
+at n = 20 need not be decoded the same way, and the paper probes per context length. The
+regularisation is chosen per probe by scikit-learn's efficient leave-one-out ``RidgeCV`` on
+standardised features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from sklearn.linear_model import RidgeCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ..config import ConfigError, Preset, TaskConfig
+from ..io import write_csv, write_json, write_provenance
+from ..metrics import curve_from_errors, squared_errors
+from ..model import Transformer
+from ..tasks import Prompts, fixed_prompts
+
+ALPHAS = np.logspace(-6, 6, 25)
+
+
+def layer_names(n_layers: int) -> list[str]:
+    """Cache names probed, in order: the read-in, then the residual stream after each block."""
+    return ["embed"] + [f"blocks.{l}.resid_post" for l in range(n_layers)]
+
+
+def layer_labels(n_layers: int) -> list[str]:
+    return ["embed"] + [str(l + 1) for l in range(n_layers)]
+
+
+@torch.no_grad()
+def query_states(model: Transformer, prompts: Prompts, gates: torch.Tensor | None = None,
+                 batch_size: int = 1024) -> np.ndarray:
+    """Residual stream at the query tokens, ``(L + 1, P, N, D)`` float64 (``embed`` first)."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    names = layer_names(model.cfg.n_layers)
+    lay, _ = model.layout(prompts.x.shape[1], dev)
+    out = []
+    for i in range(0, prompts.batch, batch_size):
+        p = prompts.slice(i, i + batch_size).to(dev, torch.float32)
+        _, cache = model.run_with_cache(p.x, p.y, None if gates is None else gates.to(dev))
+        out.append(torch.stack([cache[nm][:, lay.query_index] for nm in names]).double().cpu())
+    model.train(was_training)
+    return torch.cat(out, dim=1).numpy()
+
+
+def fit_probe(feat_fit: np.ndarray, target_fit: np.ndarray, alphas: np.ndarray = ALPHAS) -> Any:
+    """A fitted standardise + RidgeCV pipeline (alpha by efficient leave-one-out CV)."""
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=alphas)).fit(feat_fit, target_fit)
+
+
+def probe_errors(fit_states: np.ndarray, fit_f: np.ndarray, test_states: np.ndarray,
+                 alphas: np.ndarray = ALPHAS) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out predictions ``(L+1, P_test, N)`` and chosen alphas ``(L+1, N)`` of per-(layer, n) probes.
+
+    ``fit_states``/``test_states`` are ``(L+1, P, N, D)`` from :func:`query_states`; ``fit_f``
+    is ``(P_fit, N)``, the probe target at each query position.
+    """
+    n_layers, _, N, _ = fit_states.shape
+    pred = np.empty((n_layers, test_states.shape[1], N))
+    alpha = np.empty((n_layers, N))
+    for l in range(n_layers):
+        for n in range(N):
+            pipe = fit_probe(fit_states[l, :, n], fit_f[:, n], alphas)
+            pred[l, :, n] = pipe.predict(test_states[l, :, n])
+            alpha[l, n] = pipe[-1].alpha_
+    return pred, alpha
+
+
+def probe_layers(model: Transformer, fit_prompts: Prompts, test_prompts: Prompts, task: TaskConfig,
+                 gates: torch.Tensor | None = None, alphas: np.ndarray = ALPHAS,
+                 labels: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """E4 on a loaded model: held-out probe excess risk per layer and n (tidy rows with 95% CIs).
+
+    Rows carry ``layer`` (``embed``, ``1``..``L``), ``layer_index`` (0..L), ``n``, ``risk``,
+    ``risk_norm``, ``ci_low``/``ci_high`` (normalised), ``alpha`` and any ``labels`` given.
+    """
+    if fit_prompts.batch < 3:
+        raise ConfigError(f"probe: need at least 3 fit prompts for cross-validation (got {fit_prompts.batch})")
+    fit_s = query_states(model, fit_prompts, gates)
+    test_s = query_states(model, test_prompts, gates)
+    pred, alpha = probe_errors(fit_s, fit_prompts.f.double().numpy(), test_s, alphas)
+    names = layer_labels(model.cfg.n_layers)
+    rows = []
+    for l, name in enumerate(names):
+        curve = curve_from_errors(squared_errors(torch.from_numpy(pred[l]), test_prompts.f), task)
+        for r, a in zip(curve.rows(**(labels or {}), layer=name, layer_index=l), alpha[l]):
+            rows.append({**r, "alpha": float(a)})
+    return rows
+
+
+def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare: Sequence[str | Path] = (),
+           preset: Preset | str | None = None, n_prompts: int | None = None, seed: int | None = None,
+           device: str = "cpu") -> dict[str, Any]:
+    """E4: probes for the model in ``ckpt``, its pruned version (``prune`` policy) and ``compare`` models.
+
+    ``prune="default"`` means all heads in layer 1, the top head in every later layer; heads are
+    ranked by E2 importance on "val" prompts. All models are probed on the same prompts.
+    """
+    from ..evaluation import evaluate
+    from .heads import assess_heads, default_policy, load_for_analysis, parse_policy, prune_gates
+
+    out = Path(out)
+    if prune not in (None, "default"):
+        parse_policy(prune)
+    model, meta, pre = load_for_analysis(ckpt, preset, device)
+    seed = pre.seed if seed is None else seed
+    n = n_prompts or pre.eval.n_test
+    fit, test = fixed_prompts(pre.task, n, seed, "probe"), fixed_prompts(pre.task, n, seed, "test")
+    runs: list[tuple[str, Transformer, torch.Tensor | None, str]] = [(f"h={model.cfg.n_heads} full", model, None, str(ckpt))]
+    policy = None
+    if prune is not None:
+        policy = default_policy(model.cfg.n_layers) if prune == "default" else prune
+        imp = assess_heads(model, fixed_prompts(pre.task, n, seed, "val"), pre.task)
+        runs.append((f"h={model.cfg.n_heads} pruned", model, prune_gates(imp, policy), str(ckpt)))
+    for other in compare:
+        m2, _, _ = load_for_analysis(other, pre, device)
+        if m2.cfg.n_layers != model.cfg.n_layers:
+            raise ConfigError(f"compare: {other} has {m2.cfg.n_layers} layers, {ckpt} has {model.cfg.n_layers}")
+        label = f"h={m2.cfg.n_heads}"
+        if any(label == r[0] for r in runs):
+            label = f"{label} ({Path(other).name})"
+        runs.append((label, m2, None, str(other)))
+    rows: list[dict[str, Any]] = []
+    gates_used = {}
+    for label, m, g, path in runs:
+        rows += probe_layers(m, fit, test, pre.task, gates=g, labels=dict(model=label, checkpoint=path))
+        gates_used[label] = None if g is None else g.tolist()
+        # the model's own read-out on the same test prompts, as a reference panel
+        rows += [{**r, "layer_index": m.cfg.n_layers + 1, "alpha": float("nan")}
+                 for r in evaluate(m, test, pre.task, head_gates=g).rows(model=label, checkpoint=path, layer="model output")]
+    write_csv(out / "probes.csv", rows)
+    plot_probes(rows, out / "probes.png", f"E4 linear probes of <w*, x_q> ({pre.name})")
+    summary = dict(checkpoint=str(ckpt), compare=[str(c) for c in compare], prune_policy=policy,
+                   gates=gates_used, n_fit=n, n_test=n, fit_stream="probe", test_stream="test",
+                   probe="one RidgeCV per (layer, n) on standardised features",
+                   mean_probe_risk_norm=_mean_by_layer(rows))
+    write_json(out / "summary.json", summary)
+    write_provenance(out, pre, seed, experiment="E4", checkpoint=str(ckpt), compare=[str(c) for c in compare],
+                     prune_policy=policy, alphas=ALPHAS)
+    return summary
+
+
+def _mean_by_layer(rows: list[dict[str, Any]], n_min: int = 1) -> dict[str, dict[str, float]]:
+    """Per model and layer: normalised probe risk averaged over ``n >= n_min``."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        if r["n"] >= n_min:
+            acc.setdefault(r["model"], {}).setdefault(str(r["layer"]), []).append(r["risk_norm"])
+    return {m: {l: float(np.mean(v)) for l, v in d.items()} for m, d in acc.items()}
+
+
+def plot_probes(rows: list[dict[str, Any]], path: str | Path, title: str, n_min: int = 1) -> Path:
+    """Left: probe risk vs layer (mean over n >= n_min), one line per model. Then one panel per
+    layer (probe risk vs n) and a last panel with the models' own outputs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import save_figure
+
+    layers = sorted({(r["layer_index"], str(r["layer"])) for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(layers) + 1, figsize=(3.0 * (len(layers) + 1), 3.4), squeeze=False)
+    summary = _mean_by_layer(rows, n_min)
+    ax0 = axes[0][0]
+    for i, m in enumerate(models):
+        ax0.plot(range(len(layers)), [summary[m].get(name, np.nan) for _, name in layers], "o-", color=f"C{i}", label=m)
+    ax0.set_xticks(range(len(layers)), [name if name != "model output" else "out" for _, name in layers])
+    ax0.set_yscale("log")
+    ax0.set_xlabel("layer")
+    ax0.set_ylabel(f"normalised probe excess risk (mean n >= {n_min})")
+    ax0.grid(True, which="both", alpha=0.3)
+    ax0.legend(fontsize=7)
+    lo_all = min(max(r["ci_low"], 1e-6) for r in rows if r["n"] >= n_min)
+    hi_all = max(r["ci_high"] for r in rows if r["n"] >= n_min)
+    for ax, (li, name) in zip(axes[0][1:], layers):
+        for i, m in enumerate(models):
+            sel = sorted((r for r in rows if r["model"] == m and r["layer_index"] == li and r["n"] >= n_min),
+                         key=lambda r: r["n"])
+            if not sel:
+                continue
+            n = [r["n"] for r in sel]
+            (line,) = ax.plot(n, [r["risk_norm"] for r in sel], label=m, color=f"C{i}")
+            ax.fill_between(n, [max(r["ci_low"], 1e-6) for r in sel], [r["ci_high"] for r in sel],
+                            color=line.get_color(), alpha=0.15, lw=0)
+        ax.set_yscale("log")
+        ax.set_ylim(lo_all * 0.8, hi_all * 1.25)
+        ax.set_title(name if name in ("embed", "model output") else f"after layer {name}", fontsize=9)
+        ax.set_xlabel("context length n")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out

@@ -1,0 +1,292 @@
+"""The reproduction report: verdicts computed from the experiments' CSVs, then one section per experiment.
+
+Verdict rules (all read from files on disk, so anyone can recompute them):
+
+* **Claim 1a, more heads help** (``e1_heads.csv``): at each n >= d/2 compare the
+  largest-head model with the single-head model by their 95% bands. Reproduced
+  if the multi-head band lies wholly below at >= half of those n and wholly
+  above at none; not reproduced if it lies above at more n than below.
+* **Claim 1b, layer 1 spread, later layers one head** (``e2/concentration.csv``,
+  ``e2/head_importance.csv``): reproduced if every layer-1 head's importance CI is
+  above 0, every later layer's top-head share has CI low > 0.5, and layer 1's
+  top share CI high < every later layer's CI low. Not reproduced if some later
+  layer's share CI high < 0.5 or layer 1's CI low > some later layer's CI high.
+* **Claim 2a, pruning keeps the risk** (``e3/summary.json``, paired bootstrap
+  ratios): reproduced if pruned/full ratio CI high <= 1.25 and below the control's
+  (layer 1 cut to one head) CI low; not reproduced if pruned CI low > 1.25.
+* **Claim 2b, single-head worse from layer 1 on** (``e4/probes.csv``): mean over
+  n >= 1 of the layer-1 probe risk, multi vs single head (band = mean of the
+  per-n half-widths, conservative); reproduced if single-head is above with
+  separated bands, not reproduced if below with separated bands.
+* **Claim 3, PtO beats GD and ridge** (``e5/e5_risk.csv``): reproduced if at some n
+  PtO's band lies wholly below both GD's and ridge's; the n where it wins and
+  where it loses are listed either way.
+
+With several seeds a claim is reproduced (not reproduced) only if it is in every
+seed; otherwise inconclusive.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .config import Preset
+from .document import Document
+from .io import atomic_write_text, read_csv, read_json, write_json
+
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+
+
+@dataclass
+class Verdict:
+    claim: str
+    verdict: str
+    evidence: list[str] = field(default_factory=list)
+
+
+def combine(verdicts: Iterable[str]) -> str:
+    vs = set(verdicts)
+    return vs.pop() if len(vs) == 1 else INCONCLUSIVE
+
+
+def curves(path: Path, key: str) -> dict[str, list[dict[str, float]]]:
+    """``label -> rows sorted by n`` from a tidy risk CSV (numeric fields as floats)."""
+    out: dict[str, list[dict[str, float]]] = {}
+    for r in read_csv(path):
+        row = {k: _num(v) for k, v in r.items() if k != key}
+        out.setdefault(r[key], []).append(row)
+    return {k: sorted(v, key=lambda r: r["n"]) for k, v in out.items()}
+
+
+def _num(v: str) -> Any:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def band_compare(a: list[dict[str, float]], b: list[dict[str, float]], n_min: float) -> tuple[list[int], list[int]]:
+    """n where a's 95% band lies wholly below b's, and n where wholly above (n >= n_min)."""
+    bn = {r["n"]: r for r in b}
+    below = [int(r["n"]) for r in a if r["n"] >= n_min and r["n"] in bn and r["ci_high"] < bn[r["n"]]["ci_low"]]
+    above = [int(r["n"]) for r in a if r["n"] >= n_min and r["n"] in bn and r["ci_low"] > bn[r["n"]]["ci_high"]]
+    return below, above
+
+
+def claim_1a(e1_csv: Path, preset: Preset) -> Verdict:
+    c = curves(e1_csv, "label")
+    hmax, hmin = f"transformer h={max(preset.heads)}", f"transformer h={min(preset.heads)}"
+    n_min = preset.task.d / 2
+    below, above = band_compare(c[hmax], c[hmin], n_min)
+    total = sum(1 for r in c[hmax] if r["n"] >= n_min)
+    if len(below) * 2 >= total and not above:
+        v = REPRODUCED
+    elif len(above) > len(below):
+        v = NOT_REPRODUCED
+    else:
+        v = INCONCLUSIVE
+    means = {lab: np.mean([r["risk_norm"] for r in rows if r["n"] >= n_min]) for lab, rows in c.items()
+             if lab.startswith("transformer")}
+    ev = [f"{hmax} band below {hmin} at {len(below)}/{total} n >= {n_min:g}, above at {len(above)}",
+          "mean normalised risk over n >= d/2: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())]
+    return Verdict("1a. more heads give lower excess risk", v, ev)
+
+
+def claim_1b(e2: Path) -> Verdict:
+    conc = sorted(read_csv(e2 / "concentration.csv"), key=lambda r: int(r["layer"]))
+    imp = [r for r in read_csv(e2 / "head_importance.csv") if int(r["layer"]) == 1]
+    first, later = conc[0], conc[1:]
+    f = lambda r, k: float(r[k])  # noqa: E731
+    all_l1_matter = all(f(r, "ci_low") > 0 for r in imp)
+    later_one = all(f(r, "ci_low") > 0.5 for r in later)
+    l1_flatter = all(f(first, "ci_high") < f(r, "ci_low") for r in later)
+    if all_l1_matter and later_one and l1_flatter:
+        v = REPRODUCED
+    elif any(f(r, "ci_high") < 0.5 for r in later) or any(f(first, "ci_low") > f(r, "ci_high") for r in later):
+        v = NOT_REPRODUCED
+    else:
+        v = INCONCLUSIVE
+    ev = [f"layer {r['layer']}: top-head share {f(r, 'top_share'):.3f} [{f(r, 'ci_low'):.3f}, {f(r, 'ci_high'):.3f}]"
+          f" (uniform {f(r, 'uniform_share'):.2f})" for r in conc]
+    ev.append(f"every layer-1 head's importance CI above 0: {all_l1_matter}")
+    return Verdict("1b. all heads matter in layer 1; one head dominates each later layer", v, ev)
+
+
+def claim_2a(e3: Path) -> Verdict:
+    s = read_json(e3 / "summary.json")["risk_ratio_vs_full"]
+    p, c = s["pruned"], s["control"]
+    if p["ci_high"] <= 1.25 and p["ci_high"] < c["ci_low"]:
+        v = REPRODUCED
+    elif p["ci_low"] > 1.25:
+        v = NOT_REPRODUCED
+    else:
+        v = INCONCLUSIVE
+    ev = [f"pruned/full risk ratio {p['ratio']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}]",
+          f"control (layer 1 cut to one head)/full {c['ratio']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]"]
+    return Verdict("2a. pruning later layers to their top head keeps the risk", v, ev)
+
+
+def layer1_probe(e4_csv: Path, model: str) -> tuple[float, float]:
+    rows = [r for r in read_csv(e4_csv) if r["model"] == model and r["layer"] == "1" and int(r["n"]) >= 1]
+    mean = float(np.mean([float(r["risk_norm"]) for r in rows]))
+    half = float(np.mean([(float(r["ci_high"]) - float(r["ci_low"])) / 2 for r in rows]))
+    return mean, half
+
+
+def claim_2b(e4_csv: Path, multi: str, single: str) -> Verdict:
+    (m, mh), (s, sh) = layer1_probe(e4_csv, multi), layer1_probe(e4_csv, single)
+    v = REPRODUCED if s - sh > m + mh else NOT_REPRODUCED if s + sh < m - mh else INCONCLUSIVE
+    ev = [f"layer-1 probe risk (mean over n >= 1): {multi} {m:.4f} ± {mh:.4f}, {single} {s:.4f} ± {sh:.4f}"]
+    return Verdict("2b. a single-head model is worse from layer 1 on (probes)", v, ev)
+
+
+def claim_3(e5_csv: Path) -> Verdict:
+    c = curves(e5_csv, "estimator")
+    pto, gd, ridge = c["pto"], c["gd"], c["ridge"]
+    below_gd, above_gd = band_compare(pto, gd, 1)
+    below_r, above_r = band_compare(pto, ridge, 1)
+    wins = sorted(set(below_gd) & set(below_r))
+    loses = sorted(set(above_gd) | set(above_r))
+    v = REPRODUCED if wins else NOT_REPRODUCED
+    by_n = {int(r["n"]): r["risk_norm"] for r in pto}
+    ratio = lambda other: {int(r["n"]): by_n[int(r["n"])] / r["risk_norm"] for r in other}  # noqa: E731
+    rg, rr = ratio(gd), ratio(ridge)
+    ev = [f"PtO band below both GD and ridge at n = {_ranges(wins) or 'none'}",
+          f"PtO band above GD or ridge at n = {_ranges(loses) or 'none'}"]
+    if wins:
+        best = min(wins, key=lambda n: rr[n])
+        ev.append(f"largest win at n = {best}: PtO/ridge {rr[best]:.2f}, PtO/GD {rg[best]:.2f}")
+    return Verdict("3. PtO has lower excess risk than GD and ridge", v, ev)
+
+
+def _ranges(ns: list[int]) -> str:
+    out, start = [], None
+    for i, n in enumerate(ns):
+        if start is None:
+            start = n
+        if i + 1 == len(ns) or ns[i + 1] != n + 1:
+            out.append(f"{start}" if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(out)
+
+
+def compute_verdicts(out: Path, preset: Preset, seeds: int) -> list[Verdict]:
+    """Per-claim verdicts for a finished ``reproduce`` folder, combined across seeds."""
+    per_seed: list[list[Verdict]] = []
+    hmax, hmin = max(preset.heads), min(preset.heads)
+    for k in range(seeds):
+        sd = out / f"seed{k}"
+        per_seed.append([
+            claim_1a(sd / "e1" / "e1_heads.csv", preset),
+            claim_1b(sd / "e2"),
+            claim_2a(sd / "e3"),
+            claim_2b(sd / "e4" / "probes.csv", f"h={hmax} full", f"h={hmin}"),
+        ])
+    merged = []
+    for i, v0 in enumerate(per_seed[0]):
+        vs = [ps[i] for ps in per_seed]
+        ev = [f"seed {preset.seed + k}: {e}" for k, v in enumerate(vs) for e in v.evidence] if seeds > 1 \
+            else v0.evidence
+        merged.append(Verdict(v0.claim, combine(v.verdict for v in vs), ev))
+    return merged + [claim_3(out / "e5" / "e5_risk.csv")]
+
+
+def write_report(out: Path, preset: Preset, seeds: int) -> Path:
+    """Write ``report.md``, ``report.html`` and ``verdicts.json`` into ``out``."""
+    out = Path(out)
+    verdicts = compute_verdicts(out, preset, seeds)
+    write_json(out / "verdicts.json", [v.__dict__ for v in verdicts])
+    doc = build_document(out, preset, seeds, verdicts)
+    atomic_write_text(out / "report.md", doc.to_markdown(out))
+    atomic_write_text(out / "report.html", doc.to_html())
+    return out / "report.md"
+
+
+def build_document(out: Path, preset: Preset, seeds: int, verdicts: list[Verdict]) -> Document:
+    t = preset.task
+    doc = Document(f"icl-heads reproduction report — preset `{preset.name}`")
+    doc.para(f"Task: d={t.d}, s={t.s}, sigma={t.sigma}, tau={t.tau}, n_max={t.n_max}. Model: D={preset.d_model}, "
+             f"L={preset.n_layers}, heads {preset.heads}, {preset.attention} attention, MLP {preset.mlp}. "
+             f"Seeds: {[preset.seed + k for k in range(seeds)]}. Risks are normalised by s tau^2 (zero predictor = 1); "
+             "bands are 95% over test prompts. The rules behind each verdict are in `icl_heads/report.py` and docs/report.md.")
+    doc.heading("Verdicts")
+    doc.table(["claim", "verdict", "evidence"], [[v.claim, v.verdict.upper(), "; ".join(v.evidence)] for v in verdicts])
+    _experiment_sections(doc, out, preset, seeds)
+    return doc
+
+
+def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -> None:
+    sd = out / "seed0"
+    d = preset.task.d
+    ns = sorted({max(1, d // 2), d, min(2 * d, preset.task.n_max)})
+    doc.heading("E1 — heads sweep")
+    doc.figure(sd / "e1" / "e1_heads.png", "Normalised excess risk vs context length: trained models (h heads) and estimators.")
+    c1 = curves(sd / "e1" / "e1_heads.csv", "label")
+    doc.table(["model / estimator"] + [f"n={n}" for n in ns],
+              [[lab] + [_at(rows, n) for n in ns] for lab, rows in c1.items()])
+    doc.heading("E2 — head assessment")
+    doc.figure(sd / "e2" / "head_importance.png", "Risk increase when each head is gated off (raw and normalised per layer).")
+    doc.table(["layer", "top head", "top share", "95% CI", "uniform share"],
+              [[r["layer"], r["top_head"], float(r["top_share"]), f"[{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}]",
+                float(r["uniform_share"])] for r in read_csv(sd / "e2" / "concentration.csv")])
+    doc.heading("E3 — pruning")
+    doc.figure(sd / "e3" / "pruning.png", "Full vs pruned (layer 1 all heads, later layers top head) vs control.")
+    ratios = read_json(sd / "e3" / "summary.json")["risk_ratio_vs_full"]
+    doc.table(["model", "risk ratio vs full", "95% CI"],
+              [[k, v["ratio"], f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]"] for k, v in ratios.items()])
+    doc.heading("E4 — layer-wise probes")
+    doc.figure(sd / "e4" / "probes.png", "Ridge-probe excess risk per layer: full, pruned and single-head models.")
+    mp = read_json(sd / "e4" / "summary.json")["mean_probe_risk_norm"]
+    layers = list(next(iter(mp.values())))
+    doc.table(["model"] + layers, [[m] + [v[layer] for layer in layers] for m, v in mp.items()])
+    doc.heading("E5 — algorithms")
+    doc.figure(out / "e5" / "e5_risk.png", "Estimators, each tuned per n on validation prompts.")
+    c5 = curves(out / "e5" / "e5_risk.csv", "estimator")
+    doc.table(["estimator"] + [f"n={n}" for n in ns], [[lab] + [_at(rows, n) for n in ns] for lab, rows in c5.items()])
+    for name, cap in (("e5_vs_T.png", "Risk vs number of steps T for GD and PtO."),
+                      ("e5_groups.png", "PtO with h coordinate groups, h = 1..d.")):
+        if (out / "e5" / name).exists():
+            doc.figure(out / "e5" / name, cap)
+    doc.heading("E6 — mechanism")
+    _e6_section(doc, sd / "e6")
+    doc.heading("Provenance")
+    m = read_json(out / "manifest.json") if (out / "manifest.json").exists() else {}
+    env = m.get("environment", {})
+    doc.para(f"git commit {env.get('git_commit')}, Python {env.get('python')}, torch "
+             f"{env.get('packages', {}).get('torch')}, device {m.get('device')}. Stage wall times (s): "
+             + ", ".join(f"{k} {v:.0f}" for k, v in m.get("stage_wall_s", {}).items())
+             + ". Full config and versions: manifest.json; every number: the CSV/JSON files beside this report.")
+
+
+def _e6_section(doc: Document, e6: Path) -> None:
+    for png in sorted(e6.glob("*.png")):
+        doc.figure(png, png.stem.replace("_", " "))
+    s = read_json(e6 / "e6_summary.json")
+    r2 = s.get("e6a_mean_r2", {})
+    if r2:
+        doc.table(["model/layer/target", "mean R^2"], [[k, v] for k, v in r2.items()])
+    rows = read_csv(e6 / "e6b_verdict.csv") if (e6 / "e6b_verdict.csv").exists() else []
+    if rows:
+        keys = list(rows[0])
+        doc.table(keys, [[_num(r[k]) for k in keys] for r in rows])
+    if (e6 / "e6c_construct.csv").exists():
+        c = read_csv(e6 / "e6c_construct.csv")
+        worst = max(float(r["max_abs_dev"]) for r in c)
+        doc.para(f"E6c: the hand-built linear-attention transformer matches PtO / grouped PtO on {len(c)} settings, "
+                 f"largest absolute deviation {worst:.2e} (float64).")
+
+
+def _at(rows: list[dict[str, float]], n: int) -> str:
+    for r in rows:
+        if int(r["n"]) == n:
+            return f"{r['risk_norm']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+    return "-"
+
+
+def verdicts_json(out: Path) -> list[dict[str, Any]]:
+    return json.loads((Path(out) / "verdicts.json").read_text())

@@ -1,0 +1,133 @@
+"""``reproduce``: E5, E1 (training), E2, E3, E4, E6 end to end, then the report.
+
+Each stage writes into its own folder and, when it has finished, a
+``stage.json`` marker (wall time, config fingerprint). A rerun on the same
+folder skips finished stages and resumes an interrupted training from its
+checkpoint, so killing ``reproduce`` loses no finished work. A folder that
+holds a run of a *different* config is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ConfigError, Preset
+from .io import environment, read_json, write_json
+
+# Rough share of the wall time per stage on CPU, only used for the ETA.
+_WEIGHTS = {"e5": 0.08, "e1": 0.7, "e2": 0.03, "e3": 0.03, "e4": 0.06, "e6": 0.06, "report": 0.02}
+
+
+def fingerprint(preset: Preset) -> str:
+    return hashlib.sha256(json.dumps(preset.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageRunner:
+    """Runs named stages once, with progress, ETA and a manifest of wall times."""
+
+    out: Path
+    preset: Preset
+    stages: list[str]
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
+    wall: dict[str, float] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def run(self, name: str, folder: Path, fn: Callable[[Path], Any]) -> bool:
+        """Run ``fn(folder)`` unless ``folder/stage.json`` says it finished; return True if it ran."""
+        k = self.stages.index(name) + 1
+        marker = folder / "stage.json"
+        if marker.exists() and read_json(marker).get("fingerprint") == fingerprint(self.preset):
+            self.wall[name] = read_json(marker)["wall_s"]
+            self.log(f"[{k}/{len(self.stages)}] {name}: done earlier ({self.wall[name]:.0f}s), reused")
+            return False
+        self.log(f"[{k}/{len(self.stages)}] {name}: running   elapsed {_hms(self.elapsed)}   ETA {self._eta(name)}")
+        t = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
+        fn(folder)
+        self.wall[name] = time.perf_counter() - t
+        write_json(marker, {"stage": name, "wall_s": self.wall[name], "fingerprint": fingerprint(self.preset)})
+        self.log(f"[{k}/{len(self.stages)}] {name}: finished in {_hms(self.wall[name])}")
+        return True
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _eta(self, name: str) -> str:
+        base = lambda s: s.split("/")[-1]  # noqa: E731
+        ran = [s for s in self.stages[: self.stages.index(name)] if s in self.wall and self.wall[s] > 0]
+        done_w = sum(_WEIGHTS[base(s)] for s in ran)
+        left_w = sum(_WEIGHTS[base(s)] for s in self.stages[self.stages.index(name):])
+        spent = sum(self.wall[s] for s in ran)
+        return _hms(spent / done_w * left_w) if done_w > 0 and spent > 1 else "?"
+
+
+def stage_names(seeds: int) -> list[str]:
+    names = ["e5"]
+    for k in range(seeds):
+        names += [f"seed{k}/{s}" for s in ("e1", "e2", "e3", "e4", "e6")]
+    return names + ["report"]
+
+
+def check_folder(out: Path, preset: Preset, seeds: int) -> None:
+    """Refuse a folder that holds another config's run; record ours otherwise."""
+    run_file = out / "run.json"
+    fp = fingerprint(preset)
+    if run_file.exists():
+        old = read_json(run_file)
+        if old.get("fingerprint") != fp:
+            raise ConfigError(f"out: {out} holds a run of another config ({old.get('preset')}); use a new --out")
+    write_json(run_file, {"preset": preset.name, "fingerprint": fp, "seeds": seeds})
+
+
+def reproduce(preset: Preset, out: Path, seeds: int = 1, device: str = "cpu") -> Path:
+    """Run every experiment for ``preset`` into ``out`` and write ``report.md``/``report.html``."""
+    from .analysis.heads import default_policy, run_e2, run_e3
+    from .analysis.mechanism import run_e6
+    from .analysis.probes import run_e4
+    from .experiments.algorithms import run_e5
+    from .experiments.heads_sweep import run_e1
+    from .report import write_report
+
+    if seeds < 1:
+        raise ConfigError(f"seeds: must be >= 1 (got {seeds})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_folder(out, preset, seeds)
+    runner = StageRunner(out, preset, stage_names(seeds))
+    runner.run("e5", out / "e5", lambda d: run_e5(preset, d))
+    for k in range(seeds):
+        pk = preset.model_copy(update={"seed": preset.seed + k})
+        sd = out / f"seed{k}"
+        runner.run(f"seed{k}/e1", sd / "e1", lambda d: run_e1(pk, d, device))
+        models = sd / "e1" / "models"
+        multi, single = models / f"h{max(preset.heads)}", models / f"h{min(preset.heads)}"
+        common = dict(preset=pk, seed=pk.seed, device=device)
+        runner.run(f"seed{k}/e2", sd / "e2", lambda d: run_e2(multi, d, **common))
+        runner.run(f"seed{k}/e3", sd / "e3", lambda d: run_e3(multi, d, **common))
+        runner.run(f"seed{k}/e4", sd / "e4", lambda d: run_e4(multi, d, prune=default_policy(pk.n_layers),
+                                                               compare=[single], **common))
+        runner.run(f"seed{k}/e6", sd / "e6", lambda d: run_e6(multi, d, single_ckpt=single, **common))
+    runner.log(f"[{len(runner.stages)}/{len(runner.stages)}] report   elapsed {_hms(runner.elapsed)}")
+    t = time.perf_counter()
+    manifest = {"preset": preset.model_dump(), "seeds": [preset.seed + k for k in range(seeds)],
+                "device": device, "stage_wall_s": runner.wall, "environment": environment()}
+    write_json(out / "manifest.json", manifest)
+    report = write_report(out, preset, seeds)
+    manifest["stage_wall_s"]["report"] = time.perf_counter() - t
+    manifest["total_wall_s"] = runner.elapsed
+    write_json(out / "manifest.json", manifest)
+    runner.log(f"done in {_hms(runner.elapsed)}: {report}")
+    return report
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

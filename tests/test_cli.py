@@ -1,0 +1,58 @@
+"""Bad input fails fast: one line naming the field, non-zero exit, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from icl_heads.config import PRESET_NAMES, ConfigError, get_preset
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "icl_heads.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--s", "12"], ["task.s", "must be <= d"]),
+        (["--sigma", "-0.5"], ["task.sigma"]),
+        (["--n-max", "0"], ["task.n_max"]),
+        (["--prompts", "1"], ["eval.n_test"]),
+        (["--preset", "huge"], ["preset", "huge"]),
+        (["--only", "ridge,magic"], ["estimator", "magic"]),
+        (["--d", "ten"], ["--d"]),
+        (["--bogus"], ["--bogus"]),
+    ],
+)
+def test_estimators_bad_input(tmp_path, args, needles):
+    assert_one_line_error(run_cli("estimators", "--out", str(tmp_path / "o"), *args), *needles)
+
+
+def test_every_preset_validates():
+    for name in PRESET_NAMES:
+        p = get_preset(name)
+        assert p.name == name and p.task.s <= p.task.d
+        for h in p.heads:
+            assert p.model_config_for(h).n_heads == h
+
+
+def test_override_paths_and_errors():
+    assert get_preset("smoke", **{"task.d": 8}).task.d == 8
+    with pytest.raises(ConfigError, match="heads"):
+        get_preset("smoke", heads=[3])
+    with pytest.raises(ConfigError, match="train.lr"):
+        get_preset("smoke", **{"train.lr": -1})
+    with pytest.raises(ConfigError, match="train.nonsense"):
+        get_preset("smoke", **{"train.nonsense": 1})

@@ -1,0 +1,288 @@
+"""E2/E3: head importance and pruning, checked on a hand-built model and against brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from icl_heads.checkpoint import save_checkpoint
+from icl_heads.cli import main
+from icl_heads.config import ConfigError, ModelConfig, Preset, TaskConfig
+from icl_heads.evaluation import predict
+from icl_heads.io import read_csv, read_json
+from icl_heads.model import Transformer
+from icl_heads.tasks import fixed_prompts, generator, sample_prompts
+from icl_heads.analysis.heads import (
+    ABLATE, KEEP, HeadImportance, assess_heads, claim1_verdict, control_policy, default_policy, finetune, paired_ratio,
+    parse_policy, prune_gates, top_share,
+)
+
+TASK = TaskConfig(d=4, s=2, sigma=0.1, n_max=12)
+A, B = 0.25, 0.2  # weights of the layer-1 half-GD heads and of the layer-2 GD head
+SIGNAL, NOISE = 1, 0  # head indices (0-based) in layer 2
+
+
+def hand_model() -> Transformer:
+    """Linear attention, no LN/MLP/positions; residual slots: x (0-3), y (4), output (5), junk (6).
+
+    Layer 1: head k computes the GD-step term over coordinate group k ({0,1} and {2,3}),
+    ``(1/n) sum_i y_i <x_i[G_k], x_q[G_k]>``, and adds ``A`` times it to the output slot.
+    Layer 2: head 2 (SIGNAL) adds ``B`` times the full GD-step term to the output slot;
+    head 1 (NOISE) computes the same thing but writes it to a slot nobody reads.
+    So the prediction is ``(A + B) (1/n) sum_i y_i <x_i, x_q>``.
+    """
+    cfg = ModelConfig(n_dims=4, n_max=12, d_model=8, n_layers=2, n_heads=2, attention="linear",
+                      mlp=False, pos_emb=False, layer_norm=False)
+    m = Transformer(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.read_in.weight[:5, :5] = torch.eye(5)
+        m.read_out.weight[0, 5] = 1.0
+        D = 8
+        W0, P0 = m.blocks[0].attn.qkv.weight, m.blocks[0].attn.proj.weight
+        for head, coords in ((0, (0, 1)), (1, (2, 3))):
+            for j, c in enumerate(coords):
+                W0[head * 4 + j, c] = 1.0  # q
+                W0[D + head * 4 + j, c] = 1.0  # k
+            W0[2 * D + head * 4, 4] = 1.0  # v <- y
+            P0[5, head * 4] = A
+        W1, P1 = m.blocks[1].attn.qkv.weight, m.blocks[1].attn.proj.weight
+        for head in (NOISE, SIGNAL):
+            for c in range(4):
+                W1[head * 4 + c, c] = 1.0
+                W1[D + head * 4 + c, c] = 1.0
+            W1[2 * D + head * 4, 4] = 1.0
+        P1[6, NOISE * 4] = 1.0
+        P1[5, SIGNAL * 4] = B
+    return m.eval()
+
+
+def gd_term(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Closed form ``(1/k) sum_{i<k} y_i <x_i, x_k>`` for every k (0 at k = 0), shape (P, N)."""
+    P, N, _ = x.shape
+    out = np.zeros((P, N))
+    for k in range(1, N):
+        out[:, k] = np.einsum("pi,pid,pd->p", y[:, :k], x[:, :k], x[:, k]) / k
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return fixed_prompts(TASK, 300, seed=1, stream="test")
+
+
+@pytest.fixture(scope="module")
+def hand_importance(prompts):
+    return assess_heads(hand_model(), prompts, TASK)
+
+
+def random_model(attention: str = "softmax", heads: int = 2, layers: int = 2, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig(n_dims=4, n_max=12, d_model=16, n_layers=layers, n_heads=heads, attention=attention))
+    with torch.no_grad():  # larger weights than GPT-2 init so every head visibly matters
+        for name, p in m.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5 / np.sqrt(p.shape[1]))
+    return m.eval()
+
+
+def test_hand_model_is_the_closed_form(prompts):
+    x, y = prompts.x.numpy(), prompts.y.numpy()
+    got = predict(hand_model(), prompts).numpy()
+    np.testing.assert_allclose(got, (A + B) * gd_term(x, y), rtol=1e-4, atol=1e-5)
+
+
+def test_e2_ranks_the_signal_head_first_with_the_closed_form_importance(prompts, hand_importance):
+    imp = hand_importance
+    assert imp.ranking(1)[0] == SIGNAL
+    score = imp.score(ABLATE)
+    assert abs(score[1, NOISE]) < 1e-6  # the junk head's output is never read
+    # independent reference: the closed-form risk change when the B * GD term is removed
+    f, g = prompts.f.numpy(), gd_term(prompts.x.numpy(), prompts.y.numpy())
+    full, ablated = ((A + B) * g - f) ** 2, (A * g - f) ** 2
+    want = (ablated - full)[:, 1:].mean() / (TASK.s * TASK.tau ** 2)
+    assert want > 0.05
+    np.testing.assert_allclose(score[1, SIGNAL], want, rtol=1e-4)
+    # keep only the noise head in layer 2 == ablate the signal head (and vice versa: keep signal == base)
+    np.testing.assert_allclose(imp.score(KEEP)[1, NOISE], want, rtol=1e-4)
+    assert abs(imp.score(KEEP)[1, SIGNAL]) < 1e-6
+    # layer 1: both half-GD heads matter, and the concentration score sees it
+    assert (score[0] > 0.01).all()
+    conc = imp.concentration(n_boot=200, seed=0)
+    assert conc[1]["top_head"] == SIGNAL + 1 and conc[1]["top_share"] == pytest.approx(1.0, abs=1e-4)
+    assert conc[0]["top_share"] < 0.7
+    assert conc[0]["ci_low"] <= conc[0]["top_share"] <= conc[0]["ci_high"]
+
+
+def test_e3_pruned_hand_model_keeps_the_risk_and_the_control_does_not(prompts, hand_importance):
+    gates = prune_gates(hand_importance, "1:all,2:top1")
+    assert gates.tolist() == [[1.0, 1.0], [0.0, 1.0]]
+    m = hand_model()
+    full = predict(m, prompts).numpy()
+    np.testing.assert_allclose(predict(m, prompts, head_gates=gates).numpy(), full, rtol=1e-6, atol=1e-7)
+    control = prune_gates(hand_importance, control_policy("1:all,2:top1"))
+    assert control.sum(1).tolist() == [1.0, 1.0]
+    f = prompts.f.numpy()
+    err_c = (predict(m, prompts, head_gates=control).numpy() - f) ** 2
+    err_f = (full - f) ** 2
+    r = paired_ratio(err_c, err_f, n_boot=200)
+    assert r["ci_low"] > 1.0  # dropping a layer-1 head hurts
+
+
+@pytest.mark.parametrize("attention", ["softmax", "linear"])
+def test_batched_assessment_equals_one_forward_per_gate_setting(attention):
+    m = random_model(attention, heads=2, layers=3)
+    p = fixed_prompts(TASK, 20, seed=3, stream="val")
+    base = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # start from an already-pruned model
+    imp = assess_heads(m, p, TASK, gates=base, batch_rows=12)  # several chunks
+    f = p.f.numpy()
+
+    def err(g: torch.Tensor) -> np.ndarray:
+        return (predict(m, p, head_gates=g).numpy() - f) ** 2
+
+    np.testing.assert_allclose(imp.base_err, err(base), rtol=1e-5, atol=1e-7)
+    for l in range(3):
+        for k in range(2):
+            g = base.clone()
+            g[l, k] = 0
+            np.testing.assert_allclose(imp.ablate_err[l, k], err(g), rtol=1e-5, atol=1e-7)
+            g = base.clone()
+            g[l] = 0
+            g[l, k] = base[l, k]
+            np.testing.assert_allclose(imp.keep_err[l, k], err(g), rtol=1e-5, atol=1e-7)
+    assert np.abs(imp.delta(ABLATE)).max() > 1e-4  # the random heads do matter
+
+
+def test_gate_off_equals_zeroing_the_heads_output_projection_columns():
+    m = random_model("softmax", heads=4, layers=2, seed=5)
+    p = fixed_prompts(TASK, 16, seed=2, stream="val")
+    l, k, dh = 1, 2, 16 // 4
+    g = torch.ones(2, 4)
+    g[l, k] = 0
+    gated = predict(m, p, head_gates=g)
+    with torch.no_grad():
+        m.blocks[l].attn.proj.weight[:, k * dh:(k + 1) * dh] = 0
+    zeroed = predict(m, p)
+    assert (gated - predict(random_model("softmax", heads=4, layers=2, seed=5), p)).abs().max() > 1e-4
+    torch.testing.assert_close(gated, zeroed, rtol=1e-6, atol=1e-7)
+
+
+def _synthetic(deltas: np.ndarray) -> HeadImportance:
+    """HeadImportance whose per-prompt ablation deltas (L, h, P) are given (one n >= 1 column)."""
+    L, h, P = deltas.shape
+    base = np.ones((P, 2))
+    ab = np.broadcast_to(base, (L, h, P, 2)).copy()
+    ab[..., 1] += deltas
+    return HeadImportance(base, ab, ab.copy(), np.ones((L, h)), norm=1.0)
+
+
+def test_concentration_share_ci_and_stability_against_numpy():
+    rng = np.random.default_rng(0)
+    d = np.stack([rng.normal([1.0, 1.0, 1.0, 1.0], 0.5, size=(400, 4)).T,  # layer 1: spread
+                  rng.normal([3.0, 0.2, 0.1, -0.5], 0.5, size=(400, 4)).T,  # layer 2: one head
+                  np.zeros((4, 400))])  # layer 3: nothing matters
+    imp = _synthetic(d)
+    conc = imp.concentration(n_boot=500, seed=1)
+    m = d.mean(-1)
+    pos = np.clip(m, 0, None)
+    for l in range(2):
+        assert conc[l]["top_share"] == pytest.approx(pos[l].max() / pos[l].sum(), rel=1e-12)
+        assert conc[l]["top_head"] == int(m[l].argmax()) + 1
+        assert conc[l]["ci_low"] < conc[l]["top_share"] < conc[l]["ci_high"]
+    # bootstrap CI width ~ normal-theory width (delta method is rough; factor-2 agreement)
+    assert 0.01 < conc[1]["ci_high"] - conc[1]["ci_low"] < 0.1
+    assert conc[0]["top_share"] < 0.35 and conc[1]["top_share"] > 0.85
+    assert conc[1]["top_head_stability"] == 1.0 and conc[0]["top_head_stability"] < 0.9
+    assert np.isnan(conc[2]["top_share"]) and np.isnan(top_share(np.zeros((1, 4))))[0]
+    assert conc[1]["share_minus_layer1_ci_low"] > 0.4  # layer 2 clearly more concentrated than layer 1
+    v = claim1_verdict(imp.rows(), conc[:2])
+    assert v["all_layer1_heads_matter"] and v["later_layers_more_concentrated"] and v["reproduces"]
+    swapped = _synthetic(d[[1, 0]]).concentration(n_boot=300)  # concentrated first layer, spread second
+    assert swapped[1]["share_minus_layer1_ci_high"] < 0
+    v = claim1_verdict(_synthetic(d[[1, 0]]).rows(), swapped)
+    assert not v["all_layer1_heads_matter"] and not v["later_layers_more_concentrated"] and not v["reproduces"]
+    # constant deltas: every resample gives the same share, so the CI collapses
+    const = imp.__class__(imp.base_err, imp.ablate_err.copy(), imp.keep_err, imp.base_gates, 1.0)
+    const.ablate_err[..., 1] = 1.0 + np.array([2.0, 1.0, 1.0, 0.0])[None, :, None]
+    c = const.concentration(n_boot=50)[0]
+    assert c["ci_low"] == pytest.approx(0.5) and c["ci_high"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad", ["", "1:all,,2:top1", "0:all", "1:top0", "1:al", "a:all", "1:all,1:top1",
+                                 "1-all", "1:top1x", "-1:all"])
+def test_policy_parser_rejects_bad_strings_naming_keep(bad):
+    with pytest.raises(ConfigError, match=r"^keep: "):
+        parse_policy(bad)
+
+
+def test_policy_resolution(hand_importance):
+    assert parse_policy(" 1:all, 3:top2 ,2:top1") == {1: "all", 3: "top2", 2: "top1"}
+    assert default_policy(4) == "1:all,2:top1,3:top1,4:top1"
+    assert control_policy(default_policy(3)) == "1:top1,2:top1,3:top1"
+    with pytest.raises(ConfigError, match="keep: policy must list every layer 1..2"):
+        prune_gates(hand_importance, "1:all")
+    with pytest.raises(ConfigError, match="keep: policy must list every layer"):
+        prune_gates(hand_importance, "1:all,2:top1,3:top1")
+    with pytest.raises(ConfigError, match="keep: layer 2 asks for top3"):
+        prune_gates(hand_importance, "1:all,2:top3")
+    assert prune_gates(hand_importance, "1:top2,2:all").tolist() == [[1, 1], [1, 1]]
+
+
+def test_finetune_keeps_gated_heads_frozen_and_moves_the_rest():
+    m = random_model("softmax", heads=2, layers=2, seed=7)
+    gates = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    tuned = finetune(m, gates, TASK, steps=3, batch_size=16, lr=1e-2, seed=0)
+    assert torch.equal(tuned.head_gates, gates)
+    dh = 8
+    q0 = slice(0, dh)  # query rows of head 0 in layer 2: its gate is 0, so its gradient is 0
+    before, after = m.blocks[1].attn.qkv.weight, tuned.blocks[1].attn.qkv.weight
+    assert torch.equal(before[q0], after[q0])
+    assert not torch.equal(before[dh:2 * dh], after[dh:2 * dh])
+    assert torch.equal(m.head_gates, torch.ones(2, 2))  # the original is untouched
+    # it actually trains: the loss on fresh prompts goes down over a few more steps
+    p = sample_prompts(TASK, 256, generator(9, "val"))
+    loss = lambda mod: torch.nn.functional.mse_loss(mod(p.x, p.y), p.y).item()  # noqa: E731
+    assert loss(finetune(m, gates, TASK, steps=40, batch_size=64, lr=3e-3)) < loss(tuned)
+
+
+@pytest.fixture(scope="module")
+def hand_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "hand"
+    pre = Preset(name="hand", task=TASK, d_model=8, n_layers=2, heads=[2], attention="linear", mlp=False,
+                 pos_emb=False, train=dict(steps=1, batch_size=8, lr=1e-3), eval=dict(n_val=200, n_test=200))
+    save_checkpoint(path, hand_model(), {"preset": pre.model_dump()})
+    return path
+
+
+def test_cli_assess_heads_and_prune_on_the_hand_model(hand_ckpt, tmp_path):
+    main(["assess-heads", str(hand_ckpt), "--out", str(tmp_path / "e2"), "--boot", "100"])
+    rows = read_csv(tmp_path / "e2" / "head_importance.csv")
+    top = {(r["layer"], r["head"]): r for r in rows}
+    assert top[("2", str(SIGNAL + 1))]["rank_in_layer"] == "1"
+    assert float(top[("2", str(SIGNAL + 1))]["share_in_layer"]) == pytest.approx(1.0, abs=1e-4)
+    conc = read_csv(tmp_path / "e2" / "concentration.csv")
+    assert [c["top_head"] for c in conc][1] == str(SIGNAL + 1)
+    by_n = read_csv(tmp_path / "e2" / "head_importance_by_n.csv")
+    assert len(by_n) == 2 * 2 * (TASK.n_max + 1)
+    for f in ("head_importance.png", "config.json", "summary.json"):
+        assert (tmp_path / "e2" / f).exists()
+
+    main(["prune", str(hand_ckpt), "--out", str(tmp_path / "e3"), "--keep", "1:all,2:top1", "--finetune", "2"])
+    s = read_json(tmp_path / "e3" / "summary.json")
+    assert s["kept_heads"]["pruned"] == [[1, 2], [SIGNAL + 1]]
+    assert s["risk_ratio_vs_full"]["pruned"]["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert s["risk_ratio_vs_full"]["control"]["ratio"] > 1.0
+    assert {"pruned+ft", "control+ft"} <= set(s["risk_ratio_vs_full"])
+    assert {r["model"] for r in read_csv(tmp_path / "e3" / "pruning.csv")} == {"full", "pruned", "control",
+                                                                               "pruned+ft", "control+ft"}
+
+
+def test_cli_rejects_a_bad_policy_with_one_line(hand_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prune", str(hand_ckpt), "--out", str(tmp_path / "x"), "--keep", "1:all,2:top0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: keep: ") and "\n" not in err
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,156 @@
+"""The transformer's contract: causal prefix mask, head gates, linear attention, interleaved format.
+
+References are brute force: a prompt truncated to examples ``0..k`` must give the
+same column-``k`` prediction as the full prompt; a head gated off must equal the
+model with that head's slice of the output projection zeroed; linear attention
+must equal an explicit double loop.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icl_heads.config import ModelConfig
+from icl_heads.model import CONTEXT, QUERY, Transformer, attention_mask, layout
+
+D, N_MAX = 4, 6
+
+
+def make(attention: str = "softmax", fmt: str = "pair", heads: int = 2, mlp: bool = True, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_dims=D, n_max=N_MAX, d_model=16, n_layers=2, n_heads=heads, attention=attention,
+                      mlp=mlp, token_format=fmt)
+    m = Transformer(cfg).double().eval()
+    # GPT-2 init is tiny (std 0.02): enlarge weights so that every dependency is far above rounding
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def prompts(B: int = 3, N: int = N_MAX + 1, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, N, D, generator=g, dtype=torch.float64), torch.randn(B, N, generator=g, dtype=torch.float64)
+
+
+VARIANTS = [("softmax", "pair"), ("linear", "pair"), ("softmax", "interleaved"), ("linear", "interleaved")]
+
+
+@pytest.mark.parametrize("attention,fmt", VARIANTS)
+def test_prediction_k_depends_only_on_examples_before_k(attention: str, fmt: str) -> None:
+    """Column k equals the prediction from the prompt truncated to examples 0..k (brute force)."""
+    m = make(attention, fmt)
+    x, y = prompts()
+    full = m(x, y)
+    assert full.shape == y.shape
+    for k in range(x.shape[1]):
+        trunc = m(x[:, : k + 1], y[:, : k + 1])[:, k]
+        torch.testing.assert_close(full[:, k], trunc, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("attention,fmt", VARIANTS)
+def test_perturbing_later_examples_changes_nothing_earlier_ones_do(attention: str, fmt: str) -> None:
+    m = make(attention, fmt)
+    x, y = prompts()
+    base = m(x, y)
+    N = x.shape[1]
+    for j in range(N):
+        x2, y2 = x.clone(), y.clone()
+        x2[:, j] += 1.0
+        y2[:, j] += 1.0
+        out = m(x2, y2)
+        torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-12)  # k < j: unseen
+        assert ((out[:, j + 1:] - base[:, j + 1:]).abs() > 1e-6).all()  # k > j: example j is context
+        y3 = y.clone()
+        y3[:, j] += 1.0  # the label of the example being predicted is never visible to its own query
+        torch.testing.assert_close(m(x, y3)[:, : j + 1], base[:, : j + 1], rtol=0, atol=1e-12)
+
+
+def test_prefix_mask_matches_brute_force() -> None:
+    """Query k sees context tokens < k and itself (softmax); context tokens are causal among themselves."""
+    for attention in ("softmax", "linear"):
+        cfg = ModelConfig(n_dims=D, n_max=N_MAX, d_model=8, n_layers=1, n_heads=1, attention=attention)
+        N = 5
+        lay = layout(cfg, N)
+        mask = attention_mask(cfg, lay)
+        T = lay.token_type.numel()
+        for i in range(T):
+            for j in range(T):
+                pi, pj = int(lay.position[i]), int(lay.position[j])
+                if lay.token_type[i] == CONTEXT:
+                    want = lay.token_type[j] == CONTEXT and pj <= pi
+                else:
+                    want = (lay.token_type[j] == CONTEXT and pj < pi) or (i == j and attention == "softmax")
+                assert bool(mask[i, j]) == bool(want), (attention, i, j)
+        assert (lay.token_type[lay.query_index] == QUERY).all()
+        assert lay.query_n.tolist() == list(range(N))
+
+
+@pytest.mark.parametrize("attention", ["softmax", "linear"])
+def test_gates_at_one_change_nothing(attention: str) -> None:
+    m = make(attention, heads=4)
+    x, y = prompts()
+    torch.testing.assert_close(m(x, y, head_gates=torch.ones(2, 4)), m(x, y), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "linear"])
+def test_gate_zero_equals_removing_that_heads_slice_of_the_output_projection(attention: str) -> None:
+    m = make(attention, heads=4)
+    x, y = prompts()
+    dh = 16 // 4
+    for layer, head in [(0, 0), (0, 3), (1, 2)]:
+        gates = torch.ones(2, 4, dtype=torch.float64)
+        gates[layer, head] = 0.0
+        gated = m(x, y, head_gates=gates)
+        ref = make(attention, heads=4)
+        with torch.no_grad():
+            ref.blocks[layer].attn.proj.weight[:, head * dh:(head + 1) * dh] = 0.0
+        torch.testing.assert_close(gated, ref(x, y), rtol=1e-10, atol=1e-12)
+        assert (gated - m(x, y)).abs().max() > 1e-6  # and the head did matter
+
+
+def test_per_prompt_gates_equal_separate_runs() -> None:
+    m = make(heads=2)
+    x, y = prompts(B=3)
+    g = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[0.5, 1.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]],
+                     dtype=torch.float64)
+    batched = m(x, y, head_gates=g)
+    for b in range(3):
+        torch.testing.assert_close(batched[b], m(x[b:b + 1], y[b:b + 1], head_gates=g[b])[0], rtol=1e-12, atol=1e-12)
+
+
+def test_linear_attention_equals_explicit_loop() -> None:
+    """Linear attention: out_i = sum_{j visible} (q_i . k_j) v_j / #visible, per head (double loop)."""
+    m = make("linear", heads=2)
+    attn = m.blocks[0].attn
+    x, y = prompts(B=2)
+    lay, mask = m.layout(x.shape[1])
+    h = torch.randn(2, mask.shape[0], 16, dtype=torch.float64)
+    q, k, v = attn.qkv(h).split(16, dim=-1)
+    out = torch.zeros_like(h)
+    for b in range(2):
+        for i in range(mask.shape[0]):
+            vis = mask[i].nonzero().flatten().tolist()
+            for hd in range(2):
+                s = slice(hd * 8, (hd + 1) * 8)
+                acc = sum(((q[b, i, s] @ k[b, j, s]) * v[b, j, s] for j in vis), torch.zeros(8, dtype=torch.float64))
+                out[b, i, s] = acc / max(len(vis), 1)
+    torch.testing.assert_close(attn(h, mask, None), attn.proj(out), rtol=1e-10, atol=1e-12)
+
+
+def test_interleaved_format_tokens() -> None:
+    """Garg et al. layout: x_0, y_0, x_1, y_1, ..., x_{N-1}; predictions read at the x tokens."""
+    cfg = ModelConfig(n_dims=D, n_max=N_MAX, d_model=8, n_layers=1, n_heads=1, token_format="interleaved")
+    from icl_heads.model import tokens
+
+    x, y = prompts(B=1, N=3)
+    t = tokens(cfg, x, y)[0]
+    assert t.shape == (5, D + 1)
+    for k in range(3):
+        torch.testing.assert_close(t[2 * k, :D], x[0, k])
+        assert t[2 * k, D] == 0
+    for k in range(2):
+        assert (t[2 * k + 1, :D] == 0).all() and t[2 * k + 1, D] == y[0, k]
+    assert layout(cfg, 3).query_index.tolist() == [0, 2, 4]
+

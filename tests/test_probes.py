@@ -1,0 +1,97 @@
+"""E4: layer-wise ridge probes, checked on known linear targets and a closed-form floor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from icl_heads.checkpoint import save_checkpoint
+from icl_heads.cli import main
+from icl_heads.config import ConfigError, ModelConfig, Preset, TaskConfig
+from icl_heads.evaluation import predict
+from icl_heads.io import read_csv, read_json
+from icl_heads.model import Transformer
+from icl_heads.tasks import Prompts, fixed_prompts
+from icl_heads.analysis.probes import layer_labels, probe_layers, query_states
+
+TASK = TaskConfig(d=4, s=2, sigma=0.1, n_max=8)
+
+
+def small_model(heads: int = 2, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(n_dims=4, n_max=8, d_model=16, n_layers=2, n_heads=heads)).eval()
+
+
+@pytest.fixture(scope="module")
+def sets():
+    return fixed_prompts(TASK, 300, 0, "probe"), fixed_prompts(TASK, 300, 0, "test")
+
+
+def test_query_states_are_what_the_read_out_sees(sets):
+    m = small_model()
+    _, test = sets
+    s = query_states(m, test, batch_size=64)  # several batches
+    assert s.shape == (3, 300, TASK.n_max + 1, 16)
+    with torch.no_grad():
+        again = m.read_out(m.ln_f(torch.from_numpy(s[-1]).float())).squeeze(-1).double()
+    torch.testing.assert_close(again, predict(m, test), rtol=1e-5, atol=1e-6)
+
+
+def test_probe_recovers_a_known_linear_function_of_the_hidden_state(sets):
+    m = small_model(seed=1)
+    fit, test = sets
+    rng = np.random.default_rng(0)
+    a, c = rng.normal(size=16), 0.3
+    layer = 1  # after block 1
+
+    def relabel(p: Prompts) -> Prompts:
+        t = query_states(m, p)[layer] @ a + c  # (P, N): a linear function of the state at each query
+        return Prompts(p.x, p.y, p.w, torch.from_numpy(t))
+
+    fit2, test2 = relabel(fit), relabel(test)
+    rows = probe_layers(m, fit2, test2, TASK)
+    by = {(r["layer"], r["n"]): r for r in rows}
+    var = float(test2.f.var())
+    for n in range(TASK.n_max + 1):
+        assert by[("1", n)]["risk"] < 1e-6 * var, n
+    # the same target is not linear in the read-in embedding: those probes do much worse
+    assert np.mean([by[("embed", n)]["risk"] for n in range(1, TASK.n_max + 1)]) > 1e-3 * var
+
+
+def test_embed_probe_has_the_zero_predictor_floor(sets):
+    """The read-in sees only x_q at a query token; E[w*] = 0, so the best linear guess of <w*, x_q> is 0:
+    the held-out probe risk must match the zero predictor's risk on the same test prompts."""
+    fit, test = sets
+    rows = probe_layers(small_model(), fit, test, TASK, labels={"model": "m"})
+    emb = sorted((r for r in rows if r["layer"] == "embed"), key=lambda r: r["n"])
+    zero = (test.f.numpy() ** 2).mean(0)  # risk of predicting 0, per n
+    ratio = np.array([r["risk"] for r in emb]) / zero
+    assert np.all((ratio > 0.97) & (ratio < 1.05)), ratio
+    assert abs(ratio.mean() - 1) < 0.02
+    assert all(r["model"] == "m" and r["layer_index"] == 0 for r in emb)
+    assert {r["layer"] for r in rows} == set(layer_labels(2))
+
+
+def test_probe_needs_enough_fit_prompts(sets):
+    with pytest.raises(ConfigError, match="^probe: "):
+        probe_layers(small_model(), sets[0].slice(0, 2), sets[1], TASK)
+
+
+def test_cli_probe_full_pruned_and_compare(tmp_path):
+    pre = Preset(name="tiny", task=TASK, d_model=16, n_layers=2, heads=[1, 2],
+                 train=dict(steps=1, batch_size=8, lr=1e-3), eval=dict(n_val=120, n_test=120))
+    for h in (1, 2):
+        save_checkpoint(tmp_path / f"h{h}", small_model(heads=h, seed=h), {"preset": pre.model_dump()})
+    main(["probe", str(tmp_path / "h2"), "--prune", "default", "--compare", str(tmp_path / "h1"),
+          "--out", str(tmp_path / "e4")])
+    rows = read_csv(tmp_path / "e4" / "probes.csv")
+    assert {r["model"] for r in rows} == {"h=2 full", "h=2 pruned", "h=1"}
+    assert {r["layer"] for r in rows} == {"embed", "1", "2", "model output"}
+    s = read_json(tmp_path / "e4" / "summary.json")
+    assert s["prune_policy"] == "1:all,2:top1"
+    assert np.asarray(s["gates"]["h=2 pruned"]).sum(1).tolist() == [2.0, 1.0]
+    assert (tmp_path / "e4" / "probes.png").exists() and (tmp_path / "e4" / "config.json").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["probe", str(tmp_path / "h2"), "--prune", "1:every", "--out", str(tmp_path / "bad")])
+    assert e.value.code == 2

@@ -1,0 +1,205 @@
+"""Training: schedule, curriculum, checkpoints (round trip, corruption), bit-identical resume, CLI."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from icl_heads import cli
+from icl_heads.checkpoint import CheckpointError, load_model, save_checkpoint
+from icl_heads.config import ConfigError, TrainConfig, get_preset
+from icl_heads.evaluation import evaluate
+from icl_heads.tasks import fixed_prompts, generator
+from icl_heads.training import TrainSpec, curriculum, is_finished, lr_at, train, train_prompts
+
+torch.set_num_threads(1)
+
+
+def tiny(steps: int = 24, **train_over: object):
+    """A smoke preset shrunk to run in about a second."""
+    over = {"train.steps": steps, "train.warmup_steps": 4, "train.eval_every": 8, "train.checkpoint_every": 8,
+            "train.n_eval_prompts": 32, "train.batch_size": 16, "d_model": 16, "eval.n_test": 64, "eval.n_val": 64}
+    over.update({f"train.{k}": v for k, v in train_over.items()})
+    return get_preset("smoke", **over)
+
+
+def weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    cfg = TrainConfig(steps=1000, batch_size=8, lr=1e-2, warmup_steps=100, min_lr_frac=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(99, cfg) == pytest.approx(1e-2)
+    mid = 100 + 900 // 2  # cosine half-way: the mean of the peak and the floor
+    assert lr_at(mid, cfg) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
+    assert lr_at(1000, cfg) == pytest.approx(1e-3)
+    lrs = [lr_at(s, cfg) for s in range(100, 1000)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_curriculum_ramps_n_and_d() -> None:
+    task = get_preset("quick").task
+    cfg = TrainConfig(steps=1000, batch_size=8, lr=1e-3, curriculum=True, curriculum_d=True,
+                      curriculum_start_frac=0.25, curriculum_steps_frac=0.5)
+    seq = [curriculum(s, cfg, task) for s in range(1000)]
+    assert seq[0] == (math.ceil(0.25 * task.n_max), math.ceil(0.25 * task.d))
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(seq, seq[1:]))
+    assert seq[500] == (task.n_max, task.d) and seq[250] < (task.n_max, task.d)  # full size from 50% of the run
+    assert curriculum(0, cfg.model_copy(update={"curriculum": False, "curriculum_d": False}), task) == (task.n_max, task.d)
+    # curriculum over d: trailing coordinates are zero, labels still follow y = <w, x> + noise
+    p = train_prompts(task, 64, generator(0, "train"), n=7, d=3)
+    assert p.x.shape == (64, 8, task.d) and (p.x[..., 3:] == 0).all() and (p.w[:, 3:] == 0).all()
+    torch.testing.assert_close(p.f, torch.einsum("bnd,bd->bn", p.x, p.w))
+    assert ((p.w != 0).sum(1) == min(task.s, 3)).all()
+
+
+def test_training_reduces_risk_and_logs(tmp_path: Path) -> None:
+    p = get_preset("smoke", **{"train.steps": 200, "train.eval_every": 50, "train.n_eval_prompts": 64})
+    spec = TrainSpec.from_preset(p, 2)
+    val = fixed_prompts(p.task, 256, 5, "test")
+    torch.manual_seed(0)
+    from icl_heads.model import Transformer
+
+    d = p.task.d
+    before = evaluate(Transformer(spec.model), val, p.task).risk_norm[d:].mean()  # ~1: predicts ~0
+    r = train(p, 2, tmp_path / "m", progress=False)
+    after = evaluate(r.model, val, p.task).risk_norm[d:].mean()
+    assert after < 0.7 * before
+    rows = list(csv.DictReader(open(tmp_path / "m" / "train_log.csv")))
+    assert [int(x["step"]) for x in rows] == [50, 100, 150, 200]
+    assert r.meta["finished"] and r.meta["step"] == 200 and is_finished(tmp_path / "m")
+    assert (tmp_path / "m" / "config.json").exists()
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
+    r = train(tiny(steps=8), 2, tmp_path / "m", progress=False)
+    model, meta = load_model(tmp_path / "m")
+    assert weights_equal(model, r.model) and meta["step"] == 8
+    x = torch.randn(3, 11, 5)
+    y = torch.randn(3, 11)
+    assert torch.equal(model(x, y), r.model(x, y))
+    assert torch.equal(model.head_gates, r.model.head_gates)
+
+
+def test_resume_after_interrupt_is_bit_identical(tmp_path: Path) -> None:
+    p = tiny(steps=24)
+    full = train(p, 2, tmp_path / "full", progress=False)
+    part = train(p, 2, tmp_path / "cut", progress=False, stop_at=13)  # not a checkpoint multiple
+    assert not part.meta["finished"] and part.meta["step"] == 13
+    assert not weights_equal(part.model, full.model)
+    resumed = train(p, 2, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.meta["finished"] and weights_equal(resumed.model, full.model)
+    # and the comparison has power: another seed ends elsewhere
+    other = train(get_preset("smoke", **{**_tiny_over(24), "seed": 1}), 2, tmp_path / "s1", progress=False)
+    assert not weights_equal(other.model, full.model)
+
+
+def _tiny_over(steps: int) -> dict[str, object]:
+    return {"train.steps": steps, "train.warmup_steps": 4, "train.eval_every": 8, "train.checkpoint_every": 8,
+            "train.n_eval_prompts": 32, "train.batch_size": 16, "d_model": 16}
+
+
+def test_resume_refuses_other_config_and_overwrite(tmp_path: Path) -> None:
+    p = tiny(steps=8)
+    train(p, 2, tmp_path / "m", progress=False)
+    with pytest.raises(ConfigError, match="^out: .*--resume"):
+        train(p, 2, tmp_path / "m", progress=False)
+    with pytest.raises(ConfigError, match="^resume: .*different train"):
+        train(tiny(steps=16), 2, tmp_path / "m", resume=True, progress=False)
+    with pytest.raises(ConfigError, match="^resume: .*different model_config"):
+        train(p, 1, tmp_path / "m", resume=True, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate_model", "flip_model", "truncate_state", "meta_json", "no_meta"])
+def test_damaged_checkpoint_gives_checkpoint_error(tmp_path: Path, damage: str) -> None:
+    p = tiny(steps=8)
+    train(p, 2, tmp_path / "m", progress=False, stop_at=4)
+    ck = tmp_path / "m"
+    if damage == "truncate_model":
+        data = (ck / "model.safetensors").read_bytes()
+        (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "flip_model":
+        data = bytearray((ck / "model.safetensors").read_bytes())
+        data[-5] ^= 0xFF
+        (ck / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "truncate_state":
+        data = (ck / "state.safetensors").read_bytes()
+        (ck / "state.safetensors").write_bytes(data[:100])
+    elif damage == "meta_json":
+        (ck / "meta.json").write_text('{"model_config": ')
+    else:
+        (ck / "meta.json").unlink()
+    with pytest.raises(CheckpointError):
+        if damage == "no_meta":
+            load_model(ck)
+        else:
+            train(p, 2, ck, resume=True, progress=False)
+
+
+def test_checkpoint_without_sha_but_garbage_is_still_caught(tmp_path: Path) -> None:
+    """Even without a recorded digest, an unreadable tensor file is a CheckpointError, not a crash."""
+    r = train(tiny(steps=4), 1, tmp_path / "m", progress=False)
+    save_checkpoint(tmp_path / "n", r.model, {"step": 4})
+    meta = (tmp_path / "n" / "meta.json").read_text().replace('"sha256"', '"unused"')
+    (tmp_path / "n" / "meta.json").write_text(meta)
+    (tmp_path / "n" / "model.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "n")
+
+
+def test_cli_train_eval_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """smoke preset, shortened: CLI train and eval, then E1 (run_e1) with three estimators."""
+    out = tmp_path / "t"
+    cli.main(["train", "--preset", "smoke", "--heads", "2", "--out", str(out), "--steps", "20", "--device", "cpu",
+              "--quiet"])
+    assert is_finished(out)
+    cli.main(["eval", str(out / ""), "--out", str(tmp_path / "ev"), "--device", "cpu", "--prompts", "100"])
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "risk.csv")))
+    assert [int(r["n"]) for r in rows] == list(range(11))
+    assert all(float(r["ci_low"]) <= float(r["risk_norm"]) <= float(r["ci_high"]) for r in rows)
+    assert (tmp_path / "ev" / "risk.png").stat().st_size > 0 and (tmp_path / "ev" / "config.json").exists()
+
+    e1 = tmp_path / "e1"
+    from icl_heads.experiments.heads_sweep import run_e1, train_models
+
+    small = get_preset("smoke", **{**_tiny_over(16), "eval.n_val": 64, "eval.n_test": 64})
+    summary = run_e1(small, e1, "cpu", workers=1, estimators=("ridge", "lasso", "bayes"))
+    assert set(summary["ratio_to_bayes"]) == {"transformer h=1", "transformer h=2"}
+    rows = list(csv.DictReader(open(e1 / "e1_heads.csv")))
+    labels = {r["label"] for r in rows}
+    assert {"transformer h=1", "transformer h=2", "ridge", "lasso", "bayes"} <= labels
+    for lab in labels:
+        assert sorted(int(r["n"]) for r in rows if r["label"] == lab) == list(range(1, 11))
+    assert (e1 / "e1_heads.png").exists() and (e1 / "e1_summary.json").exists()
+    # a finished model is reused, not retrained
+    mtime = (e1 / "models" / "h1" / "model.safetensors").stat().st_mtime_ns
+    info = train_models(small, e1, "cpu")
+    assert info[1]["reused"] and (e1 / "models" / "h1" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("args,field", [
+    (["train", "--preset", "smoke", "--heads", "3", "--out", "X"], "heads"),
+    (["train", "--preset", "smoke", "--heads", "2", "--out", "X", "--device", "tpu"], "device"),
+    (["train", "--preset", "smoke", "--heads", "2", "--out", "X", "--steps", "0"], "train.steps"),
+    (["sweep-heads", "--preset", "nope", "--out", "X"], "preset"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                          field: str) -> None:
+    args = [str(tmp_path / a) if a == "X" else a for a in args]
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {field}") and "\n" not in err
+
+
+def test_eval_of_non_checkpoint_is_checkpoint_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert e.value.code == 2 and "not a checkpoint" in capsys.readouterr().err
