@@ -198,11 +198,13 @@ def test_concentration_share_ci_and_stability_against_numpy():
     assert np.isnan(conc[2]["top_share"]) and np.isnan(top_share(np.zeros((1, 4))))[0]
     assert conc[1]["share_minus_layer1_ci_low"] > 0.4  # layer 2 clearly more concentrated than layer 1
     v = claim1_verdict(imp.rows(), conc[:2])
-    assert v["all_layer1_heads_matter"] and v["later_layers_more_concentrated"] and v["reproduces"]
+    assert v["all_layer1_heads_matter"] and v["one_head_dominates_later_layers"]
+    assert v["later_layers_more_concentrated"] and v["reproduces"]
     swapped = _synthetic(d[[1, 0]]).concentration(n_boot=300)  # concentrated first layer, spread second
     assert swapped[1]["share_minus_layer1_ci_high"] < 0
     v = claim1_verdict(_synthetic(d[[1, 0]]).rows(), swapped)
-    assert not v["all_layer1_heads_matter"] and not v["later_layers_more_concentrated"] and not v["reproduces"]
+    assert not v["all_layer1_heads_matter"] and not v["one_head_dominates_later_layers"]
+    assert not v["later_layers_more_concentrated"] and not v["reproduces"]
     # constant deltas: every resample gives the same share, so the CI collapses
     const = imp.__class__(imp.base_err, imp.ablate_err.copy(), imp.keep_err, imp.base_gates, 1.0)
     const.ablate_err[..., 1] = 1.0 + np.array([2.0, 1.0, 1.0, 0.0])[None, :, None]

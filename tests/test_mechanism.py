@@ -64,10 +64,13 @@ def test_e6b_construct_lens_is_exactly_pto(construct_results):
             assert r["rel_err"] > 1e-2 and r["corr"] < 0.99
     summary = summarise_e6b(construct_results["agreement"])
     for r in summary:  # the per-prompt detail used by the bootstrap reproduces the summary
-        sq, r2 = construct_results["detail"][(r["model"], r["readout"], r["layer"], r["algorithm"], r["eta_fit"])]
+        sq, r2, n = construct_results["detail"][(r["model"], r["readout"], r["layer"], r["algorithm"], r["eta_fit"])]
         assert np.mean(sq.sum(0) / r2.sum(0)) == pytest.approx(r["mean_rel_err"], rel=1e-9)
-    v = [x for x in verdicts(summary, construct_results["detail"]) if x["readout"] == "lens" and x["eta_fit"] == "match"]
-    assert len(v) == 2 and all(x["tracks"] == "pto" and x["diff_ci_low"] > 0 for x in v)
+        assert list(n) == [TASK.n_max]
+    v = verdicts(construct_results["detail"], TASK.d)
+    assert {x["n_range"] for x in v} == {"all", f"n>{TASK.d}"}  # the one query has n = 8 > d = 4
+    lens = [x for x in v if x["readout"] == "lens" and x["eta_fit"] == "match"]
+    assert len(lens) == 4 and all(x["tracks"] == "pto" and x["diff_ci_low"] > 0 for x in lens)
 
 
 def _fake_acts(reads: np.ndarray, q_pos: np.ndarray) -> Activations:

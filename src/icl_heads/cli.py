@@ -186,9 +186,9 @@ def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
             click.echo(f"E6a R^2 {k}: {v:.3f}")
     for v in s["e6b_verdict"]:
         if v["eta_fit"] == "match":
-            click.echo(f"E6b {v['model']} {v['readout']} layer {v['layer']}: rel.err PtO {v['pto_rel_err']:.3f} "
-                       f"vs GD {v['gd_rel_err']:.3f} (GD - PtO 95% CI [{v['diff_ci_low']:.3f}, "
-                       f"{v['diff_ci_high']:.3f}]) -> tracks {v['tracks']}")
+            click.echo(f"E6b {v['model']} {v['readout']} layer {v['layer']} {v['n_range']}: "
+                       f"rel.err PtO {v['pto_rel_err']:.3f} vs GD {v['gd_rel_err']:.3f} "
+                       f"(GD - PtO 95% CI [{v['diff_ci_low']:.3f}, {v['diff_ci_high']:.3f}]) -> {v['tracks']}")
     if s["e6c_max_abs_dev"] is not None:
         click.echo(f"E6c construct vs PtO: max abs deviation {s['e6c_max_abs_dev']:.2e}")
     click.echo(f"E6 written to {out}")

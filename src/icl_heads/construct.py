@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, ModelConfig
+from .estimators import group_slices as coordinate_groups  # the grouping contract of pto_groups
 from .model import Transformer
 
 
@@ -62,11 +63,6 @@ class Slots:
     @property
     def p(self) -> int:
         return self.d + 1 + self.h
-
-
-def coordinate_groups(d: int, h: int) -> list[np.ndarray]:
-    """The ``h`` contiguous coordinate groups of SPEC's grouped PtO (``numpy.array_split`` sizes)."""
-    return np.array_split(np.arange(d), h)
 
 
 def pto_transformer(d: int, n_steps: int, eta: float | Sequence[float], groups: int | None = None,
@@ -110,7 +106,7 @@ def pto_transformer(d: int, n_steps: int, eta: float | Sequence[float], groups: 
         model.read_out.weight[0, slots.p] = 1.0
         _preprocess_layer(model.blocks[0].attn, slots, d_head)
         for l, e in enumerate(etas, start=1):
-            _gd_layer(model.blocks[l].attn, slots, d_head, e, a)
+            _gd_layer(model.blocks[l].attn, slots, e, a)
         model.head_gates.zero_()
         model.head_gates[0] = 1.0
         model.head_gates[1:, 0] = 1.0
@@ -135,7 +131,7 @@ def _preprocess_layer(attn: torch.nn.Module, slots: Slots, d_head: int) -> None:
         attn.proj.weight[slots.f[k], base] = 1.0
 
 
-def _gd_layer(attn: torch.nn.Module, slots: Slots, d_head: int, eta: float, a: float) -> None:
+def _gd_layer(attn: torch.nn.Module, slots: Slots, eta: float, a: float) -> None:
     """Head 0: ``q = k = [a x, f]``, ``v = eta (y - p)``, output added to ``p``: one GD step."""
     Wq, Wk, Wv = _qkv(attn)
     c = 0
@@ -152,8 +148,3 @@ def _gd_layer(attn: torch.nn.Module, slots: Slots, d_head: int, eta: float, a: f
     Wv[0, slots.p] = -eta
     attn.proj.weight[slots.p, 0] = 1.0
 
-
-def construct_predictions(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Prediction ``(B,)`` for the last example of each prompt from the other ``N - 1`` (float64)."""
-    with torch.no_grad():
-        return model(x.double(), y.double())[:, 0]

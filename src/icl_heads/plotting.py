@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import matplotlib
 
@@ -12,19 +12,36 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .io import save_figure  # noqa: E402
 
+PLOT_CAP = 10.0  # normalised risk shown at most this (zero predictor = 1); a diverged fixed-step run reaches 1e100+
+
+
+def display_rows(rows: Iterable[Mapping[str, Any]], cap: float = PLOT_CAP) -> list[dict[str, Any]]:
+    """Copies of ``rows`` with risk and CI clipped to ``cap`` (NaN -> cap), for display only: CSVs keep raw values."""
+    return [dict(r, **{k: min(float(r[k]), cap) if float(r[k]) == float(r[k]) else cap
+                       for k in ("risk_norm", "ci_low", "ci_high")}) for r in rows]
+
 
 def risk_vs_n(curves: Mapping[str, Iterable[Mapping[str, float]]], path: str | Path, title: str,
               styles: Mapping[str, Mapping[str, object]] | None = None, n_min: int = 1) -> Path:
-    """Log-y plot of ``risk_norm`` vs ``n`` with 95% bands (rows as written by ``RiskCurve.rows``)."""
+    """Log-y plot of ``risk_norm`` vs ``n`` with 95% bands (rows as written by ``RiskCurve.rows``).
+
+    Values above ``PLOT_CAP`` are clipped (the title says so); a band whose lower edge is not positive is drawn
+    down to the bottom of the axis, which is set from the smallest plotted risk, not from the band.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, rows in curves.items():
-        rows = [r for r in rows if int(r["n"]) >= n_min]
+    shown = {label: display_rows(r for r in rows if int(r["n"]) >= n_min) for label, rows in curves.items()}
+    risks = [r["risk_norm"] for rows in shown.values() for r in rows if r["risk_norm"] > 0]
+    bottom = min(risks) / 3 if risks else 1e-3
+    for label, rows in shown.items():
         n = [int(r["n"]) for r in rows]
         style = dict((styles or {}).get(label, {}))
-        (line,) = ax.plot(n, [float(r["risk_norm"]) for r in rows], label=label, **style)
-        lo = [max(float(r["ci_low"]), 1e-6) for r in rows]
-        ax.fill_between(n, lo, [float(r["ci_high"]) for r in rows], color=line.get_color(), alpha=0.15, lw=0)
+        (line,) = ax.plot(n, [r["risk_norm"] for r in rows], label=label, **style)
+        lo = [max(r["ci_low"], bottom) for r in rows]
+        ax.fill_between(n, lo, [r["ci_high"] for r in rows], color=line.get_color(), alpha=0.15, lw=0)
     ax.set_yscale("log")
+    ax.set_ylim(bottom=bottom)
+    if any(float(r[k]) > PLOT_CAP for rows in curves.values() for r in rows for k in ("risk_norm", "ci_high")):
+        title += f" (clipped at {PLOT_CAP:g})"
     ax.set_xlabel("context length n")
     ax.set_ylabel("normalised excess risk")
     ax.set_title(title)

@@ -7,10 +7,11 @@ Verdict rules (all read from files on disk, so anyone can recompute them):
   if the multi-head band lies wholly below at >= half of those n and wholly
   above at none; not reproduced if it lies above at more n than below.
 * **Claim 1b, layer 1 spread, later layers one head** (``e2/concentration.csv``,
-  ``e2/head_importance.csv``): reproduced if every layer-1 head's importance CI is
-  above 0, every later layer's top-head share has CI low > 0.5, and layer 1's
-  top share CI high < every later layer's CI low. Not reproduced if some later
-  layer's share CI high < 0.5 or layer 1's CI low > some later layer's CI high.
+  ``e2/head_importance.csv``; the rule of ``analysis.heads.claim1_verdict``):
+  reproduced if every layer-1 head's importance CI is above 0, every later
+  layer's top-head share has CI low > 0.5, and the paired bootstrap CI of
+  (later share - layer-1 share) is above 0 for every later layer. Not reproduced
+  if some later layer's share CI high < 0.5 or its gap CI high < 0.
 * **Claim 2a, pruning keeps the risk** (``e3/summary.json``, paired bootstrap
   ratios): reproduced if pruned/full ratio CI high <= 1.25 and below the control's
   (layer 1 cut to one head) CI low; not reproduced if pruned CI low > 1.25.
@@ -100,19 +101,21 @@ def claim_1a(e1_csv: Path, preset: Preset) -> Verdict:
 def claim_1b(e2: Path) -> Verdict:
     conc = sorted(read_csv(e2 / "concentration.csv"), key=lambda r: int(r["layer"]))
     imp = [r for r in read_csv(e2 / "head_importance.csv") if int(r["layer"]) == 1]
-    first, later = conc[0], conc[1:]
+    later = conc[1:]
     f = lambda r, k: float(r[k])  # noqa: E731
-    all_l1_matter = all(f(r, "ci_low") > 0 for r in imp)
+    all_l1_matter = len(imp) > 1 and all(f(r, "ci_low") > 0 for r in imp)
     later_one = all(f(r, "ci_low") > 0.5 for r in later)
-    l1_flatter = all(f(first, "ci_high") < f(r, "ci_low") for r in later)
+    l1_flatter = all(f(r, "share_minus_layer1_ci_low") > 0 for r in later)  # paired bootstrap CI of the gap
     if all_l1_matter and later_one and l1_flatter:
         v = REPRODUCED
-    elif any(f(r, "ci_high") < 0.5 for r in later) or any(f(first, "ci_low") > f(r, "ci_high") for r in later):
+    elif any(f(r, "ci_high") < 0.5 or f(r, "share_minus_layer1_ci_high") < 0 for r in later):
         v = NOT_REPRODUCED
     else:
         v = INCONCLUSIVE
     ev = [f"layer {r['layer']}: top-head share {f(r, 'top_share'):.3f} [{f(r, 'ci_low'):.3f}, {f(r, 'ci_high'):.3f}]"
           f" (uniform {f(r, 'uniform_share'):.2f})" for r in conc]
+    ev += [f"layer {r['layer']} minus layer 1: {f(r, 'share_minus_layer1'):+.3f} "
+           f"[{f(r, 'share_minus_layer1_ci_low'):+.3f}, {f(r, 'share_minus_layer1_ci_high'):+.3f}]" for r in later]
     ev.append(f"every layer-1 head's importance CI above 0: {all_l1_matter}")
     return Verdict("1b. all heads matter in layer 1; one head dominates each later layer", v, ev)
 

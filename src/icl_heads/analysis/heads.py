@@ -25,7 +25,7 @@ import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -385,17 +385,25 @@ def model_label(model: Transformer) -> str:
 
 
 def claim1_verdict(rows: list[dict[str, Any]], conc: list[dict[str, Any]]) -> dict[str, Any]:
-    """SPEC claim 1 as two checks with CIs: every layer-1 head matters (importance CI above 0),
-    and every later layer is more concentrated than layer 1 (paired CI of the share gap above 0)."""
+    """SPEC claim 1 as three checks with 95% CIs (needs h > 1):
+
+    * every layer-1 head matters: its importance CI is above 0 (a weak, statistical "matters");
+    * one head dominates every later layer: its share of the layer's importance has CI above 1/2;
+    * every later layer is more concentrated than layer 1: the paired CI of the share gap is above 0.
+    """
     l1 = [r for r in rows if r["layer"] == 1]
     later = [c for c in conc if c["layer"] > 1]
     all_l1 = all(r["ci_low"] > 0 for r in l1)
+    dominant = bool(later) and all(c["ci_low"] > 0.5 for c in later)
     conc_later = bool(later) and all(c["share_minus_layer1_ci_low"] > 0 for c in later)
-    return dict(all_layer1_heads_matter=all_l1, later_layers_more_concentrated=conc_later,
-                reproduces=all_l1 and conc_later and len(l1) > 1,
+    return dict(all_layer1_heads_matter=all_l1, one_head_dominates_later_layers=dominant,
+                later_layers_more_concentrated=conc_later,
+                reproduces=all_l1 and dominant and conc_later and len(l1) > 1,
                 layer1_importance_ci_low=[r["ci_low"] for r in l1],
-                rule="all layer-1 head importances have 95% CI > 0, and for every later layer the paired "
-                     "bootstrap 95% CI of (top share - layer-1 top share) is > 0; needs h > 1")
+                top_share=[c["top_share"] for c in conc],
+                rule="all layer-1 head importances have 95% CI > 0; every later layer's top-head share has "
+                     "95% CI > 1/2; and for every later layer the paired bootstrap 95% CI of (top share - "
+                     "layer-1 top share) is > 0; needs h > 1")
 
 
 def run_e2(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None, n_prompts: int | None = None,

@@ -24,6 +24,8 @@ choice for each algorithm). On "test" prompts we report the relative error
 ``E[(readout - alg)^2] / E[readout^2]`` (normalised by the readout, so it is comparable
 across algorithms and step sizes), the Pearson correlation over prompts, and the
 disagreement ``E[(readout - alg)^2] / (s tau^2)`` on the normalised-risk scale.
+:func:`verdicts` pits the best PtO variant against the best GD variant for all n, ``n <= d``
+and ``n > d``, with a paired-bootstrap CI over test prompts.
 
 Caveat, measured on the construction: a linear ``probe`` is a weak test of *which* algorithm
 a layer runs. Once layer 1 has written ``r_j x_qj`` at the query, a probe can sum them into
@@ -61,8 +63,10 @@ FEATURE_TARGETS = ("pto_prefix", "pto_full", "yx", "x")
 SOURCES = ("embed", "layer1")
 READOUTS = ("probe", "lens")
 ETA_FITS = ("match", "risk")
-ETA_GRID = [float(10.0**e) for e in np.arange(-3.0, 1.001, 0.125)]  # fixed step sizes
-C_GRID = [float(10.0**e) for e in np.arange(-2.5, 0.2501, 0.125)]  # scale-free: step c / lambda_max, c < 2
+# Step-size grids for E6b. Wider than E5's tuning grids on purpose: with t <= L - 1 steps nothing
+# needs to converge, so c > 2 (scale-free) or large fixed steps are legitimate few-step filters.
+ETA_GRID = [float(10.0**e) for e in np.arange(-4.0, 1.001, 0.125)]  # fixed step sizes
+C_GRID = [float(10.0**e) for e in np.arange(-2.5, 0.7501, 0.125)]  # scale-free: step c / lambda_max
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,8 @@ def optimisation_readout(task: TaskConfig, val: Prompts, test: Prompts, val_acts
     """E6b rows: for layers ``l >= 2``, each readout vs each algorithm after ``l - 1`` steps, per n.
 
     ``detail``, if given, receives per-prompt ``(readout - alg)^2`` and ``readout^2`` arrays
-    ``(B, n values)`` keyed by ``(model, readout, layer, algorithm, eta_fit)`` for :func:`verdicts`.
+    ``(B, n values)`` and the n values, keyed by ``(model, readout, layer, algorithm, eta_fit)``,
+    for :func:`verdicts`.
     """
     algorithms = list(ALGORITHMS.values()) if algorithms is None else list(algorithms)
     L = test_acts.query.shape[0]
@@ -264,7 +269,7 @@ def optimisation_readout(task: TaskConfig, val: Prompts, test: Prompts, val_acts
                         keep = test_acts.q_n >= n_min
                         a_best = a_test[best, :, np.arange(len(best))].T  # (B, Q)
                         detail[(labels.get("model"), ro, l, alg.name, fit)] = (
-                            ((r_test - a_best) ** 2)[:, keep], (r_test**2)[:, keep])
+                            ((r_test - a_best) ** 2)[:, keep], (r_test**2)[:, keep], test_acts.q_n[keep])
                     for q, n in enumerate(test_acts.q_n):
                         if n < n_min:
                             continue
@@ -299,51 +304,67 @@ def _rel_err(sq: np.ndarray, r2: np.ndarray) -> np.ndarray:
     return (sq.sum(-2) / r2.sum(-2)).mean(-1)
 
 
-def verdicts(summary: Sequence[dict[str, Any]], detail: dict[tuple, tuple[np.ndarray, np.ndarray]] | None = None,
-             n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
-    """Per (model, readout, layer, eta_fit): the best PtO variant vs the best GD variant (by mean rel_err).
-
-    With ``detail`` (from :func:`optimisation_readout`), a paired bootstrap over test prompts gives
-    a 95% CI for ``gd_rel_err - pto_rel_err``. ``tracks`` is ``"neither"`` when both relative
-    errors are >= 1 (no closer than predicting 0), ``"tie"`` when the CI contains 0, else the
-    algorithm with the lower error.
-    """
-    keys = ("model", "readout", "layer", "eta_fit")
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in summary:
-        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
-    rng = np.random.default_rng(seed)
-    out = []
-    for k, rs in groups.items():
-        best = {kind: min((r for r in rs if r["kind"] == kind), key=lambda r: r["mean_rel_err"], default=None)
-                for kind in ("pto", "gd")}
-        if best["pto"] is None or best["gd"] is None:
-            continue
-        p, g = best["pto"], best["gd"]
-        row = dict(zip(keys, k), best_pto=p["algorithm"], pto_rel_err=p["mean_rel_err"], pto_corr=p["mean_corr"],
-                   best_gd=g["algorithm"], gd_rel_err=g["mean_rel_err"], gd_corr=g["mean_corr"],
-                   diff=g["mean_rel_err"] - p["mean_rel_err"], diff_ci_low=float("nan"), diff_ci_high=float("nan"))
-        lo = hi = row["diff"]
-        if detail is not None:
-            (sp, rp), (sg, rg) = (detail[(k[0], k[1], k[2], b["algorithm"], k[3])] for b in (p, g))
-            B = sp.shape[0]
-            boots = []
-            for i in range(0, n_boot, 100):
-                idx = rng.integers(0, B, size=(min(100, n_boot - i), B))
-                boots.append(_rel_err(sg[idx], rg[idx]) - _rel_err(sp[idx], rp[idx]))
-            lo, hi = np.quantile(np.concatenate(boots), [0.025, 0.975])
-            row.update(diff_ci_low=float(lo), diff_ci_high=float(hi))
-        if min(p["mean_rel_err"], g["mean_rel_err"]) >= 1:
-            row["tracks"] = "neither"
-        elif lo <= 0 <= hi and detail is not None:
-            row["tracks"] = "tie"
-        else:
-            row["tracks"] = "pto" if row["diff"] > 0 else "gd"
-        out.append(row)
+def n_ranges(d: int, n_max: int) -> dict[str, tuple[int, int]]:
+    """The context-length ranges verdicts are given for: all, ``n <= d`` and ``n > d`` (where PtO's edge differs)."""
+    out = {"all": (1, n_max), f"n<={d}": (1, d)}
+    if n_max > d:
+        out[f"n>{d}"] = (d + 1, n_max)
     return out
 
 
-FINAL_T_GRID = (1, 2, 3, 5, 10, 20, 50, 100)
+def verdicts(detail: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]], d: int, n_boot: int = 1000,
+             seed: int = 0) -> list[dict[str, Any]]:
+    """Per (model, readout, layer, eta_fit, n range): the best PtO variant vs the best GD variant.
+
+    ``detail`` comes from :func:`optimisation_readout`. Within each n range the variant with the
+    lowest mean relative error is chosen per kind; a paired bootstrap over test prompts gives a
+    95% CI for ``gd_rel_err - pto_rel_err`` (> 0: the readout is closer to PtO). ``tracks`` is
+    ``"neither"`` when both errors are >= 1 (no closer than predicting 0), ``"tie"`` when the CI
+    contains 0, else the algorithm with the lower error.
+    """
+    groups: dict[tuple, dict[str, tuple]] = {}
+    for (model, ro, layer, alg, fit), v in detail.items():
+        groups.setdefault((model, ro, layer, fit), {})[alg] = v
+    rng = np.random.default_rng(seed)
+    out = []
+    for (model, ro, layer, fit), algs in groups.items():
+        n_all = next(iter(algs.values()))[2]
+        for name, (lo_n, hi_n) in n_ranges(d, int(n_all.max())).items():
+            cols = (n_all >= lo_n) & (n_all <= hi_n)
+            if not cols.any():
+                continue
+            err = {a: float(_rel_err(sq[:, cols], r2[:, cols])) for a, (sq, r2, _) in algs.items()}
+            best = {kind: min((a for a in err if ALGORITHMS.get(a, _kind_of(a)).kind == kind),
+                              key=err.get, default=None) for kind in ("pto", "gd")}
+            if best["pto"] is None or best["gd"] is None:
+                continue
+            (sp, rp, _), (sg, rg, _) = algs[best["pto"]], algs[best["gd"]]
+            sp, rp, sg, rg = (a[:, cols] for a in (sp, rp, sg, rg))
+            diff = err[best["gd"]] - err[best["pto"]]
+            boots = []
+            for i in range(0, n_boot, 100):
+                idx = rng.integers(0, sp.shape[0], size=(min(100, n_boot - i), sp.shape[0]))
+                boots.append(_rel_err(sg[idx], rg[idx]) - _rel_err(sp[idx], rp[idx]))
+            lo, hi = np.quantile(np.concatenate(boots), [0.025, 0.975])
+            if min(err[best["pto"]], err[best["gd"]]) >= 1:
+                tracks = "neither"
+            elif lo <= 0 <= hi:
+                tracks = "tie"
+            else:
+                tracks = "pto" if diff > 0 else "gd"
+            out.append(dict(model=model, readout=ro, layer=layer, eta_fit=fit, n_range=name,
+                            best_pto=best["pto"], pto_rel_err=err[best["pto"]], best_gd=best["gd"],
+                            gd_rel_err=err[best["gd"]], diff=diff, diff_ci_low=float(lo), diff_ci_high=float(hi),
+                            tracks=tracks))
+    return out
+
+
+def _kind_of(name: str) -> Algorithm:
+    """Kind of an algorithm not in :data:`ALGORITHMS` (tests pass custom grids under other names)."""
+    return Algorithm(name, "pto" if name.startswith("pto") else "gd", "fixed", ())
+
+
+FINAL_T_GRID = (1, 2, 3, 5, 10, 20, 50, 100, 200, 400)
 
 
 def final_output_any_t(task: TaskConfig, val: Prompts, test: Prompts, val_pred: np.ndarray, test_pred: np.ndarray,
@@ -359,11 +380,12 @@ def final_output_any_t(task: TaskConfig, val: Prompts, test: Prompts, val_pred: 
     algorithms = list(ALGORITHMS.values()) if algorithms is None else list(algorithms)
     keep = q_n >= n_min
     rows = []
-    for alg in algorithms:
+    chunks = [list(T_grid[i:i + 2]) for i in range(0, len(T_grid), 2)]  # bounds memory on large presets
+    for alg, Ts in ((a, c) for a in algorithms for c in chunks):
         with np.errstate(over="ignore", invalid="ignore"):  # fixed steps diverge at large T: inf, never chosen
-            p_val = algorithm_paths(task, val, T_grid, [alg])[alg.name][..., q_pos]  # (E, S, B, Q)
-            p_test = algorithm_paths(task, test, T_grid, [alg])[alg.name][..., q_pos]
-            for i, T in enumerate(T_grid):
+            p_val = algorithm_paths(task, val, Ts, [alg])[alg.name][..., q_pos]  # (E, S, B, Q)
+            p_test = algorithm_paths(task, test, Ts, [alg])[alg.name][..., q_pos]
+            for i, T in enumerate(Ts):
                 best = _nan_to_inf(((p_val[:, i] - val_pred[None]) ** 2).mean(1)).argmin(0)
                 a = p_test[best, i, :, np.arange(len(best))].T  # (B, Q)
                 rel = ((test_pred - a) ** 2).mean(0) / (test_pred**2).mean(0)
@@ -470,7 +492,7 @@ def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = N
             else:
                 results[k] += v
     summary = summarise_e6b(results["agreement"])
-    verdict = verdicts(summary, results["detail"], seed=seed)
+    verdict = verdicts(results["detail"], pre.task.d, seed=seed)
     write_csv(out / "e6a_r2.csv", results["r2"])
     write_csv(out / "e6a_r2_by_position.csv", results["r2_position"])
     write_csv(out / "e6b_agreement.csv", results["agreement"])

@@ -32,7 +32,7 @@ from .. import estimators as E  # noqa: E402
 from ..config import Preset  # noqa: E402
 from ..io import save_figure, write_csv, write_provenance  # noqa: E402
 from ..metrics import curve_from_errors  # noqa: E402
-from ..plotting import risk_vs_n  # noqa: E402
+from ..plotting import display_rows, risk_vs_n  # noqa: E402
 from ..tasks import Prompts  # noqa: E402
 
 RISK_COLUMNS = ("estimator", "n", "risk", "risk_norm", "ci_low", "ci_high", "hparams")
@@ -46,15 +46,6 @@ STYLES: dict[str, dict[str, Any]] = {
 
 
 PLOT_OMIT = ("pto_normalized", "pto_fixed")  # fixed steps diverge on some prompts: in the CSVs, not the risk figure
-PLOT_CAP = 10.0  # normalised risk shown at most this (the zero predictor is 1); diverged fixed-step runs reach 1e100+
-
-
-def _capped(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of ``rows`` with risk and CI clipped to PLOT_CAP, for display only (the CSVs keep the raw values)."""
-    return [dict(r, **{k: min(float(r[k]), PLOT_CAP) if r[k] == r[k] else PLOT_CAP
-                       for k in ("risk_norm", "ci_low", "ci_high")}) for r in rows]
-
-
 def analysis_ns(preset: Preset) -> list[int]:
     """Context lengths of the vs-T and groups sweeps: d/2, d and 2d, those within 1..n_max."""
     d, n_max = preset.task.d, preset.task.n_max
@@ -127,7 +118,7 @@ def groups_table(preset: Preset, val: Prompts, test: Prompts) -> list[dict[str, 
 def _band_plot(rows: list[dict[str, Any]], xkey: str, path: Path, title: str, xlog: bool,
                refs: dict[str, list[dict[str, Any]]] | None = None) -> None:
     """Normalised risk vs ``xkey``: colour = n, line style = estimator, 95% bands; ``refs`` as horizontal lines."""
-    rows = _capped(rows)
+    rows = display_rows(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ns = sorted({r["n"] for r in rows})
     ests = list(dict.fromkeys(r["estimator"] for r in rows))
@@ -142,7 +133,7 @@ def _band_plot(rows: list[dict[str, Any]], xkey: str, path: Path, title: str, xl
             ax.fill_between(xs, [max(r["ci_low"], 1e-6) for r in rs], [r["ci_high"] for r in rs],
                             color=colors[n], alpha=0.12, lw=0)
     for ref_i, (ref_name, ref_rows) in enumerate((refs or {}).items()):
-        for r in _capped(ref_rows):
+        for r in display_rows(ref_rows):
             if r["n"] in colors:
                 ax.axhline(r["risk_norm"], color=colors[r["n"]], ls=":" if ref_i == 0 else (0, (1, 4)), lw=1.0,
                            alpha=0.8, label=f"{ref_name} (best T), n={r['n']}")
@@ -184,9 +175,9 @@ def run_e5(preset: Preset, out: str | Path, names: Sequence[str] | None = None) 
 
     rows, secs = risk_table(preset, names, (val, test))
     write_csv(out / "e5_risk.csv", [{k: r[k] for k in RISK_COLUMNS} for r in rows])
-    curves = {n: _capped([r for r in rows if r["estimator"] == n]) for n in names if n not in PLOT_OMIT} or \
-        {n: _capped([r for r in rows if r["estimator"] == n]) for n in names}
-    risk_vs_n(curves, out / "e5_risk.png", _title(preset, preset.task.sigma) + f" (clipped at {PLOT_CAP:g})",
+    curves = {n: [r for r in rows if r["estimator"] == n] for n in names if n not in PLOT_OMIT} or \
+        {n: [r for r in rows if r["estimator"] == n] for n in names}
+    risk_vs_n(curves, out / "e5_risk.png", _title(preset, preset.task.sigma),
               styles=STYLES)
 
     t0 = time.perf_counter()
@@ -217,9 +208,9 @@ def run_e5(preset: Preset, out: str | Path, names: Sequence[str] | None = None) 
         r2, _ = risk_table(p2, names)
         tag = f"{sigma:g}"
         write_csv(out / f"e5_risk_sigma{tag}.csv", [{k: r[k] for k in RISK_COLUMNS} for r in r2])
-        risk_vs_n({n: _capped([r for r in r2 if r["estimator"] == n]) for n in names if n not in PLOT_OMIT} or
-                  {n: _capped([r for r in r2 if r["estimator"] == n]) for n in names},
-                  out / f"e5_risk_sigma{tag}.png", _title(p2, sigma) + f" (clipped at {PLOT_CAP:g})", styles=STYLES)
+        risk_vs_n({n: [r for r in r2 if r["estimator"] == n] for n in names if n not in PLOT_OMIT} or
+                  {n: [r for r in r2 if r["estimator"] == n] for n in names},
+                  out / f"e5_risk_sigma{tag}.png", _title(p2, sigma), styles=STYLES)
         extra[tag] = _hparams(r2)
         secs[f"sigma{tag}"] = round(time.perf_counter() - t0, 2)
 
