@@ -54,7 +54,7 @@ def test_report_has_every_section_figure_and_verdict(run):
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(figures)
     verdicts = json.loads((run / "verdicts.json").read_text())
-    assert [v["claim"][:2] for v in verdicts] == ["1a", "1b", "2a", "2b", "3."]
+    assert [v["claim"][:2] for v in verdicts] == ["1a", "1b", "2a", "2b", "2c", "3."]
     for v in verdicts:
         assert v["verdict"] in ("reproduced", "not reproduced", "inconclusive")
         assert v["verdict"].upper() in md
@@ -99,11 +99,39 @@ def test_verdicts_follow_from_the_csvs(run):
         return m, sum((float(r["ci_high"]) - float(r["ci_low"])) / 2 for r in rs) / len(rs)
     (m, mh), (s, sh) = probe("h=2 full"), probe("h=1")
     assert got["2b"] == ("reproduced" if s - sh > m + mh else "not reproduced" if s + sh < m - mh else "inconclusive")
+    # 2c: the h=2 model's own read-out per layer >= 2, matched step, all n: which algorithm is closer
+    tracks = {r["tracks"] for r in rows(sd / "e6/e6b_verdict.csv") if r["model"] == "h2" and r["readout"] == "lens"
+              and r["eta_fit"] == "match" and r["n_range"] == "all"}
+    assert tracks and tracks <= {"pto", "gd", "tie", "neither"}
+    assert got["2c"] == ("reproduced" if tracks == {"pto"} else "not reproduced" if tracks == {"gd"} else "inconclusive")
     # 3: PtO band below both GD and ridge at some n
     e5 = run / "e5/e5_risk.csv"
     pto, gd, ridge = (_bands(e5, "estimator", k) for k in ("pto", "gd", "ridge"))
     wins = [n for n in pto if pto[n][1] < gd[n][0] and pto[n][1] < ridge[n][0]]
     assert got["3."] == ("reproduced" if wins else "not reproduced")
+
+
+def test_verdicts_across_seeds_use_every_seed(run, tmp_path):
+    """With two seeds a part is decided only if both seeds agree; a flipped seed makes it inconclusive."""
+    from icl_heads.config import get_preset
+    from icl_heads.report import compute_verdicts
+
+    two = tmp_path / "two"
+    shutil.copytree(run, two)
+    shutil.copytree(two / "seed0", two / "seed1")
+    one = {v.claim: v.verdict for v in compute_verdicts(run, get_preset("smoke"), 1)}
+    both = {v.claim: v.verdict for v in compute_verdicts(two, get_preset("smoke"), 2)}
+    assert both == one
+    summary = two / "seed1/e3/summary.json"
+    data = json.loads(summary.read_text())
+    flipped = {"ratio": 9.0, "ci_low": 8.0, "ci_high": 10.0} if one[next(k for k in one if k.startswith("2a"))] \
+        != "not reproduced" else {"ratio": 1.0, "ci_low": 0.99, "ci_high": 1.01}
+    data["risk_ratio_vs_full"]["pruned"] = flipped
+    data["risk_ratio_vs_full"]["control"] = {"ratio": 20.0, "ci_low": 19.0, "ci_high": 21.0}
+    summary.write_text(json.dumps(data))
+    mixed = {v.claim[:2]: v for v in compute_verdicts(two, get_preset("smoke"), 2)}
+    assert mixed["2a"].verdict == "inconclusive"
+    assert any(e.startswith("seed 1:") for e in mixed["2a"].evidence)
 
 
 def test_rerun_reuses_everything(run):

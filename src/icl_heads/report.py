@@ -19,6 +19,12 @@ Verdict rules (all read from files on disk, so anyone can recompute them):
   n >= 1 of the layer-1 probe risk, multi vs single head (band = mean of the
   per-n half-widths, conservative); reproduced if single-head is above with
   separated bands, not reproduced if below with separated bands.
+* **Claim 2c, later layers are GD steps on the preprocessed context**
+  (``e6/e6b_verdict.csv``): for the largest-head model, the model's own read-out
+  applied after each layer l >= 2 ("lens"), step sizes matched on validation
+  prompts, all n: reproduced if every layer is closer to PtO after l-1 steps than
+  to GD after l-1 steps (paired bootstrap CI of the difference excludes 0), not
+  reproduced if every layer is closer to GD, inconclusive otherwise.
 * **Claim 3, PtO beats GD and ridge** (``e5/e5_risk.csv``): reproduced if at some n
   PtO's band lies wholly below both GD's and ridge's; the n where it wins and
   where it loses are listed either way.
@@ -148,6 +154,17 @@ def claim_2b(e4_csv: Path, multi: str, single: str) -> Verdict:
     return Verdict("2b. a single-head model is worse from layer 1 on (probes)", v, ev)
 
 
+def claim_2c(e6b_verdict_csv: Path, multi: str) -> Verdict:
+    """Later layers track PtO after l-1 steps better than GD after l-1 steps (E6b, the model's own read-out)."""
+    rows = [r for r in read_csv(e6b_verdict_csv) if r["model"] == multi and r["readout"] == "lens"
+            and r["eta_fit"] == "match" and r["n_range"] == "all"]
+    tracks = {r["tracks"] for r in rows}
+    v = REPRODUCED if tracks == {"pto"} else NOT_REPRODUCED if tracks == {"gd"} else INCONCLUSIVE
+    ev = [f"layer {r['layer']}: relative error to PtO {float(r['pto_rel_err']):.3f}, to GD {float(r['gd_rel_err']):.3f}, "
+          f"GD - PtO [{float(r['diff_ci_low']):+.3f}, {float(r['diff_ci_high']):+.3f}] -> {r['tracks']}" for r in rows]
+    return Verdict("2c. later layers track PtO steps better than GD steps (E6b)", v, ev)
+
+
 def claim_3(e5_csv: Path) -> Verdict:
     c = curves(e5_csv, "estimator")
     pto, gd, ridge = c["pto"], c["gd"], c["ridge"]
@@ -189,6 +206,7 @@ def compute_verdicts(out: Path, preset: Preset, seeds: int) -> list[Verdict]:
             claim_1b(sd / "e2"),
             claim_2a(sd / "e3"),
             claim_2b(sd / "e4" / "probes.csv", f"h={hmax} full", f"h={hmin}"),
+            claim_2c(sd / "e6" / "e6b_verdict.csv", f"h{hmax}"),
         ])
     merged = []
     for i, v0 in enumerate(per_seed[0]):
@@ -267,16 +285,20 @@ def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -
 
 
 def _e6_section(doc: Document, e6: Path) -> None:
-    for png in sorted(e6.glob("*.png")):
-        doc.figure(png, png.stem.replace("_", " "))
-    s = read_json(e6 / "e6_summary.json")
-    r2 = s.get("e6a_mean_r2", {})
-    if r2:
-        doc.table(["model/layer/target", "mean R^2"], [[k, v] for k, v in r2.items()])
-    rows = read_csv(e6 / "e6b_verdict.csv") if (e6 / "e6b_verdict.csv").exists() else []
-    if rows:
-        keys = list(rows[0])
-        doc.table(keys, [[_num(r[k]) for k in keys] for r in rows])
+    doc.figure(e6 / "e6a_r2.png", "E6a: held-out R^2 of linear decoders from the read-in and from layer 1 (context "
+               "tokens) to r_j x_ij (prefix and full-context r), y_i x_ij and x_ij.")
+    for png in sorted(e6.glob("e6b_agreement_*.png")):
+        doc.figure(png, f"E6b, model {png.stem.split('_')[-1]}: agreement of each layer's probe with PtO and GD "
+                        "after l-1 steps, per n.")
+    r2 = read_json(e6 / "e6_summary.json").get("e6a_mean_r2", {})
+    targets = ("pto_prefix", "pto_full", "yx", "x")
+    keys = sorted({k.rsplit("/", 1)[0] for k in r2})
+    doc.table(["model / source"] + [f"R^2 {t}" for t in targets],
+              [[k] + [r2.get(f"{k}/{t}", float("nan")) for t in targets] for k in keys])
+    rows = [r for r in read_csv(e6 / "e6b_verdict.csv") if r["eta_fit"] == "match"]
+    doc.table(["model", "readout", "layer", "n", "rel. err to PtO", "rel. err to GD", "GD - PtO 95% CI", "closer to"],
+              [[r["model"], r["readout"], r["layer"], r["n_range"], float(r["pto_rel_err"]), float(r["gd_rel_err"]),
+                f"[{float(r['diff_ci_low']):+.3f}, {float(r['diff_ci_high']):+.3f}]", r["tracks"]] for r in rows])
     if (e6 / "e6c_construct.csv").exists():
         c = read_csv(e6 / "e6c_construct.csv")
         worst = max(float(r["max_abs_dev"]) for r in c)
@@ -287,7 +309,7 @@ def _e6_section(doc: Document, e6: Path) -> None:
 def _at(rows: list[dict[str, float]], n: int) -> str:
     for r in rows:
         if int(r["n"]) == n:
-            return f"{r['risk_norm']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+            return f"{r['risk_norm']:.4g} [{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
     return "-"
 
 
