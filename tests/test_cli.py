@@ -56,3 +56,20 @@ def test_override_paths_and_errors():
         get_preset("smoke", **{"train.lr": -1})
     with pytest.raises(ConfigError, match="train.nonsense"):
         get_preset("smoke", **{"train.nonsense": 1})
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--seeds", "0"], ["seeds"]),
+        (["--set", "train.steps=-1"], ["train.steps"]),
+        (["--set", "nonsense"], ["set", "KEY=VALUE"]),
+        (["--set", "task.bogus=1"], ["task.bogus"]),
+        (["--device", "tpu"], ["device", "tpu"]),
+        (["--preset", "paper", "--set", "heads=[3]"], ["heads"]),
+    ],
+)
+def test_reproduce_bad_input(tmp_path, args, needles):
+    res = run_cli("reproduce", "--out", str(tmp_path / "o"), *args)
+    assert_one_line_error(res, *needles)
+    assert not (tmp_path / "o").exists()  # nothing is created before the config is valid
