@@ -58,3 +58,4 @@ def test_zero_predictor_normalised_risk_is_one():
 def test_invalid_task_rejected(bad):
     with pytest.raises(ValueError):
         TaskConfig(**{**dict(d=6, s=2, sigma=0.1, n_max=5), **bad})
+
