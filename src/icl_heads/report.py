@@ -211,8 +211,8 @@ def compute_verdicts(out: Path, preset: Preset, seeds: int) -> list[Verdict]:
     merged = []
     for i, v0 in enumerate(per_seed[0]):
         vs = [ps[i] for ps in per_seed]
-        ev = [f"seed {preset.seed + k}: {e}" for k, v in enumerate(vs) for e in v.evidence] if seeds > 1 \
-            else v0.evidence
+        ev = [f"seed {preset.seed + k} ({v.verdict}): " + "; ".join(v.evidence) for k, v in enumerate(vs)] \
+            if seeds > 1 else v0.evidence
         merged.append(Verdict(v0.claim, combine(v.verdict for v in vs), ev))
     return merged + [claim_3(out / "e5" / "e5_risk.csv")]
 
