@@ -66,6 +66,7 @@ def test_override_paths_and_errors():
         (["--set", "nonsense"], ["set", "KEY=VALUE"]),
         (["--set", "task.bogus=1"], ["task.bogus"]),
         (["--device", "tpu"], ["device", "tpu"]),
+        (["--threads", "0"], ["threads"]),
         (["--preset", "paper", "--set", "heads=[3]"], ["heads"]),
     ],
 )

@@ -201,14 +201,21 @@ def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
 @device_option
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="override any preset field by dotted path, e.g. --set train.steps=2000 (repeatable)")
-def reproduce(preset: str, out: Path, seeds: int, device: str, sets: tuple[str, ...]) -> None:
+@click.option("--threads", default=1, show_default=True, type=int,
+              help="torch threads for the estimator and analysis stages (training runs one process per model)")
+def reproduce(preset: str, out: Path, seeds: int, device: str, sets: tuple[str, ...], threads: int) -> None:
     """Run E5, E1, E2, E3, E4 and E6 for a preset and write report.md/report.html into OUT."""
     p = make_preset(preset, None, **parse_sets(sets))
     dev = resolve_device(device)
     if seeds < 1:
         raise ConfigError(f"seeds: must be >= 1 (got {seeds})")
+    if threads < 1:
+        raise ConfigError(f"threads: must be >= 1 (got {threads})")
+    import torch
+
     from .reproduce import reproduce as run
 
+    torch.set_num_threads(threads)
     report = run(p, out, seeds=seeds, device=dev)
     click.echo(f"done: report at {report} (and {report.with_suffix('.html')})")
 
