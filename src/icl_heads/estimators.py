@@ -368,8 +368,11 @@ def _lasso_homotopy(H: Tensor, g: Tensor, alphas: Tensor, max_steps: int) -> tup
         a_next = torch.maximum(torch.maximum(jb, lb), torch.zeros_like(jb))
         ok = info == 0
         seg = ok[:, None] & (al <= a_cur[:, None]) & (al >= a_next[:, None])
-        W[idx] = torch.where(seg[..., None], u[:, None, :] - al[..., None] * v[:, None, :], W[idx])
-        reached[idx] |= seg
+        hit = seg.any(-1)  # only the few problems whose grid penalties lie on this segment are written
+        if bool(hit.any()):
+            ih = idx[hit]
+            W[ih] = torch.where(seg[hit][..., None], u[hit][:, None, :] - al[hit][..., None] * v[hit][:, None, :], W[ih])
+            reached[ih] |= seg[hit]
         is_join = (jb >= lb) & (jb > 0)
         is_leave = (lb > jb) & (lb > 0)
         act[rows[is_join], jj[is_join]] = True
@@ -378,8 +381,9 @@ def _lasso_homotopy(H: Tensor, g: Tensor, alphas: Tensor, max_steps: int) -> tup
         sgn[rows[is_leave], lj[is_leave]] = 0.0
         a_cur = a_next
         keep = ok & (a_next > al.min(-1).values) & ~reached[idx].all(-1)
-        idx, Ha, ga, al, a_cur, act, sgn = (t[keep] for t in (idx, Ha, ga, al, a_cur, act, sgn))
-        rows = torch.arange(len(idx), device=dev)
+        if not bool(keep.all()):
+            idx, Ha, ga, al, a_cur, act, sgn = (t[keep] for t in (idx, Ha, ga, al, a_cur, act, sgn))
+            rows = torch.arange(len(idx), device=dev)
     return W, reached
 
 
