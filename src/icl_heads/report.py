@@ -105,14 +105,15 @@ def claim_1a(e1_csv: Path, preset: Preset) -> Verdict:
 
 
 def claim_1b(e2: Path) -> Verdict:
+    from .analysis.heads import claim1_verdict
+
     conc = sorted(read_csv(e2 / "concentration.csv"), key=lambda r: int(r["layer"]))
-    imp = [r for r in read_csv(e2 / "head_importance.csv") if int(r["layer"]) == 1]
     later = conc[1:]
     f = lambda r, k: float(r[k])  # noqa: E731
-    all_l1_matter = len(imp) > 1 and all(f(r, "ci_low") > 0 for r in imp)
-    later_one = all(f(r, "ci_low") > 0.5 for r in later)
-    l1_flatter = all(f(r, "share_minus_layer1_ci_low") > 0 for r in later)  # paired bootstrap CI of the gap
-    if all_l1_matter and later_one and l1_flatter:
+    numeric = lambda rows: [{k: _num(v) for k, v in r.items()} for r in rows]  # noqa: E731
+    checks = claim1_verdict(numeric(read_csv(e2 / "head_importance.csv")), numeric(conc))
+    all_l1_matter = checks["all_layer1_heads_matter"]
+    if checks["reproduces"]:
         v = REPRODUCED
     elif any(f(r, "ci_high") < 0.5 or f(r, "share_minus_layer1_ci_high") < 0 for r in later):
         v = NOT_REPRODUCED
