@@ -344,16 +344,11 @@ def _lasso_homotopy(H: Tensor, g: Tensor, alphas: Tensor, max_steps: int) -> tup
     sgn = torch.zeros(len(idx), d, dtype=dt, device=dev)
     act[rows, j0] = True
     sgn[rows, j0] = torch.sign(ga[rows, j0])
-    eye = torch.eye(d, dtype=dt, device=dev)
     neg_inf = torch.tensor(-math.inf, dtype=dt, device=dev)
     for _ in range(max_steps):
         if len(idx) == 0:
             break
-        M = torch.where(act[:, :, None] & act[:, None, :], Ha, eye)
-        rhs = torch.stack([torch.where(act, ga, 0.0), torch.where(act, sgn, 0.0)], -1)
-        sol, info = torch.linalg.solve_ex(M, rhs)
-        u = torch.where(act, sol[..., 0], 0.0)
-        v = torch.where(act, sol[..., 1], 0.0)
+        u, v, info = _active_solve(Ha, ga, sgn, act)
         p = ga - torch.einsum("pij,pj->pi", Ha, u)  # c(alpha) = p + alpha * q
         q = torch.einsum("pij,pj->pi", Ha, v)
         lim = (a_cur * (1 - 1e-10))[:, None]
@@ -385,6 +380,27 @@ def _lasso_homotopy(H: Tensor, g: Tensor, alphas: Tensor, max_steps: int) -> tup
             idx, Ha, ga, al, a_cur, act, sgn = (t[keep] for t in (idx, Ha, ga, al, a_cur, act, sgn))
             rows = torch.arange(len(idx), device=dev)
     return W, reached
+
+
+def _active_solve(H: Tensor, g: Tensor, sgn: Tensor, act: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``u = H_AA^{-1} g_A`` and ``v = H_AA^{-1} s_A`` (zero off A) for every problem, batched.
+
+    The active coordinates are gathered to the front and the systems solved at the largest active
+    size ``k`` in the batch (identity-padded below it), not at ``d``: on the lasso path most active
+    sets are small, and the batched solve is the homotopy's main cost.
+    """
+    k = max(int(act.sum(-1).max()), 1)
+    order = torch.argsort((~act).to(torch.int8), dim=-1, stable=True)[:, :k]  # active indices first
+    sel = torch.gather(act, 1, order)
+    d = H.shape[-1]
+    Hk = H.gather(1, order[:, :, None].expand(-1, -1, d)).gather(2, order[:, None, :].expand(-1, k, -1))
+    eye = torch.eye(k, dtype=H.dtype, device=H.device)
+    M = torch.where(sel[:, :, None] & sel[:, None, :], Hk, eye)
+    rhs = torch.stack([g.gather(1, order), sgn.gather(1, order)], -1) * sel[..., None]
+    sol, info = torch.linalg.solve_ex(M, rhs)
+    sol = sol * sel[..., None]
+    zeros = torch.zeros_like(g)
+    return zeros.scatter(1, order, sol[..., 0]), zeros.scatter(1, order, sol[..., 1]), info
 
 
 def _lasso_solve(H: Tensor, g: Tensor, alphas: Tensor, tol: float, max_sweeps: int) -> Tensor:
