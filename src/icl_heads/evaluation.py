@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 from .config import TaskConfig
@@ -11,22 +13,29 @@ from .tasks import Prompts
 
 
 @torch.no_grad()
-def predict(model: Transformer, prompts: Prompts, batch_size: int = 1024,
-            head_gates: torch.Tensor | None = None) -> torch.Tensor:
-    """Model predictions ``(B, Q)`` in float32 on the model's device, returned on CPU as float64.
+def batches_with_cache(model: Transformer, prompts: Prompts, batch_size: int = 1024,
+                       head_gates: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Run ``model`` over ``prompts`` in chunks (eval mode, no autograd, in the model's dtype and device).
 
+    Yields ``(predictions, cache)`` per chunk; the model's train/eval mode is restored afterwards.
     ``head_gates`` may be ``(L, h)`` or ``(B, L, h)`` (one gate set per prompt).
     """
     was_training = model.training
     model.eval()
-    dev = next(model.parameters()).device
-    outs = []
-    for i in range(0, prompts.batch, batch_size):
-        p = prompts.slice(i, i + batch_size).to(dev, torch.float32)
-        g = None if head_gates is None else head_gates[i:i + batch_size] if head_gates.dim() == 3 else head_gates
-        outs.append(model(p.x, p.y, None if g is None else g.to(dev)).double().cpu())
-    model.train(was_training)
-    return torch.cat(outs)
+    p0 = next(model.parameters())
+    try:
+        for i in range(0, prompts.batch, batch_size):
+            p = prompts.slice(i, i + batch_size).to(p0.device, p0.dtype)
+            g = None if head_gates is None else head_gates[i:i + batch_size] if head_gates.dim() == 3 else head_gates
+            yield model.run_with_cache(p.x, p.y, None if g is None else g.to(p0.device))
+    finally:
+        model.train(was_training)
+
+
+def predict(model: Transformer, prompts: Prompts, batch_size: int = 1024,
+            head_gates: torch.Tensor | None = None) -> torch.Tensor:
+    """Model predictions ``(B, Q)`` for every prefix, returned on CPU as float64."""
+    return torch.cat([pred.double().cpu() for pred, _ in batches_with_cache(model, prompts, batch_size, head_gates)])
 
 
 def evaluate(model: Transformer, prompts: Prompts, task: TaskConfig,

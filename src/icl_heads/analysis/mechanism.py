@@ -54,6 +54,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..config import ConfigError, Preset, TaskConfig
+from ..evaluation import batches_with_cache
 from ..io import write_csv, write_json, write_provenance
 from ..model import Transformer
 from ..tasks import Prompts, fixed_prompts
@@ -121,21 +122,15 @@ class Activations:
 @torch.no_grad()
 def activations(model: Transformer, prompts: Prompts, batch_size: int = 500) -> Activations:
     """Run ``model`` (in its own dtype, float64 for the construction) and collect E6's activations."""
-    was_training = model.training
-    model.eval()
-    p0 = next(model.parameters())
-    lay, _ = model.layout(prompts.x.shape[1], p0.device)
+    lay, _ = model.layout(prompts.x.shape[1], next(model.parameters()).device)
     L = model.cfg.n_layers
     ctx, qry, lens = {s: [] for s in SOURCES}, [], []
-    for i in range(0, prompts.batch, batch_size):
-        p = prompts.slice(i, i + batch_size).to(p0.device, p0.dtype)
-        _, cache = model.run_with_cache(p.x, p.y)
+    for _, cache in batches_with_cache(model, prompts, batch_size):
         ctx["embed"].append(cache["embed"][:, lay.context_index].double().cpu())
         ctx["layer1"].append(cache["blocks.0.resid_post"][:, lay.context_index].double().cpu())
         q = torch.stack([cache[f"blocks.{l}.resid_post"][:, lay.query_index] for l in range(L)])
         qry.append(q.double().cpu())
         lens.append(model.read_out(model.ln_f(q)).squeeze(-1).double().cpu())
-    model.train(was_training)
     return Activations({k: torch.cat(v).numpy() for k, v in ctx.items()}, torch.cat(qry, 1).numpy(),
                        torch.cat(lens, 1).numpy(), lay.position[lay.context_index].cpu().numpy(),
                        lay.position[lay.query_index].cpu().numpy(), lay.query_n.cpu().numpy())

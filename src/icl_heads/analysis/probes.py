@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ..config import ConfigError, Preset, TaskConfig
 from ..io import write_csv, write_json, write_provenance
+from ..evaluation import batches_with_cache
 from ..metrics import curve_from_errors, squared_errors
 from ..model import Transformer
 from ..tasks import Prompts, fixed_prompts
@@ -45,17 +46,10 @@ def layer_labels(n_layers: int) -> list[str]:
 def query_states(model: Transformer, prompts: Prompts, gates: torch.Tensor | None = None,
                  batch_size: int = 1024) -> np.ndarray:
     """Residual stream at the query tokens, ``(L + 1, P, N, D)`` float64 (``embed`` first)."""
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
     names = layer_names(model.cfg.n_layers)
-    lay, _ = model.layout(prompts.x.shape[1], dev)
-    out = []
-    for i in range(0, prompts.batch, batch_size):
-        p = prompts.slice(i, i + batch_size).to(dev, torch.float32)
-        _, cache = model.run_with_cache(p.x, p.y, None if gates is None else gates.to(dev))
-        out.append(torch.stack([cache[nm][:, lay.query_index] for nm in names]).double().cpu())
-    model.train(was_training)
+    lay, _ = model.layout(prompts.x.shape[1], next(model.parameters()).device)
+    out = [torch.stack([cache[nm][:, lay.query_index] for nm in names]).double().cpu()
+           for _, cache in batches_with_cache(model, prompts, batch_size, gates)]
     return torch.cat(out, dim=1).numpy()
 
 
