@@ -77,6 +77,34 @@ def train_models(preset: Preset, out: str | Path, device: str = "cpu", heads: Se
     return info
 
 
+def train_seeds(presets: Sequence[Preset], outs: Sequence[str | Path], device: str = "cpu",
+                stacked: bool | None = None) -> dict[str, Any]:
+    """Train every seed's models at once: ``presets[k]`` (its seed and heads) into ``model_dir(outs[k], h)``.
+
+    On CPU all models train concurrently, one process each (as :func:`train_models`), so the
+    cores stay busy until the last model ends; finished checkpoints are reused.
+    """
+    from ..training import is_finished
+
+    jobs = [(p, h, model_dir(o, h)) for p, o in zip(presets, outs) for h in p.heads]
+    todo = [j for j in jobs if not is_finished(j[2])]
+    t0 = time.perf_counter()
+    if todo:
+        n_proc = 1 if device != "cpu" else len(todo)
+        threads = max(1, (os.cpu_count() or 1) // n_proc) if device == "cpu" else 1
+        if n_proc == 1:
+            for i, (p, h, path) in enumerate(todo):
+                _train_one(p.model_dump_json(), h, str(path), device, threads, 0)
+        else:
+            with ProcessPoolExecutor(n_proc, mp_context=get_context("spawn")) as ex:
+                futs = [ex.submit(_train_one, p.model_dump_json(), h, str(path), device, threads, i)
+                        for i, (p, h, path) in enumerate(todo)]
+                for f in futs:
+                    f.result()
+    return {"models": [str(j[2]) for j in jobs], "trained": [str(j[2]) for j in todo],
+            "wall_s": time.perf_counter() - t0}
+
+
 def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | None = None,
            estimators: Sequence[str] | None = E1_ESTIMATORS) -> dict[str, Any]:
     """Train/reuse the models, evaluate them and the estimators, write CSV, PNG, summary JSON."""
