@@ -19,7 +19,12 @@ Choices where the SPEC is silent:
 * curriculum over ``d`` (``curriculum_d``): the same ramp over the number of
   active coordinates; prompts are drawn in ``d_cur`` dimensions (support size
   ``min(s, d_cur)``) and the trailing ``d - d_cur`` coordinates are zero, so
-  the model's input width never changes.
+  the model's input width never changes;
+* snapshots (``train.snapshots = k``): weights-only checkpoints at the
+  log-spaced steps of :func:`snapshot_steps` in ``out/snapshots/step{step:06d}/``,
+  loadable by ``checkpoint.load_model`` like the main checkpoint, for
+  learning-dynamics analyses. They are a pure function of the run, so a resumed
+  run writes the missing ones with the same bytes as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -100,6 +105,46 @@ def train_prompts(task: TaskConfig, batch: int, gen: torch.Generator, n: int, d:
     p = sample_prompts(sub, batch, gen, n=n)
     pad = task.d - d
     return Prompts(F.pad(p.x, (0, pad)), p.y, F.pad(p.w, (0, pad)), p.f)
+
+
+def snapshot_steps(cfg: TrainConfig) -> list[int]:
+    """The ``cfg.snapshots`` steps at which a snapshot is kept: halvings back from the last step.
+
+    ``step_i = steps // 2**(k-1-i)`` for ``i = 0..k-1`` (``k = cfg.snapshots``), so
+    consecutive snapshots are a factor ~2 apart and the last one is ``cfg.steps``
+    (e.g. 8000 steps, k=8: 62, 125, 250, ..., 4000, 8000). Where short runs make
+    these collide or hit 0, each is pushed to one step after its predecessor and
+    the list is then capped from the end so that it still ends at ``cfg.steps``;
+    with ``k >= steps`` every step is a snapshot.
+    """
+    k, steps = cfg.snapshots, cfg.steps
+    if k == 0:
+        return []
+    if k >= steps:
+        return list(range(1, steps + 1))
+    out: list[int] = []
+    for i in range(k):
+        out.append(max(steps // 2 ** (k - 1 - i), out[-1] + 1 if out else 1))
+    for i in range(k - 1, -1, -1):  # cap from the end: step_i <= steps - (k-1-i)
+        out[i] = min(out[i], steps - (k - 1 - i))
+    return out
+
+
+def snapshot_dir(out: str | Path, step: int) -> Path:
+    """Folder of the snapshot at ``step`` of the run in ``out``."""
+    return Path(out) / "snapshots" / f"step{step:06d}"
+
+
+def save_snapshot(out: str | Path, model: Transformer, meta: dict[str, Any], step: int) -> Path | None:
+    """Write the weights-only snapshot of ``step`` unless it exists (a resumed run keeps earlier ones).
+
+    ``meta`` is the run's meta (task, train, seed, preset); nothing wall-clock
+    dependent goes in, so the files depend on the weights alone.
+    """
+    path = snapshot_dir(out, step)
+    if (path / "meta.json").exists():
+        return None
+    return save_checkpoint(path, model, {**meta, "step": step, "snapshot": True})
 
 
 # --------------------------------------------------------------------------- state (de)serialisation
@@ -197,6 +242,10 @@ def train(preset_or_cfgs: Preset | TrainSpec, n_heads: int | None, out_dir: str 
         model, meta = load_model(out, device)
         want = {**_run_meta(spec), "model_config": spec.model.model_dump()}
         got = {k: meta.get(k) for k in want}
+        try:  # train fields added since the checkpoint was written take their defaults
+            got["train"] = TrainConfig.model_validate(got["train"]).model_dump()
+        except ValueError:
+            pass
         if got != want:
             bad = next(k for k in want if got[k] != want[k])
             raise ConfigError(f"resume: checkpoint in {out} was made with a different {bad}")
@@ -219,6 +268,7 @@ def train(preset_or_cfgs: Preset | TrainSpec, n_heads: int | None, out_dir: str 
         return meta
 
     bar = _progress(progress, start=step, total=cfg.steps, desc=f"h={spec.model.n_heads}", position=position)
+    snaps = set(snapshot_steps(cfg))
     ema = None
     t0 = time.perf_counter()
     while step < end:
@@ -232,6 +282,8 @@ def train(preset_or_cfgs: Preset | TrainSpec, n_heads: int | None, out_dir: str 
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
+        if step in snaps:
+            save_snapshot(out, model, _run_meta(spec), step)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if bar is not None:
             bar.update(1)
