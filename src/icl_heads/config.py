@@ -76,6 +76,8 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=500, ge=1)
     threads: int = Field(default=0, ge=0, description="torch threads on CPU; 0 = torch default")
     snapshots: int = Field(default=0, ge=0, description="weights-only snapshots per run at log-spaced steps; 0 = none")
+    bf16: bool = Field(default=False, description="CUDA only: bf16 autocast of the forward pass (loss in fp32)")
+    compile: bool = Field(default=False, description="CUDA only: torch.compile the model for training")
 
 
 class EvalConfig(_Strict):
