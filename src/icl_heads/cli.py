@@ -282,8 +282,10 @@ def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int]) -> None
 @click.option("--steps", type=int, help="override train.steps")
 @click.option("--seed", type=int, help="base seed")
 @click.option("--workers", type=int, help="training processes on CPU (default: one per head count)")
+@click.option("--stacked/--no-stacked", default=None,
+              help="train the head counts as one stacked model (default: on CUDA only)")
 def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed: Optional[int],
-                workers: Optional[int]) -> None:
+                workers: Optional[int], stacked: Optional[bool]) -> None:
     """E1: one model per head count (same seed and budget) vs the estimators; e1_heads.csv/.png."""
     p = make_preset(preset, seed, **{"train.steps": steps})
     if workers is not None and workers < 1:
@@ -291,7 +293,7 @@ def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed:
     dev = resolve_device(device)
     from .experiments.heads_sweep import run_e1
 
-    s = run_e1(p, out, dev, workers=workers)
+    s = run_e1(p, out, dev, workers=workers, stacked=stacked)
     click.echo(f"E1 written to {out} (training {s['train_wall_s']:.0f} s)")
 
 
