@@ -142,7 +142,7 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
         ps = preset if not sp else preset.model_copy(update={"task": preset.task.model_copy(update={"sigma": sigma})})
         per_seed = [ps.model_copy(update={"seed": ps.seed + k, "heads": seed_heads(ps, k)}) for k in range(seeds)]
         dirs = [out / f"{sp}seed{k}" / "e1" for k in range(seeds)]
-        runner.run(f"{sp}train", out / f"{sp}train", lambda d: train_seeds(per_seed, dirs, device, stacked=stacked))
+        runner.run(f"{sp}train", out / f"{sp}train", lambda d: train_seeds(per_seed, dirs, device, stacked, d / "stacks"))
         for k, pk in enumerate(per_seed):
             sd = out / f"{sp}seed{k}"
             runner.run(f"{sp}seed{k}/e1", sd / "e1",

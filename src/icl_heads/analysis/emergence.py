@@ -136,6 +136,12 @@ def read_emergence(paths: Sequence[Path]) -> dict[int, list[dict[str, Any]]]:
     return out
 
 
+def _yerr(rs: Sequence[dict[str, Any]], mid: str, lo: str, hi: str) -> np.ndarray:
+    """Error bars from CI columns; a percentile bootstrap CI need not contain the point, so clip at 0."""
+    e = np.array([[r[mid] - r[lo] for r in rs], [r[hi] - r[mid] for r in rs]], dtype=float)
+    return np.nan_to_num(np.clip(e, 0, None))
+
+
 def plot_emergence(per_seed: dict[int, list[dict[str, Any]]], seeds: Sequence[int], path: str | Path,
                    title: str) -> Path:
     """Left: top-head share per layer vs training step (every seed, log x); right: risk at n = d."""
@@ -154,15 +160,14 @@ def plot_emergence(per_seed: dict[int, list[dict[str, Any]]], seeds: Sequence[in
             rs = sorted((r for r in rows if int(r["layer"]) == l), key=lambda r: r["step"])
             x = [r["step"] for r in rs]
             ax.errorbar(x, [r["top_share"] for r in rs],
-                        yerr=[[r["top_share"] - r["ci_low"] for r in rs], [r["ci_high"] - r["top_share"] for r in rs]],
+                        yerr=_yerr(rs, "top_share", "ci_low", "ci_high"),
                         color=f"C{l - 1}", marker=markers[k % len(markers)], ms=4, capsize=2, lw=1,
                         label=f"layer {l}" if k == 0 else None)
         rs = sorted((r for r in rows if int(r["layer"]) == 1), key=lambda r: r["step"])
         x = [r["step"] for r in rs]
         ax2.plot(x, [r["risk_norm_at_d"] for r in rs], marker=markers[k % len(markers)], label=f"seed {seeds[k]}")
         ax3.errorbar(x, [r["pruned_ratio"] for r in rs],
-                     yerr=[[r["pruned_ratio"] - r["pruned_ci_low"] for r in rs],
-                           [r["pruned_ci_high"] - r["pruned_ratio"] for r in rs]],
+                     yerr=_yerr(rs, "pruned_ratio", "pruned_ci_low", "pruned_ci_high"),
                      marker=markers[k % len(markers)], capsize=2, label=f"seed {seeds[k]}")
     for a in (ax, ax2, ax3):
         a.set_xscale("log")
