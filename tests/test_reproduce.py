@@ -12,10 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SECTIONS = ["## Verdicts", "## E1 — heads sweep", "## E2 — head assessment", "## E3 — pruning",
-            "## E4 — layer-wise probes", "## E5 — algorithms", "## E6 — mechanism", "## Provenance"]
+            "## E4 — layer-wise probes", "## E5 — algorithms", "## E6 — mechanism", "## E7 — emergence during training",
+            "## Provenance"]
+N_STAGES = 1 + 1 + 2 * 6 + 1  # e5, train, 2 seeds x (e1 e2 e3 e4 e6 e7), report
 
 
 def cli(*args: str) -> list[str]:
@@ -33,7 +36,7 @@ def run(tmp_path_factory) -> Path:
     res = subprocess.run(cli("reproduce", "--preset", "smoke", "--out", str(out), "--device", "cpu"),
                          capture_output=True, text=True, timeout=600, env=env())
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "[1/7] e5" in res.stderr and "report at" in res.stdout
+    assert f"[1/{N_STAGES}] e5" in res.stderr and "report at" in res.stdout
     (out / "wall_s.txt").write_text(f"{time.perf_counter() - t:.1f}")
     return out
 
@@ -59,25 +62,24 @@ def test_report_has_every_section_figure_and_verdict(run):
         assert v["verdict"] in ("reproduced", "not reproduced", "inconclusive")
         assert v["verdict"].upper() in md
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["seeds"] == [0] and "torch" in manifest["environment"]["packages"]
-    assert set(manifest["stage_wall_s"]) >= {"e5", "seed0/e1", "seed0/e2", "seed0/e3", "seed0/e4", "seed0/e6"}
+    assert manifest["seeds"] == [0, 1] and "torch" in manifest["environment"]["packages"]
+    assert set(manifest["stage_wall_s"]) >= {"e5", "train"} | {f"seed{k}/{s}" for k in (0, 1)
+                                                              for s in ("e1", "e2", "e3", "e4", "e6", "e7")}
 
 
 def _bands(path: Path, key: str, label: str) -> dict[int, tuple[float, float]]:
     return {int(r["n"]): (float(r["ci_low"]), float(r["ci_high"])) for r in rows(path) if r[key] == label}
 
 
-def test_verdicts_follow_from_the_csvs(run):
-    """Recompute every verdict from the experiment files, independently of icl_heads.report."""
-    got = {v["claim"][:2]: v["verdict"] for v in json.loads((run / "verdicts.json").read_text())}
-    sd = run / "seed0"
+def seed_verdicts_from_csvs(sd: Path) -> dict[str, str]:
+    """Each per-seed rule recomputed from one seed's files, independently of icl_heads.report."""
+    got = {}
     # 1a: h=2 vs h=1, n >= d/2 = 2.5
     a, b = _bands(sd / "e1/e1_heads.csv", "label", "transformer h=2"), _bands(sd / "e1/e1_heads.csv", "label", "transformer h=1")
     ns = [n for n in a if n >= 2.5]
     below = sum(a[n][1] < b[n][0] for n in ns)
     above = sum(a[n][0] > b[n][1] for n in ns)
-    want = "reproduced" if 2 * below >= len(ns) and above == 0 else "not reproduced" if above > below else "inconclusive"
-    assert got["1a"] == want
+    got["1a"] = "reproduced" if 2 * below >= len(ns) and above == 0 else "not reproduced" if above > below else "inconclusive"
     # 1b
     conc = sorted(rows(sd / "e2/concentration.csv"), key=lambda r: int(r["layer"]))
     l1_heads = [r for r in rows(sd / "e2/head_importance.csv") if r["layer"] == "1"]
@@ -85,56 +87,100 @@ def test_verdicts_follow_from_the_csvs(run):
           and all(float(r["ci_low"]) > 0.5 for r in conc[1:])
           and all(float(r["share_minus_layer1_ci_low"]) > 0 for r in conc[1:]))
     bad = any(float(r["ci_high"]) < 0.5 or float(r["share_minus_layer1_ci_high"]) < 0 for r in conc[1:])
-    assert got["1b"] == ("reproduced" if ok else "not reproduced" if bad else "inconclusive")
+    got["1b"] = "reproduced" if ok else "not reproduced" if bad else "inconclusive"
     # 2a
     ratio = json.loads((sd / "e3/summary.json").read_text())["risk_ratio_vs_full"]
     p, c = ratio["pruned"], ratio["control"]
-    want = ("reproduced" if p["ci_high"] <= 1.25 and p["ci_high"] < c["ci_low"]
-            else "not reproduced" if p["ci_low"] > 1.25 else "inconclusive")
-    assert got["2a"] == want
+    got["2a"] = ("reproduced" if p["ci_high"] <= 1.25 and p["ci_high"] < c["ci_low"]
+                 else "not reproduced" if p["ci_low"] > 1.25 else "inconclusive")
     # 2b: layer-1 probes, mean over n >= 1, band = mean half-width
     def probe(model: str) -> tuple[float, float]:
         rs = [r for r in rows(sd / "e4/probes.csv") if r["model"] == model and r["layer"] == "1" and int(r["n"]) >= 1]
         m = sum(float(r["risk_norm"]) for r in rs) / len(rs)
         return m, sum((float(r["ci_high"]) - float(r["ci_low"])) / 2 for r in rs) / len(rs)
     (m, mh), (s, sh) = probe("h=2 full"), probe("h=1")
-    assert got["2b"] == ("reproduced" if s - sh > m + mh else "not reproduced" if s + sh < m - mh else "inconclusive")
+    got["2b"] = "reproduced" if s - sh > m + mh else "not reproduced" if s + sh < m - mh else "inconclusive"
     # 2c: the h=2 model's own read-out per layer >= 2, matched step, all n: which algorithm is closer
     tracks = {r["tracks"] for r in rows(sd / "e6/e6b_verdict.csv") if r["model"] == "h2" and r["readout"] == "lens"
               and r["eta_fit"] == "match" and r["n_range"] == "all"}
     assert tracks and tracks <= {"pto", "gd", "tie", "neither"}
-    assert got["2c"] == ("reproduced" if tracks == {"pto"} else "not reproduced" if tracks == {"gd"} else "inconclusive")
+    got["2c"] = "reproduced" if tracks == {"pto"} else "not reproduced" if tracks == {"gd"} else "inconclusive"
+    return got
+
+
+def test_verdicts_follow_from_the_csvs(run):
+    """Recompute every seed's verdicts from its files, then the across-seed rule with a hand t-interval."""
+    from scipy import stats
+
+    verdicts = {v["claim"][:2]: v for v in json.loads((run / "verdicts.json").read_text())}
+    per_seed = [seed_verdicts_from_csvs(run / f"seed{k}") for k in (0, 1)]
+    for claim in ("1a", "1b", "2a", "2b", "2c"):
+        v = verdicts[claim]
+        assert [p["verdict"] for p in v["per_seed"]] == [ps[claim] for ps in per_seed], claim
+        assert [p["seed"] for p in v["per_seed"]] == [0, 1]
+        clears, fails = [], []
+        for st in v["stats"]:
+            vals = np.array([p["stats"][st["name"]] for p in v["per_seed"]])
+            half = stats.t.ppf(0.975, 1) * vals.std(ddof=1) / np.sqrt(2)
+            lo, hi = vals.mean() - half, vals.mean() + half
+            clears.append(lo > st["threshold"] if st["above"] else hi < st["threshold"])
+            fails.append(hi < st["threshold"] if st["above"] else lo > st["threshold"])
+        own = {ps[claim] for ps in per_seed}
+        want = ("reproduced" if own == {"reproduced"} and all(clears)
+                else "not reproduced" if own == {"not reproduced"} and any(fails) else "inconclusive")
+        assert v["verdict"] == want, claim
     # 3: PtO band below both GD and ridge at some n
     e5 = run / "e5/e5_risk.csv"
     pto, gd, ridge = (_bands(e5, "estimator", k) for k in ("pto", "gd", "ridge"))
     wins = [n for n in pto if pto[n][1] < gd[n][0] and pto[n][1] < ridge[n][0]]
-    assert got["3."] == ("reproduced" if wins else "not reproduced")
+    assert verdicts["3."]["verdict"] == ("reproduced" if wins else "not reproduced")
 
 
 def test_verdicts_across_seeds_use_every_seed(run, tmp_path):
-    """With two seeds a part is decided only if both seeds agree; a flipped seed makes it inconclusive."""
+    """Identical seeds decide a claim by its own rule; one flipped seed makes the claim inconclusive."""
     from icl_heads.config import get_preset
-    from icl_heads.report import compute_verdicts
+    from icl_heads.report import compute_verdicts, seed_verdicts
 
-    two = tmp_path / "two"
-    shutil.copytree(run, two)
-    shutil.copytree(two / "seed0", two / "seed1")
-    one = {v.claim: v.verdict for v in compute_verdicts(run, get_preset("smoke"), 1)}
-    both = {v.claim: v.verdict for v in compute_verdicts(two, get_preset("smoke"), 2)}
-    assert both == one
-    summary = two / "seed1/e3/summary.json"
+    same = tmp_path / "same"
+    shutil.copytree(run, same)
+    shutil.rmtree(same / "seed1")
+    shutil.copytree(same / "seed0", same / "seed1")
+    preset = get_preset("smoke")
+    own = {v.claim[:2]: v.verdict for v in seed_verdicts(same / "seed0", preset)}
+    both = {v.claim[:2]: v.verdict for v in compute_verdicts(same, preset, 2)}
+    for claim, verdict in own.items():  # zero spread: the interval is the point, so each rule decides alone
+        assert both[claim] == verdict
+    summary = same / "seed1/e3/summary.json"
     data = json.loads(summary.read_text())
-    seed0 = next(v for k, v in one.items() if k.startswith("2a"))
-    if seed0 == "not reproduced":  # make seed 1 clearly reproduce 2a
+    if own["2a"] == "not reproduced":  # make seed 1 clearly reproduce 2a
         flipped, seed1 = {"ratio": 1.0, "ci_low": 0.99, "ci_high": 1.01}, "reproduced"
     else:  # make seed 1 clearly fail 2a
         flipped, seed1 = {"ratio": 9.0, "ci_low": 8.0, "ci_high": 10.0}, "not reproduced"
     data["risk_ratio_vs_full"]["pruned"] = flipped
     data["risk_ratio_vs_full"]["control"] = {"ratio": 20.0, "ci_low": 19.0, "ci_high": 21.0}
     summary.write_text(json.dumps(data))
-    mixed = {v.claim[:2]: v for v in compute_verdicts(two, get_preset("smoke"), 2)}
+    mixed = {v.claim[:2]: v for v in compute_verdicts(same, preset, 2)}
     assert mixed["2a"].verdict == "inconclusive"
-    assert [e.split(":")[0] for e in mixed["2a"].evidence] == [f"seed 0 ({seed0})", f"seed 1 ({seed1})"]
+    assert [p["verdict"] for p in mixed["2a"].per_seed] == [own["2a"], seed1]
+    assert mixed["2a"].evidence[-1] == f"per-seed verdicts: seed 0 {own['2a']}, seed 1 {seed1}"
+    one = {v.claim[:2]: v.verdict for v in compute_verdicts(run, preset, 1)}
+    assert {one[c] for c in ("1a", "1b", "2a", "2b", "2c")} == {"inconclusive"}  # one seed decides nothing
+
+
+def test_emergence_snapshots_and_table(run):
+    """E7: every seed's largest-h model has its planned snapshots, and emergence.csv covers each of them."""
+    from icl_heads.config import get_preset
+    from icl_heads.training import snapshot_steps
+
+    planned = snapshot_steps(get_preset("smoke").train)
+    for k in (0, 1):
+        snaps = sorted(p.name for p in (run / f"seed{k}/e1/models/h2/snapshots").iterdir())
+        assert snaps == [f"step{s:06d}" for s in planned]
+        e7 = rows(run / f"seed{k}/e7/emergence.csv")
+        assert sorted({int(r["step"]) for r in e7}) == planned
+        assert {"step", "layer", "top_share", "ci_low", "ci_high", "pruned_ratio", "risk_norm_at_d"} <= set(e7[0])
+        assert len(e7) == len(planned) * 2  # one row per snapshot and layer (L = 2)
+    assert (run / "e7_emergence.png").stat().st_size > 1000
 
 
 def test_rerun_reuses_everything(run):
@@ -144,7 +190,7 @@ def test_rerun_reuses_everything(run):
                          capture_output=True, text=True, timeout=300, env=env())
     assert res.returncode == 0, res.stderr[-2000:]
     assert time.perf_counter() - t < 60
-    assert res.stderr.count("reused") == 6
+    assert res.stderr.count("reused") == N_STAGES - 1
     assert {p: p.stat().st_mtime_ns for p in run.rglob("stage.json")} == markers
 
 
@@ -174,7 +220,9 @@ def test_kill_mid_training_then_resume_gives_same_numbers(run, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "e5: done earlier" in res.stderr  # finished work was kept, not redone
     assert (out / "e5/e5_risk.csv").read_bytes() == e5_before
-    for rel in ("seed0/e1/e1_heads.csv", "seed0/e2/head_importance.csv", "seed0/e3/pruning.csv", "verdicts.json"):
+    for rel in ("seed0/e1/e1_heads.csv", "seed0/e2/head_importance.csv", "seed0/e3/pruning.csv",
+                "seed1/e1/e1_heads.csv", "seed1/e3/pruning.csv", "seed0/e7/emergence.csv", "seed1/e7/emergence.csv",
+                "seed1/e1/models/h2/snapshots/step000300/model.safetensors", "verdicts.json"):
         assert (out / rel).read_bytes() == (run / rel).read_bytes(), rel
     shutil.rmtree(out)
 
