@@ -12,6 +12,8 @@ from scipy.stats import multivariate_normal
 from sklearn.linear_model import Lasso, Ridge
 
 from icl_heads import estimators as E
+from icl_heads.estimators import prefix
+from icl_heads.estimators.lasso_homotopy import _lasso_cd
 from icl_heads.config import ConfigError, TaskConfig, get_preset
 from icl_heads.tasks import fixed_prompts, generator, sample_prompts
 
@@ -81,8 +83,8 @@ def test_lasso_coordinate_descent_fallback_matches_sklearn(data):
     H, g = st.mean_hessian()
     B, N, d = g.shape
     alpha = 0.02
-    w, failed = E._lasso_cd(H.reshape(-1, d, d), g.reshape(-1, d), torch.full((B * N,), alpha, dtype=torch.float64),
-                            1e-12, 50_000)
+    w, failed = _lasso_cd(H.reshape(-1, d, d), g.reshape(-1, d), torch.full((B * N,), alpha, dtype=torch.float64),
+                          1e-12, 50_000)
     assert failed == 0
     w = w.reshape(B, N, d).numpy()
     for b, k, Xk, yk, q in _prefixes(x, y):
@@ -276,7 +278,7 @@ def test_large_batches_are_chunked_consistently(data, monkeypatch):
     """Processing prompts in memory-bounded blocks gives the same numbers as one block."""
     x, y, w = data
     full = [E.pto(x, y, 10, 1.0), E.lasso(x, y, 0.05), E.bayes(x, y, S, 0.2)]
-    monkeypatch.setattr(E, "_ELEMS_BUDGET", NMAX * D * D * 2)  # two prompts per block
+    monkeypatch.setattr(prefix, "_ELEMS_BUDGET", NMAX * D * D * 2)  # two prompts per block
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         chunked = [E.pto(x, y, 10, 1.0), E.lasso(x, y, 0.05), E.bayes(x, y, S, 0.2)]
