@@ -50,8 +50,9 @@ from .bayes_posterior import BAYES_MIN_SIGMA, bayes
 from .closed_form import ols, oracle_ls, ridge, zero
 from .gradient_descent import gd, group_slices, pto, pto_groups
 from .lasso_homotopy import lasso
-from .prefix import STEP_RULES, PrefixStats, Spectrum
+from .prefix import GUARD_C, GUARDS, STABLE_LIMIT, STEP_RULES, PrefixStats, Spectrum
 from .tuning import (
+    DEPTH_MATCHED,
     ESTIMATOR_NAMES,
     FAMILIES,
     GD_ETAS,
@@ -65,20 +66,22 @@ from .tuning import (
     PtOGroups,
     Tuned,
     choose,
+    depth_matched_predictions,
     estimator_table,
     eval_prompts,
     make_family,
     resolve_names,
     risk_rows,
+    tune_and_predict,
     tune_grid,
     tuned_predictions,
     val_risk,
 )
 
 __all__ = [
-    "BAYES_MIN_SIGMA", "ESTIMATOR_NAMES", "FAMILIES", "GD_ETAS", "GROUP_AS", "LASSO_ALPHAS", "PTO_FIXED_ETAS",
+    "BAYES_MIN_SIGMA", "DEPTH_MATCHED", "ESTIMATOR_NAMES", "GUARDS", "GUARD_C", "STABLE_LIMIT", "FAMILIES", "GD_ETAS", "GROUP_AS", "LASSO_ALPHAS", "PTO_FIXED_ETAS",
     "RIDGE_LAMBDAS", "SCALE_FREE_CS", "STEP_RULES", "Combo", "Family", "PrefixStats", "PtOGroups", "Spectrum",
-    "Tuned", "bayes", "choose", "estimator_table", "eval_prompts", "gd", "group_slices", "lasso", "make_family",
-    "ols", "oracle_ls", "pto", "pto_groups", "resolve_names", "ridge", "risk_rows", "tune_grid",
+    "Tuned", "bayes", "choose", "depth_matched_predictions", "estimator_table", "eval_prompts", "gd", "group_slices", "lasso", "make_family",
+    "ols", "oracle_ls", "pto", "pto_groups", "resolve_names", "ridge", "risk_rows", "tune_and_predict", "tune_grid",
     "tuned_predictions", "val_risk", "zero",
 ]

@@ -13,23 +13,25 @@ from .prefix import STEP_RULES, PrefixStats, Spectrum, Tensor, _by_chunks, _chec
 
 
 def _gd_block(x: Tensor, y: Tensor, rule: str, etas: Sequence[float], steps: Sequence[int],
-              cols: Sequence[int] | None = None) -> Tensor:
+              cols: Sequence[int] | None = None, guard: str = "off") -> Tensor:
     st = PrefixStats.of(x, y, cols)
     H, g = st.mean_hessian()
     sp = Spectrum.of(H, g, st.q)
-    return torch.stack([sp.gd(sp.step_size(rule, e), steps) for e in etas])  # (E, S, B, N)
+    return torch.stack([sp.gd(sp.step_size(rule, e, guard), steps) for e in etas])  # (E, S, B, N)
 
 
 def gd(x: Any, y: Any, T: int | Sequence[int] = 100, eta: float = 0.1, *, step: str = "fixed",
-       steps: Sequence[int] | None = None) -> Tensor:
+       steps: Sequence[int] | None = None, guard: str = "off") -> Tensor:
     """Gradient descent from w = 0 on ``(1/2k) sum_i (<w, x_i> - y_i)^2``; predicts ``<w_T, x_k>``.
 
     ``step="fixed"``: step ``eta``; ``"scale_free"``: step ``eta / lambda_max(X_k^T X_k / k)``.
+    ``guard`` (see :meth:`.prefix.Spectrum.step_size`): ``"off"`` lets an unstable fixed step diverge,
+    ``"clip"`` caps it at ``GUARD_C / lambda_max`` per prefix, ``"reject"`` returns NaN there.
     """
     x, y = _check_xy(x, y)
-    _check_rule(step, ("fixed", "scale_free"))
+    _check_rule(step, ("fixed", "scale_free"), guard)
     ts, stacked = _steps_arg(T, steps)
-    out = _by_chunks(lambda a, b: _gd_block(a, b, step, [eta], ts)[0], x, y)
+    out = _by_chunks(lambda a, b: _gd_block(a, b, step, [eta], ts, guard=guard)[0], x, y)
     return out if stacked else out[0]
 
 
@@ -46,25 +48,26 @@ def _pto_problem(st: PrefixStats, gamma: float, normalized: bool) -> tuple[Tenso
 
 
 def _pto_block(x: Tensor, y: Tensor, rule: str, etas: Sequence[float], steps: Sequence[int], gamma: float,
-               cols: Sequence[int] | None = None) -> Tensor:
+               cols: Sequence[int] | None = None, guard: str = "off") -> Tensor:
     st = PrefixStats.of(x, y, cols)
     sp = Spectrum.of(*_pto_problem(st, gamma, rule == "normalized"))
-    return torch.stack([sp.gd(sp.step_size(rule, e), steps) for e in etas])
+    return torch.stack([sp.gd(sp.step_size(rule, e, guard), steps) for e in etas])
 
 
 def pto(x: Any, y: Any, T: int | Sequence[int] = 100, eta: float = 1.0, *, gamma: float = 1.0,
-        step: str = "scale_free", steps: Sequence[int] | None = None) -> Tensor:
+        step: str = "scale_free", steps: Sequence[int] | None = None, guard: str = "off") -> Tensor:
     """Preprocess-then-optimise (SPEC section 4).
 
     ``r = (1/k) sum_i y_i x_i``; ``xt_i = diag(|r|^gamma) x_i`` (also the query); T GD steps from 0 on
     ``(1/2k) sum_i (<v, xt_i> - y_i)^2``; predict ``<v_T, xt_k>``. ``eta`` is ``c`` for
     ``step="scale_free"`` (step ``c / lambda_max`` of ``(1/k) sum xt xt^T``), the step size otherwise;
     ``"normalized"`` divides ``|r|`` by ``max_j |r_j|`` first. Equals GD preconditioned by ``diag(|r|^{2 gamma})``.
+    ``guard`` as in :func:`gd`.
     """
     x, y = _check_xy(x, y)
-    _check_rule(step, STEP_RULES)
+    _check_rule(step, STEP_RULES, guard)
     ts, stacked = _steps_arg(T, steps)
-    out = _by_chunks(lambda a, b: _pto_block(a, b, step, [eta], ts, gamma)[0], x, y)
+    out = _by_chunks(lambda a, b: _pto_block(a, b, step, [eta], ts, gamma, guard=guard)[0], x, y)
     return out if stacked else out[0]
 
 
@@ -91,25 +94,25 @@ def _groups_problem(st: PrefixStats, h: int, a: float) -> tuple[Tensor, Tensor, 
 
 
 def _groups_block(x: Tensor, y: Tensor, h: int, a: float, rule: str, etas: Sequence[float], steps: Sequence[int],
-                  cols: Sequence[int] | None = None) -> Tensor:
+                  cols: Sequence[int] | None = None, guard: str = "off") -> Tensor:
     st = PrefixStats.of(x, y, cols)
     sp = Spectrum.of(*_groups_problem(st, h, a))
-    return torch.stack([sp.gd(sp.step_size(rule, e), steps) for e in etas])
+    return torch.stack([sp.gd(sp.step_size(rule, e, guard), steps) for e in etas])
 
 
 def pto_groups(x: Any, y: Any, h: int, a: float = 0.0, T: int | Sequence[int] = 100, eta: float = 1.0, *,
-               step: str = "scale_free", steps: Sequence[int] | None = None) -> Tensor:
+               step: str = "scale_free", steps: Sequence[int] | None = None, guard: str = "off") -> Tensor:
     """PtO with ``h`` groups: GD from 0 on the features ``[a x, f(x)]`` (SPEC section 4, our extension).
 
     ``h = d, a = 0`` is PtO with gamma = 1; ``h = 1, a = 0`` predicts ``c <r, x_q>`` (one GD step,
-    its step size set by the GD on the scalar feature).
+    its step size set by the GD on the scalar feature). ``guard`` as in :func:`gd`.
     """
     x, y = _check_xy(x, y)
-    _check_rule(step, ("fixed", "scale_free"))
+    _check_rule(step, ("fixed", "scale_free"), guard)
     if a < 0:
         raise ConfigError(f"a: weight of the raw features must be >= 0 (got {a})")
     group_slices(x.shape[2], h)
     ts, stacked = _steps_arg(T, steps)
     m = x.shape[2] + h
-    out = _by_chunks(lambda u, v: _groups_block(u, v, h, a, step, [eta], ts)[0], x, y, m=m)
+    out = _by_chunks(lambda u, v: _groups_block(u, v, h, a, step, [eta], ts, guard=guard)[0], x, y, m=m)
     return out if stacked else out[0]

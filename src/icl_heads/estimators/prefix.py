@@ -9,6 +9,7 @@ prefix gives GD/PtO for every step size and every T at O(d) cost each.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -20,6 +21,9 @@ from ..config import ConfigError
 Tensor = torch.Tensor
 
 STEP_RULES = ("fixed", "scale_free", "normalized")
+GUARDS = ("off", "reject", "clip")
+STABLE_LIMIT = 2.0  # GD from 0 on a quadratic converges iff step * lambda_max < 2 (else |1 - step * lambda| > 1)
+GUARD_C = 1.9  # "clip": an unstable step becomes GUARD_C / lambda_max (the largest scale-free c of the grid)
 _ELEMS_BUDGET = 2**23  # float64 elements per (B, N, d, d)-sized block (64 MB): bounds memory for large presets
 
 
@@ -101,12 +105,24 @@ class Spectrum:
     def lam_max(self) -> Tensor:
         return self.lam[..., -1]
 
-    def step_size(self, rule: str, eta: float) -> Tensor:
-        """Per-problem step: ``eta`` (fixed/normalized) or ``eta / lambda_max`` (scale_free; 0 where H = 0)."""
+    def step_size(self, rule: str, eta: float, guard: str = "off") -> Tensor:
+        """Per-problem step: ``eta`` (fixed/normalized) or ``eta / lambda_max`` (scale_free; 0 where H = 0).
+
+        ``guard`` handles problems where the step is unstable (``step * lambda_max >= 2``, so GD
+        diverges as T grows): ``"off"`` keeps it, ``"reject"`` makes it NaN (so the prediction and any
+        risk averaged over it are NaN: tuning then rejects the setting), ``"clip"`` lowers it to
+        ``GUARD_C / lambda_max`` (a safe prediction).
+        """
+        lm = self.lam_max
         if rule == "scale_free":
-            lm = self.lam_max
-            return torch.where(lm > 0, eta / lm.clamp(min=1e-300), torch.zeros_like(lm))
-        return torch.full_like(self.lam_max, float(eta))
+            step = torch.where(lm > 0, eta / lm.clamp(min=1e-300), torch.zeros_like(lm))
+        else:
+            step = torch.full_like(lm, float(eta))
+        if guard == "off":
+            return step
+        unstable = step * lm >= STABLE_LIMIT
+        safe = torch.full_like(step, math.nan) if guard == "reject" else GUARD_C / lm.clamp(min=1e-300)
+        return torch.where(unstable, safe, step)
 
     def gd(self, eta: Tensor, steps: Sequence[int]) -> Tensor:
         """``(len(steps), ...)`` predictions ``<v_t, z>`` after t GD steps of size ``eta`` from v = 0."""
@@ -139,6 +155,8 @@ def _steps_arg(T: int | Sequence[int], steps: Sequence[int] | None) -> tuple[lis
     return out, stacked
 
 
-def _check_rule(step: str, allowed: Sequence[str]) -> None:
+def _check_rule(step: str, allowed: Sequence[str], guard: str = "off") -> None:
     if step not in allowed:
         raise ConfigError(f"step: must be one of {', '.join(allowed)} (got {step!r})")
+    if guard not in GUARDS:
+        raise ConfigError(f"guard: must be one of {', '.join(GUARDS)} (got {guard!r})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,7 +31,12 @@ Combo = dict[str, Any]
 
 
 class Family:
-    """An estimator with a hyper-parameter grid. ``predict(x, y, w, combos)`` -> (len(combos), B, N)."""
+    """An estimator with a hyper-parameter grid. ``predict(x, y, w, combos)`` -> (len(combos), B, N).
+
+    ``guard`` (``"off"``, ``"reject"``, ``"clip"``; see :meth:`.prefix.Spectrum.step_size`) only acts
+    on the GD-like families, the only ones with a step that can be unstable: tuning scores settings
+    with ``"reject"`` and predicts test prompts with ``"clip"``; ``"off"`` is the raw estimator.
+    """
 
     name: str = ""
     description: str = ""
@@ -43,14 +48,15 @@ class Family:
     def grid(self) -> list[Combo]:
         return [{}]
 
-    def predict(self, x: Tensor, y: Tensor, w: Tensor, combos: Sequence[Combo]) -> Tensor:
+    def predict(self, x: Tensor, y: Tensor, w: Tensor, combos: Sequence[Combo], guard: str = "off") -> Tensor:
         raise NotImplementedError
 
-    def predict_columns(self, x: Tensor, y: Tensor, w: Tensor, per_col: Sequence[Combo]) -> Tensor:
+    def predict_columns(self, x: Tensor, y: Tensor, w: Tensor, per_col: Sequence[Combo],
+                        guard: str = "off") -> Tensor:
         """Predictions (B, N) where column k uses hyper-parameters ``per_col[k]``."""
         keys = [json.dumps(c, sort_keys=True) for c in per_col]
         uniq = list(dict.fromkeys(keys))
-        preds = self.predict(x, y, w, [json.loads(u) for u in uniq])
+        preds = self.predict(x, y, w, [json.loads(u) for u in uniq], guard=guard)
         idx = torch.tensor([uniq.index(k) for k in keys])
         return preds[idx, :, torch.arange(len(keys))].T
 
@@ -58,28 +64,28 @@ class Family:
 class _Zero(Family):
     name, description = "zero", "predicts 0"
 
-    def predict(self, x, y, w, combos):
+    def predict(self, x, y, w, combos, guard="off"):
         return torch.zeros(len(combos), *y.shape, dtype=y.dtype)
 
 
 class _OLS(Family):
     name, description = "ols", "minimum-norm least squares"
 
-    def predict(self, x, y, w, combos):
+    def predict(self, x, y, w, combos, guard="off"):
         return _pinv_predict(x, y)[None].expand(len(combos), -1, -1)
 
 
 class _Oracle(Family):
     name, description = "oracle_ls", "least squares on the true support (oracle)"
 
-    def predict(self, x, y, w, combos):
+    def predict(self, x, y, w, combos, guard="off"):
         return oracle_ls(x, y, w)[None].expand(len(combos), -1, -1)
 
 
 class _Bayes(Family):
     name, description = "bayes", "exact posterior mean (Bayes-optimal floor)"
 
-    def predict(self, x, y, w, combos):
+    def predict(self, x, y, w, combos, guard="off"):
         t = self.task
         return bayes(x, y, t.s, t.sigma, t.tau)[None].expand(len(combos), -1, -1)
 
@@ -90,7 +96,7 @@ class _Ridge(Family):
     def grid(self):
         return [{"lambda": l} for l in RIDGE_LAMBDAS]
 
-    def predict(self, x, y, w, combos):
+    def predict(self, x, y, w, combos, guard="off"):
         return _by_chunks(lambda a, b: _ridge_block(a, b, [c["lambda"] for c in combos]), x, y)
 
 
@@ -100,11 +106,11 @@ class _Lasso(Family):
     def grid(self):
         return [{"alpha": a} for a in LASSO_ALPHAS]
 
-    def predict(self, x, y, w, combos):
+    def predict(self, x, y, w, combos, guard="off"):
         al = torch.tensor([c["alpha"] for c in combos], dtype=torch.float64)[:, None].expand(-1, y.shape[1])
         return _by_chunks(lambda a, b: _lasso_block(a, b, al, 1e-10, 20000), x, y)
 
-    def predict_columns(self, x, y, w, per_col):
+    def predict_columns(self, x, y, w, per_col, guard="off"):
         al = torch.tensor([c["alpha"] for c in per_col], dtype=torch.float64)[None]
         return _by_chunks(lambda a, b: _lasso_block(a, b, al, 1e-10, 20000), x, y)[0]
 
@@ -122,10 +128,10 @@ class _GDLike(Family):
         return out
 
     def block(self, x: Tensor, y: Tensor, rule: str, etas: list[float], steps: list[int],
-              cols: Sequence[int] | None) -> Tensor:
+              cols: Sequence[int] | None, guard: str) -> Tensor:
         raise NotImplementedError
 
-    def predict(self, x, y, w, combos, cols: Sequence[int] | None = None):
+    def predict(self, x, y, w, combos, cols: Sequence[int] | None = None, guard: str = "off"):
         """(len(combos), B, K) predictions; ``cols`` restricts to those context lengths (K of them)."""
         K = y.shape[1] if cols is None else len(cols)
         out = torch.empty(len(combos), y.shape[0], K, dtype=y.dtype)
@@ -133,7 +139,7 @@ class _GDLike(Family):
             sel = [i for i, c in enumerate(combos) if c["step"] == rule]
             etas = list(dict.fromkeys(combos[i].get("c", combos[i].get("eta")) for i in sel))
             steps = list(dict.fromkeys(combos[i]["T"] for i in sel))
-            p = _by_chunks(lambda a, b: self.block(a, b, rule, etas, steps, cols), x, y, m=self.width(x.shape[2]))
+            p = _by_chunks(lambda a, b: self.block(a, b, rule, etas, steps, cols, guard), x, y, m=self.width(x.shape[2]))
             for i in sel:
                 c = combos[i]
                 out[i] = p[etas.index(c.get("c", c.get("eta"))), steps.index(c["T"])]
@@ -147,8 +153,8 @@ class _GD(_GDLike):
     name, description = "gd", "GD from 0, best of fixed/scale-free step and T per n"
     rules = {"fixed": GD_ETAS, "scale_free": SCALE_FREE_CS}
 
-    def block(self, x, y, rule, etas, steps, cols):
-        return _gd_block(x, y, rule, etas, steps, cols)
+    def block(self, x, y, rule, etas, steps, cols, guard):
+        return _gd_block(x, y, rule, etas, steps, cols, guard)
 
 
 class _PtO(_GDLike):
@@ -156,8 +162,8 @@ class _PtO(_GDLike):
     rules = {"scale_free": SCALE_FREE_CS}
     gamma = 1.0
 
-    def block(self, x, y, rule, etas, steps, cols):
-        return _pto_block(x, y, rule, etas, steps, self.gamma, cols)
+    def block(self, x, y, rule, etas, steps, cols, guard):
+        return _pto_block(x, y, rule, etas, steps, self.gamma, cols, guard)
 
 
 class _PtONormalized(_PtO):
@@ -185,17 +191,17 @@ class PtOGroups(_GDLike):
         base = super().grid()
         return [dict(c, a=a) for a in GROUP_AS for c in base]
 
-    def predict(self, x, y, w, combos, cols=None):
+    def predict(self, x, y, w, combos, cols=None, guard="off"):
         K = y.shape[1] if cols is None else len(cols)
         out = torch.empty(len(combos), y.shape[0], K, dtype=y.dtype)
         for a in dict.fromkeys(c["a"] for c in combos):
             sel = [i for i, c in enumerate(combos) if c["a"] == a]
             self._a = a
-            out[sel] = super().predict(x, y, w, [{k: v for k, v in combos[i].items() if k != "a"} for i in sel], cols)
+            out[sel] = super().predict(x, y, w, [{k: v for k, v in combos[i].items() if k != "a"} for i in sel], cols, guard)
         return out
 
-    def block(self, x, y, rule, etas, steps, cols):
-        return _groups_block(x, y, self.h, self._a, rule, etas, steps, cols)
+    def block(self, x, y, rule, etas, steps, cols, guard):
+        return _groups_block(x, y, self.h, self._a, rule, etas, steps, cols, guard)
 
     def width(self, d):
         return d + self.h
@@ -225,15 +231,18 @@ def make_family(name: str, preset: Preset) -> Family:
     return FAMILIES[name](preset.task, preset.eval.pto_steps)
 
 
-def val_risk(family: Family, val: Prompts, combos: Sequence[Combo], cols: Sequence[int] | None = None) -> Tensor:
+def val_risk(family: Family, val: Prompts, combos: Sequence[Combo], cols: Sequence[int] | None = None,
+             guard: str = "reject") -> Tensor:
     """Validation excess risk (len(combos), K); non-finite (diverged) entries become +inf.
 
+    With ``guard="reject"`` a step setting that is unstable (``step * lambda_max >= 2``) on *any*
+    validation prompt at a context length gets infinite risk there, so tuning never picks it.
     ``cols`` (GD-like families only) restricts the work to those context lengths.
     """
     if cols is None:
-        pred, f = family.predict(val.x, val.y, val.w, combos), val.f
+        pred, f = family.predict(val.x, val.y, val.w, combos, guard=guard), val.f
     else:
-        pred, f = family.predict(val.x, val.y, val.w, combos, cols), val.f[:, list(cols)]
+        pred, f = family.predict(val.x, val.y, val.w, combos, cols, guard=guard), val.f[:, list(cols)]
     risk = ((pred - f[None]) ** 2).mean(1)
     return torch.where(torch.isfinite(risk), risk, torch.full_like(risk, math.inf))
 
@@ -254,11 +263,15 @@ def tune_grid(family: Family, val: Prompts, combos: Sequence[Combo] | None = Non
 
 @dataclass
 class Tuned:
-    """Test predictions (B, N) of one tuned estimator and the hyper-parameters chosen per column."""
+    """Test predictions (B, N) of one tuned estimator and the hyper-parameters chosen per column.
+
+    ``clipped[k]``: test prompts where column k's tuned step was unstable and the guard capped it.
+    """
 
     name: str
     pred: Tensor
     hparams: list[Combo]
+    clipped: list[int] = field(default_factory=list)
 
 
 def eval_prompts(preset: Preset) -> tuple[Prompts, Prompts]:
@@ -272,12 +285,35 @@ def tuned_predictions(preset: Preset, names: Sequence[str] | None = None,
     """Tune every named estimator per n on the validation prompts; predict the test prompts."""
     names = resolve_names(names)
     val, test = eval_prompts(preset) if prompts is None else prompts
-    out = {}
-    for n in names:
-        fam = make_family(n, preset)
-        hp = tune_grid(fam, val) if len(fam.grid()) > 1 else [{}] * test.y.shape[1]
-        out[n] = Tuned(n, fam.predict_columns(test.x, test.y, test.w, hp), hp)
-    return out
+    return {n: tune_and_predict(make_family(n, preset), val, test) for n in names}
+
+
+def tune_and_predict(fam: Family, val: Prompts, test: Prompts, name: str | None = None) -> Tuned:
+    """Tune ``fam`` per n on ``val`` (unstable steps rejected), predict ``test`` (unstable steps clipped)."""
+    hp = tune_grid(fam, val) if len(fam.grid()) > 1 else [{}] * test.y.shape[1]
+    pred = fam.predict_columns(test.x, test.y, test.w, hp, guard="clip")
+    clipped = [0] * len(hp)
+    if isinstance(fam, _GDLike):
+        raw = fam.predict_columns(test.x, test.y, test.w, hp, guard="reject")
+        clipped = [int(c) for c in torch.isnan(raw).sum(0)]
+    return Tuned(name or fam.name, pred, hp, clipped)
+
+
+DEPTH_MATCHED = ("gd", "pto")
+
+
+def depth_matched_predictions(preset: Preset, T: int, prompts: tuple[Prompts, Prompts] | None = None
+                              ) -> dict[str, Tuned]:
+    """GD and PtO with exactly ``T`` steps (``gd_depth``, ``pto_depth``), the step tuned per n as usual.
+
+    An L-layer transformer can run at most ``T = L - 1`` optimisation steps after its preprocessing
+    layer, so these are the depth-matched baselines of E1 (``gd``/``pto`` tune T up to hundreds).
+    """
+    if T < 1:
+        raise ConfigError(f"T: depth-matched baselines need at least one step (got {T}; n_layers must be >= 2)")
+    val, test = eval_prompts(preset) if prompts is None else prompts
+    return {f"{n}_depth": tune_and_predict(FAMILIES[n](preset.task, [T]), val, test, f"{n}_depth")
+            for n in DEPTH_MATCHED}
 
 
 def risk_rows(tuned: Tuned, f: Tensor, task: TaskConfig, n_min: int = 1, **labels: Any) -> list[dict[str, Any]]:
@@ -289,10 +325,18 @@ def risk_rows(tuned: Tuned, f: Tensor, task: TaskConfig, n_min: int = 1, **label
     return [r for r in rows if r["n"] >= n_min]
 
 
-def estimator_table(preset: Preset, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Rows of every tuned estimator on the preset's test prompts (the prompts E1 evaluates models on)."""
+def estimator_table(preset: Preset, names: Sequence[str] | None = None,
+                    depth_steps: int | None = None) -> list[dict[str, Any]]:
+    """Rows of every tuned estimator on the preset's test prompts (the prompts E1 evaluates models on).
+
+    ``depth_steps``: also the rows of :func:`depth_matched_predictions` with that many steps
+    (then ``names=[]`` gives those rows only).
+    """
     prompts = eval_prompts(preset)
+    tuned = tuned_predictions(preset, names, prompts) if names is None or len(names) else {}
+    if depth_steps is not None:
+        tuned.update(depth_matched_predictions(preset, depth_steps, prompts))
     rows: list[dict[str, Any]] = []
-    for t in tuned_predictions(preset, names, prompts).values():
+    for t in tuned.values():
         rows += risk_rows(t, prompts[1].f, preset.task)
     return rows
