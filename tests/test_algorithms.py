@@ -149,3 +149,24 @@ def test_e1_depth_matched_rows_equal_direct_calls():
         assert hp["T"] == T and r["risk"] == pytest.approx(risk, rel=1e-12)
         assert r["risk_norm"] == pytest.approx(risk / norm, rel=1e-12)
     assert {r["label"] for r in estimator_rows(preset, ["ridge"], depth_matched=False)} == {"ridge"}
+
+
+def test_report_e1_depth_sentence_reads_the_cis():
+    """The report's sentence: lower / higher only for disjoint 95% CIs, at n = d and 2d, every model."""
+    from icl_heads.report import e1_depth_sentence
+
+    preset = get_preset("smoke")  # d = 5, n_max = 10, 2 layers
+
+    def rows(vals):  # n -> (risk_norm, ci half-width)
+        return [dict(n=float(n), risk_norm=v, ci_low=v - h, ci_high=v + h) for n, (v, h) in vals.items()]
+
+    c1 = {"transformer h=1": rows({5: (0.30, 0.01), 10: (0.10, 0.05)}),
+          "transformer h=2": rows({5: (0.50, 0.01), 10: (0.02, 0.01)}),
+          "gd_depth": rows({5: (0.40, 0.01), 10: (0.12, 0.01)}),
+          "pto_depth": rows({5: (0.31, 0.005), 10: (0.20, 0.01)}), "ridge": rows({5: (0.9, 0.1), 10: (0.9, 0.1)})}
+    s = e1_depth_sentence(c1, preset)
+    assert "T = L - 1 = 1 steps" in s
+    assert "at n = 5, h=1 is lower than gd_depth and tied with pto_depth; h=2 is higher than gd_depth and higher " \
+           "than pto_depth; at n = 10, h=1 is tied with gd_depth and lower than pto_depth; h=2 is lower than " \
+           "gd_depth and lower than pto_depth" in s
+    assert e1_depth_sentence({k: v for k, v in c1.items() if "depth" not in k}, preset) == ""
