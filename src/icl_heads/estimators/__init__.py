@@ -26,7 +26,10 @@ Step rules of ``gd``/``pto``/``pto_groups`` (``eta`` is the step size, or ``c`` 
 * ``"normalized"`` (``pto`` only): preprocess with ``(|r| / max_j |r_j|)^gamma`` and use step ``eta``.
 
 ``steps=[t0, t1, ...]`` returns a ``(len(steps), B, N)`` tensor with the predictions after each of
-those numbers of steps, from one run (``T`` is then ignored).
+those numbers of steps, from one run (``T`` is then ignored). ``guard="off" | "reject" | "clip"``
+decides what happens where a step is unstable (``step * lambda_max >= 2``): kept (default, may
+diverge), NaN, or capped at ``GUARD_C / lambda_max``. Tuning rejects and test predictions clip, so
+no tuned estimator diverges (:mod:`.tuning`).
 
 Where things are (one module per family)::
 
