@@ -11,6 +11,15 @@ per prompt, the same number as ours. The two are timed in alternating blocks
     .venv/bin/python benchmarks/train_throughput.py --preset quick --threads 1
 
 Needs the ``bench`` extra (``pip install -e .[bench]`` for ``transformers``).
+
+``--stacked`` measures something else: model-steps per second of a sweep trained
+as one stack (``icl_heads.stacked``) vs the same models trained one at a time,
+on one device in one run (alternating blocks again). Members: every head count
+of the preset x ``--seeds`` seeds (default: quick 4 seeds x heads {1, 2, 4} =
+12 models; paper 1 seed x heads {1, 2, 4, 8}); steps at the end of the
+schedule (full n, curriculum done)::
+
+    .venv/bin/python benchmarks/train_throughput.py --stacked --preset quick [--device cuda]
 """
 
 from __future__ import annotations
@@ -67,8 +76,65 @@ def step_fn(model: nn.Module, task, batch: int) -> Callable[[], None]:
     return step
 
 
+def stacked_vs_separate(a: argparse.Namespace) -> None:
+    """Model-steps/s of one stack vs the same members one at a time (each as ``training.train`` steps)."""
+    from pathlib import Path
+
+    from icl_heads.stacked import init_stack, make_optimizer, members_for, stack_step
+    from icl_heads.training import _make_optimizer, cuda_fast_math, train_prompts
+
+    p = get_preset(a.preset)
+    seeds = a.seeds or (4 if a.preset != "paper" else 1)
+    members = members_for(p, p.heads, range(seeds), lambda s, h: Path("unused"))
+    cfg, task, dev, k = p.train, p.task, a.device, p.train.steps - 1
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+    stack, gens, which = init_stack(members, dev)
+    sopt = make_optimizer(stack, cfg.lr, cfg.weight_decay, dev)
+    singles = []
+    for m in members:
+        one, g, _ = init_stack([m], dev)
+        model = one.member(0)
+        singles.append((model, _make_optimizer(model, cfg, dev), next(iter(g.values()))))
+
+    def stacked() -> None:
+        stack_step(stack, stack, sopt, gens, which, cfg, task, k)
+
+    def separate() -> None:
+        for model, opt, gen in singles:  # the body of training.train's loop
+            q = train_prompts(task, cfg.batch_size, gen, task.n_max, task.d)
+            loss = F.mse_loss(model(q.x, q.y), q.y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+
+    M, rates = len(members), {"stacked": [], "separate": []}
+    with cuda_fast_math(dev):
+        for fn in (stacked, separate):  # warm-up
+            for _ in range(2):
+                fn()
+        sync()
+        for _ in range(a.blocks):
+            for name, fn in (("stacked", stacked), ("separate", separate)):
+                t = time.perf_counter()
+                for _ in range(a.steps):
+                    fn()
+                sync()
+                rates[name].append(M * a.steps / (time.perf_counter() - t))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"preset={a.preset} device={dev} threads={torch.get_num_threads()} members={M} "
+          f"(heads {p.heads} x {seeds} seeds) batch={cfg.batch_size} n={task.n_max}; "
+          f"median of {a.blocks} alternating blocks of {a.steps} steps")
+    for k in ("stacked", "separate"):
+        print(f"  {k:9s} {med[k]:8.1f} model-steps/s  (blocks: {', '.join(f'{r:.1f}' for r in rates[k])})")
+    print(f"ratio stacked / separate: {med['stacked'] / med['separate']:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stacked", action="store_true", help="stacked sweep vs one model at a time (see above)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seeds", type=int, default=0, help="--stacked: seeds per head count (0: 4 quick, 1 paper)")
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
@@ -77,6 +143,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="steps per block")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.stacked:
+        return stacked_vs_separate(a)
     p = get_preset(a.preset)
     n_ex = p.task.n_max + 1
     torch.manual_seed(0)

@@ -203,3 +203,59 @@ def test_eval_of_non_checkpoint_is_checkpoint_error(tmp_path: Path, capsys: pyte
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert e.value.code == 2 and "not a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps,k,want", [
+    (8000, 8, [62, 125, 250, 500, 1000, 2000, 4000, 8000]),  # 8000 // 2**(7-i)
+    (300, 4, [37, 75, 150, 300]),
+    (24, 8, [1, 2, 3, 4, 5, 6, 12, 24]),  # 0, 0, 0, 1, 3, 6, 12, 24 pushed apart
+    (5, 8, [1, 2, 3, 4, 5]),
+    (10, 1, [10]),
+    (10, 0, []),
+])
+def test_snapshot_steps_hand_computed(steps: int, k: int, want: list[int]) -> None:
+    from icl_heads.training import snapshot_steps
+
+    got = snapshot_steps(TrainConfig(steps=steps, batch_size=8, lr=1e-3, snapshots=k))
+    assert got == want
+
+
+def test_snapshot_steps_are_distinct_increasing_and_end_at_steps() -> None:
+    from icl_heads.training import snapshot_steps
+
+    for steps in (1, 2, 7, 9, 50, 129, 1000):
+        for k in range(1, 12):
+            got = snapshot_steps(TrainConfig(steps=steps, batch_size=8, lr=1e-3, snapshots=k))
+            assert len(got) == min(k, steps) and got[-1] == steps and got[0] >= 1
+            assert all(a < b for a, b in zip(got, got[1:]))
+
+
+def _snapshot_files(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted((root / "snapshots").rglob("*")) if f.is_file()}
+
+
+def test_snapshots_written_at_planned_steps_and_resume_identical(tmp_path: Path) -> None:
+    from icl_heads.training import snapshot_dir, snapshot_steps
+
+    p = tiny(steps=24, snapshots=5)
+    plan = snapshot_steps(p.train)
+    assert plan == [1, 3, 6, 12, 24]
+    full = train(p, 2, tmp_path / "full", progress=False)
+    dirs = sorted(d.name for d in (tmp_path / "full" / "snapshots").iterdir())
+    assert dirs == [f"step{s:06d}" for s in plan]
+    last, meta = load_model(snapshot_dir(tmp_path / "full", 24))
+    assert weights_equal(last, full.model) and meta["step"] == 24 and meta["seed"] == p.seed
+    assert meta["preset"] == "smoke" and meta["task"] == p.task.model_dump() and not is_finished(snapshot_dir(tmp_path / "full", 24))
+    first, _ = load_model(snapshot_dir(tmp_path / "full", 1))
+    assert not weights_equal(first, full.model)
+    assert not (snapshot_dir(tmp_path / "full", 1) / "state.safetensors").exists()  # no optimizer state
+    # interrupted at 7 (after the step-6 snapshot), resumed: the same bytes in every snapshot file
+    train(p, 2, tmp_path / "cut", progress=False, stop_at=7)
+    assert sorted(d.name for d in (tmp_path / "cut" / "snapshots").iterdir()) == [f"step{s:06d}" for s in plan[:3]]
+    kept = (snapshot_dir(tmp_path / "cut", 3) / "model.safetensors").stat().st_mtime_ns
+    train(p, 2, tmp_path / "cut", resume=True, progress=False)
+    assert _snapshot_files(tmp_path / "cut") == _snapshot_files(tmp_path / "full")
+    assert (snapshot_dir(tmp_path / "cut", 3) / "model.safetensors").stat().st_mtime_ns == kept
+    cli.main(["eval", str(snapshot_dir(tmp_path / "cut", 6)), "--out", str(tmp_path / "ev"), "--device", "cpu",
+              "--prompts", "20"])
+    assert len(list(csv.DictReader(open(tmp_path / "ev" / "risk.csv")))) == p.task.n_max + 1

@@ -221,27 +221,44 @@ def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
 @app.command()
 @preset_option
 @out_option
-@click.option("--seeds", default=1, show_default=True, type=int, help="train every model with this many seeds")
+@click.option("--seeds", type=int, help="training seeds (default: the preset's `seeds`: smoke 2, quick 3, paper 3)")
+@click.option("--sigmas", help="noise levels for the trained-model stages, comma-separated (default: the preset's "
+                               "task.sigma); each other level trains its own models under OUT/sigma{value}/")
+@click.option("--stacked/--no-stacked", default=None,
+              help="train each noise level's models as one stacked model (default: on CUDA only)")
 @device_option
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="override any preset field by dotted path, e.g. --set train.steps=2000 (repeatable)")
 @click.option("--threads", default=1, show_default=True, type=int,
               help="torch threads for the estimator and analysis stages (training runs one process per model)")
-def reproduce(preset: str, out: Path, seeds: int, device: str, sets: tuple[str, ...], threads: int) -> None:
-    """Run E5, E1, E2, E3, E4 and E6 for a preset and write report.md/report.html into OUT."""
+def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str], stacked: Optional[bool],
+              device: str, sets: tuple[str, ...], threads: int) -> None:
+    """Run E5, E1-E4, E6 and E7 for a preset over seeds and write report.md/report.html into OUT."""
     p = make_preset(preset, None, **parse_sets(sets))
     dev = resolve_device(device)
-    if seeds < 1:
+    if seeds is not None and seeds < 1:
         raise ConfigError(f"seeds: must be >= 1 (got {seeds})")
     if threads < 1:
         raise ConfigError(f"threads: must be >= 1 (got {threads})")
+    levels = parse_floats(sigmas, "sigmas") if sigmas else None
     import torch
 
     from .reproduce import reproduce as run
 
     torch.set_num_threads(threads)
-    report = run(p, out, seeds=seeds, device=dev)
+    report = run(p, out, seeds=seeds, device=dev, sigmas=levels, stacked=stacked)
     click.echo(f"done: report at {report} (and {report.with_suffix('.html')})")
+
+
+def parse_floats(text: str, field: str) -> list[float]:
+    """``"0.1,0.5"`` to ``[0.1, 0.5]``, or a one-line error naming ``field``."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{field}: expected comma-separated numbers (got {text!r})") from None
+    if not values:
+        raise ConfigError(f"{field}: expected at least one number (got {text!r})")
+    return values
 
 
 def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
@@ -306,8 +323,10 @@ def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int]) -> None
 @click.option("--steps", type=int, help="override train.steps")
 @click.option("--seed", type=int, help="base seed")
 @click.option("--workers", type=int, help="training processes on CPU (default: one per head count)")
+@click.option("--stacked/--no-stacked", default=None,
+              help="train the head counts as one stacked model (default: on CUDA only)")
 def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed: Optional[int],
-                workers: Optional[int]) -> None:
+                workers: Optional[int], stacked: Optional[bool]) -> None:
     """E1: one model per head count (same seed and budget) vs the estimators; e1_heads.csv/.png."""
     p = make_preset(preset, seed, **{"train.steps": steps})
     if workers is not None and workers < 1:
@@ -315,7 +334,7 @@ def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed:
     dev = resolve_device(device)
     from .experiments.heads_sweep import run_e1
 
-    s = run_e1(p, out, dev, workers=workers)
+    s = run_e1(p, out, dev, workers=workers, stacked=stacked)
     click.echo(f"E1 written to {out} (training {s['train_wall_s']:.0f} s)")
 
 

@@ -75,6 +75,9 @@ class TrainConfig(_Strict):
     n_eval_prompts: int = Field(default=512, ge=1)
     checkpoint_every: int = Field(default=500, ge=1)
     threads: int = Field(default=0, ge=0, description="torch threads on CPU; 0 = torch default")
+    snapshots: int = Field(default=0, ge=0, description="weights-only snapshots per run at log-spaced steps; 0 = none")
+    bf16: bool = Field(default=False, description="CUDA only: bf16 autocast of the forward pass (loss in fp32)")
+    compile: bool = Field(default=False, description="CUDA only: torch.compile the model for training")
 
 
 class EvalConfig(_Strict):
@@ -83,6 +86,7 @@ class EvalConfig(_Strict):
     n_val: int = Field(default=1000, ge=2)
     n_test: int = Field(default=2000, ge=2)
     pto_steps: list[int] = Field(default=[1, 2, 3, 5, 10, 20, 50, 100, 200, 400])
+    n_emergence: int = Field(default=1000, ge=2, description="val and test prompts per E7 training snapshot")
 
 
 class Preset(_Strict):
@@ -100,6 +104,7 @@ class Preset(_Strict):
     train: TrainConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
     seed: int = Field(default=0, ge=0)
+    seeds: int = Field(default=3, ge=1, description="training seeds reproduce runs by default (seed, seed+1, ...)")
 
     @model_validator(mode="after")
     def _heads_ok(self) -> "Preset":
@@ -120,14 +125,14 @@ _PRESETS: dict[str, dict[str, Any]] = {
         task=dict(d=5, s=2, sigma=0.1, n_max=10),
         d_model=32, n_layers=2, heads=[1, 2],
         train=dict(steps=300, batch_size=64, lr=3e-3, warmup_steps=30, eval_every=100,
-                   n_eval_prompts=128, checkpoint_every=100),
-        eval=dict(n_val=200, n_test=400, pto_steps=[1, 5, 20, 100]),
+                   n_eval_prompts=128, checkpoint_every=100, snapshots=4),
+        eval=dict(n_val=200, n_test=400, pto_steps=[1, 5, 20, 100], n_emergence=200), seeds=2,
     ),
     "quick": dict(
         task=dict(d=10, s=2, sigma=0.1, n_max=20),
         d_model=64, n_layers=3, heads=[1, 2, 4], mlp=False,  # attention-only: 2x the steps/s (docs/training.md)
         train=dict(steps=8000, batch_size=64, lr=4e-3, warmup_steps=200, eval_every=1000,
-                   n_eval_prompts=512, checkpoint_every=1000),
+                   n_eval_prompts=512, checkpoint_every=1000, snapshots=8),
         eval=dict(n_val=1000, n_test=2000),
     ),
     "paper": dict(

@@ -29,36 +29,24 @@ Verdict rules (all read from files on disk, so anyone can recompute them):
   PtO's band lies wholly below both GD's and ridge's; the n where it wins and
   where it loses are listed either way.
 
-With several seeds a claim is reproduced (not reproduced) only if it is in every
-seed; otherwise inconclusive.
+Each rule also returns the statistics it thresholds (:class:`icl_heads.verdicts.Stat`); with
+several seeds :func:`icl_heads.verdicts.across_seeds` turns the per-seed verdicts into one
+(reproduced only if every seed reproduces and every statistic's 95% t-interval over seeds clears
+its threshold; one seed is never decided).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Sequence
 
 import numpy as np
 
 from .config import Preset
 from .document import Document
 from .io import atomic_write_text, read_csv, read_json, write_json
-
-REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
-
-
-@dataclass
-class Verdict:
-    claim: str
-    verdict: str
-    evidence: list[str] = field(default_factory=list)
-
-
-def combine(verdicts: Iterable[str]) -> str:
-    vs = set(verdicts)
-    return vs.pop() if len(vs) == 1 else INCONCLUSIVE
+from .verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Stat, Verdict, across_seeds
 
 
 def curves(path: Path, key: str) -> dict[str, list[dict[str, float]]]:
@@ -101,7 +89,9 @@ def claim_1a(e1_csv: Path, preset: Preset) -> Verdict:
              if lab.startswith("transformer")}
     ev = [f"{hmax} band below {hmin} at {len(below)}/{total} n >= {n_min:g}, above at {len(above)}",
           "mean normalised risk over n >= d/2: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())]
-    return Verdict("1a. more heads give lower excess risk", v, ev)
+    stats = [Stat(f"risk h={max(preset.heads)} / h={min(preset.heads)} (mean over n >= d/2)",
+                  float(means[hmax] / means[hmin]), 1.0, above=False)]
+    return Verdict("1a. more heads give lower excess risk", v, ev, stats)
 
 
 def claim_1b(e2: Path) -> Verdict:
@@ -124,7 +114,12 @@ def claim_1b(e2: Path) -> Verdict:
     ev += [f"layer {r['layer']} minus layer 1: {f(r, 'share_minus_layer1'):+.3f} "
            f"[{f(r, 'share_minus_layer1_ci_low'):+.3f}, {f(r, 'share_minus_layer1_ci_high'):+.3f}]" for r in later]
     ev.append(f"every layer-1 head's importance CI above 0: {all_l1_matter}")
-    return Verdict("1b. all heads matter in layer 1; one head dominates each later layer", v, ev)
+    l1 = [float(r["importance"]) for r in read_csv(e2 / "head_importance.csv") if r["layer"] == "1"]
+    stats = [Stat("smallest layer-1 head importance", min(l1), 0.0, above=True)]
+    for r in later:
+        stats += [Stat(f"layer {r['layer']} top-head share", f(r, "top_share"), 0.5, above=True),
+                  Stat(f"layer {r['layer']} share minus layer 1", f(r, "share_minus_layer1"), 0.0, above=True)]
+    return Verdict("1b. all heads matter in layer 1; one head dominates each later layer", v, ev, stats)
 
 
 def claim_2a(e3: Path) -> Verdict:
@@ -138,7 +133,9 @@ def claim_2a(e3: Path) -> Verdict:
         v = INCONCLUSIVE
     ev = [f"pruned/full risk ratio {p['ratio']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}]",
           f"control (layer 1 cut to one head)/full {c['ratio']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]"]
-    return Verdict("2a. pruning later layers to their top head keeps the risk", v, ev)
+    stats = [Stat("pruned/full risk", p["ratio"], 1.25, above=False),
+             Stat("control/full minus pruned/full", c["ratio"] - p["ratio"], 0.0, above=True)]
+    return Verdict("2a. pruning later layers to their top head keeps the risk", v, ev, stats)
 
 
 def layer1_probe(e4_csv: Path, model: str) -> tuple[float, float]:
@@ -152,7 +149,8 @@ def claim_2b(e4_csv: Path, multi: str, single: str) -> Verdict:
     (m, mh), (s, sh) = layer1_probe(e4_csv, multi), layer1_probe(e4_csv, single)
     v = REPRODUCED if s - sh > m + mh else NOT_REPRODUCED if s + sh < m - mh else INCONCLUSIVE
     ev = [f"layer-1 probe risk (mean over n >= 1): {multi} {m:.4f} ± {mh:.4f}, {single} {s:.4f} ± {sh:.4f}"]
-    return Verdict("2b. a single-head model is worse from layer 1 on (probes)", v, ev)
+    stats = [Stat("layer-1 probe risk, single head minus multi-head", s - m, 0.0, above=True)]
+    return Verdict("2b. a single-head model is worse from layer 1 on (probes)", v, ev, stats)
 
 
 def claim_2c(e6b_verdict_csv: Path, multi: str) -> Verdict:
@@ -163,7 +161,9 @@ def claim_2c(e6b_verdict_csv: Path, multi: str) -> Verdict:
     v = REPRODUCED if tracks == {"pto"} else NOT_REPRODUCED if tracks == {"gd"} else INCONCLUSIVE
     ev = [f"layer {r['layer']}: relative error to PtO {float(r['pto_rel_err']):.3f}, to GD {float(r['gd_rel_err']):.3f}, "
           f"GD - PtO [{float(r['diff_ci_low']):+.3f}, {float(r['diff_ci_high']):+.3f}] -> {r['tracks']}" for r in rows]
-    return Verdict("2c. later layers track PtO steps better than GD steps (E6b)", v, ev)
+    stats = [Stat(f"layer {r['layer']}: relative error to GD minus to PtO",
+                  float(r["gd_rel_err"]) - float(r["pto_rel_err"]), 0.0, above=True) for r in rows]
+    return Verdict("2c. later layers track PtO steps better than GD steps (E6b)", v, ev, stats)
 
 
 def claim_3(e5_csv: Path) -> Verdict:
@@ -196,33 +196,45 @@ def _ranges(ns: list[int]) -> str:
     return ", ".join(out)
 
 
-def compute_verdicts(out: Path, preset: Preset, seeds: int) -> list[Verdict]:
-    """Per-claim verdicts for a finished ``reproduce`` folder, combined across seeds."""
-    per_seed: list[list[Verdict]] = []
+def seed_verdicts(sd: Path, preset: Preset) -> list[Verdict]:
+    """The per-seed rules on one seed's folder (``seed{k}/``)."""
     hmax, hmin = max(preset.heads), min(preset.heads)
-    for k in range(seeds):
-        sd = out / f"seed{k}"
-        per_seed.append([
-            claim_1a(sd / "e1" / "e1_heads.csv", preset),
-            claim_1b(sd / "e2"),
-            claim_2a(sd / "e3"),
-            claim_2b(sd / "e4" / "probes.csv", f"h={hmax} full", f"h={hmin}"),
-            claim_2c(sd / "e6" / "e6b_verdict.csv", f"h{hmax}"),
-        ])
+    return [
+        claim_1a(sd / "e1" / "e1_heads.csv", preset),
+        claim_1b(sd / "e2"),
+        claim_2a(sd / "e3"),
+        claim_2b(sd / "e4" / "probes.csv", f"h={hmax} full", f"h={hmin}"),
+        claim_2c(sd / "e6" / "e6b_verdict.csv", f"h{hmax}"),
+    ]
+
+
+def compute_verdicts(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float] = ()) -> list[Verdict]:
+    """Per-claim verdicts for a finished ``reproduce`` folder, decided across seeds (``verdicts.across_seeds``).
+
+    With several noise levels every trained-model claim appears once per level, its name
+    carrying the sigma.
+    """
+    from .reproduce import sigma_dir
+
+    seed_ids = [preset.seed + k for k in range(seeds)]
     merged = []
-    for i, v0 in enumerate(per_seed[0]):
-        vs = [ps[i] for ps in per_seed]
-        ev = [f"seed {preset.seed + k} ({v.verdict}): " + "; ".join(v.evidence) for k, v in enumerate(vs)] \
-            if seeds > 1 else v0.evidence
-        merged.append(Verdict(v0.claim, combine(v.verdict for v in vs), ev))
+    for sigma in (sigmas or [preset.task.sigma]):
+        sp = sigma_dir(preset, sigma)
+        per_seed = [seed_verdicts(out / f"{sp}seed{k}", preset) for k in range(seeds)]
+        for i in range(len(per_seed[0])):
+            v = across_seeds([ps[i] for ps in per_seed], seed_ids)
+            if len(sigmas) > 1:
+                v.claim += f" [sigma={sigma:g}]"
+            merged.append(v)
     return merged + [claim_3(out / "e5" / "e5_risk.csv")]
 
 
-def write_report(out: Path, preset: Preset, seeds: int) -> Path:
+def write_report(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float] = ()) -> Path:
     """Write ``report.md``, ``report.html`` and ``verdicts.json`` into ``out``."""
     out = Path(out)
-    verdicts = compute_verdicts(out, preset, seeds)
-    write_json(out / "verdicts.json", [v.__dict__ for v in verdicts])
+    sigmas = list(sigmas)
+    verdicts = compute_verdicts(out, preset, seeds, sigmas)
+    write_json(out / "verdicts.json", [v.to_json() for v in verdicts])
     doc = build_document(out, preset, seeds, verdicts)
     atomic_write_text(out / "report.md", doc.to_markdown(out))
     atomic_write_text(out / "report.html", doc.to_html())
@@ -237,7 +249,18 @@ def build_document(out: Path, preset: Preset, seeds: int, verdicts: list[Verdict
              f"Seeds: {[preset.seed + k for k in range(seeds)]}. Risks are normalised by s tau^2 (zero predictor = 1); "
              "bands are 95% over test prompts. The rules behind each verdict are in `icl_heads/report.py` and docs/report.md.")
     doc.heading("Verdicts")
-    doc.table(["claim", "verdict", "evidence"], [[v.claim, v.verdict.upper(), "; ".join(v.evidence)] for v in verdicts])
+    doc.para("Claims about trained models are decided over seeds (docs/report.md, 'Across seeds'): reproduced only "
+             "if every seed reproduces and each statistic's 95% t-interval over seeds clears its threshold; one "
+             "seed is never decided. Each seed's own verdict uses CIs over test prompts.")
+    doc.table(["claim", "verdict", "statistic (needed)", "per seed", "mean [95% CI over seeds]"],
+              verdict_rows(verdicts))
+    doc.heading("Evidence per seed", 3)
+    for v in verdicts:
+        if v.per_seed:
+            doc.para(f"{v.claim} — " + " | ".join(
+                f"seed {p['seed']} ({p['verdict']}): " + "; ".join(p["evidence"]) for p in v.per_seed))
+        else:
+            doc.para(f"{v.claim} — " + "; ".join(v.evidence))
     _experiment_sections(doc, out, preset, seeds)
     return doc
 
@@ -263,6 +286,25 @@ def e1_depth_sentence(c1: dict[str, list[dict[str, float]]], preset: Preset) -> 
         for m in models) for n in ns]
     return (f"Depth-matched baselines (GD and PtO with T = L - 1 = {preset.n_layers - 1} steps, the step tuned per n): "
             + "; ".join(parts) + " (lower / higher: disjoint 95% CIs; tied: overlapping CIs).")
+
+
+def verdict_rows(verdicts: list[Verdict]) -> list[list[str]]:
+    """One row per thresholded statistic: claim and verdict on its first row, each seed's value, the interval."""
+    from .verdicts import t_interval
+
+    rows = []
+    for v in verdicts:
+        if not v.per_seed:  # not about trained models (claim 3)
+            rows.append([v.claim, v.verdict.upper(), "; ".join(v.evidence), "-", "-"])
+            continue
+        for i, st in enumerate(v.stats):
+            vals = [p["stats"][st.name] for p in v.per_seed]
+            m, lo, hi = t_interval(vals)
+            per = ", ".join(f"{p['seed']}: {x:.3f} ({p['verdict']})" for p, x in zip(v.per_seed, vals))
+            ci = f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if len(vals) > 1 else f"{m:.3f} (one seed)"
+            rows.append([v.claim if i == 0 else "", v.verdict.upper() if i == 0 else "",
+                         f"{st.name} ({'>' if st.above else '<'} {st.threshold:g})", per, ci])
+    return rows
 
 
 def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -> None:
@@ -301,6 +343,7 @@ def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -
             doc.figure(out / "e5" / name, cap)
     doc.heading("E6 — mechanism")
     _e6_section(doc, sd / "e6")
+    _e7_section(doc, out, preset, seeds)
     doc.heading("Provenance")
     m = read_json(out / "manifest.json") if (out / "manifest.json").exists() else {}
     env = m.get("environment", {})
@@ -308,6 +351,42 @@ def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -
              f"{env.get('packages', {}).get('torch')}, device {m.get('device')}. Stage wall times (s): "
              + ", ".join(f"{k} {v:.0f}" for k, v in m.get("stage_wall_s", {}).items())
              + ". Full config and versions: manifest.json; every number: the CSV/JSON files beside this report.")
+
+
+def _e7_section(doc: Document, out: Path, preset: Preset, seeds: int) -> None:
+    """E7: the emergence figure over seeds, one sentence per claim, the per-snapshot table."""
+    from .analysis.emergence import plot_emergence, read_emergence, trend
+
+    paths = [out / f"seed{k}" / "e7" / "emergence.csv" for k in range(seeds)]
+    if not all(p.exists() for p in paths):
+        return
+    seed_ids = [preset.seed + k for k in range(seeds)]
+    per_seed = read_emergence(paths)
+    doc.heading("E7 — emergence during training")
+    fig = plot_emergence(per_seed, seed_ids, out / "e7_emergence.png",
+                         f"E7: h={max(preset.heads)} model snapshots ({preset.name}), seeds {seed_ids}")
+    doc.figure(fig, "Top-head share per layer (E2, zero ablation, val prompts), risk at n = d, and pruned/full "
+                    "risk (E3, own read-out, test prompts) at log-spaced training snapshots; one marker per seed.")
+    trends = {s: trend(rows) for s, rows in zip(seed_ids, per_seed.values())}
+    for claim, key, what in (("1b", "claim_1b", "the head pattern (layer 1 spread, later layers one head)"),
+                             ("2a", "claim_2a", "pruning later layers to their top head")):
+        words = [t[key] for t in trends.values()]
+        agreed = words[0] if len(set(words)) == 1 else "is mixed across seeds"
+        detail = "; ".join(
+            f"seed {s}: " + (f"layer shares {', '.join(f'{x:.2f}' for x in t['first']['shares'])} -> "
+                             f"{', '.join(f'{x:.2f}' for x in t['last']['shares'])}" if key == "claim_1b" else
+                             f"pruned/full {t['first']['pruned_ratio']:.2f} -> {t['last']['pruned_ratio']:.2f}")
+            + f" (steps {t['from_step']:.0f} -> {t['to_step']:.0f}: {t[key]})" for s, t in trends.items())
+        doc.para(f"Claim {claim}: with training, {what} {agreed} (by the 95% CIs of the first learning snapshot "
+                 f"and the last). {detail}.")
+    rows = []
+    for s, rs in zip(seed_ids, per_seed.values()):
+        for step in sorted({r["step"] for r in rs}):
+            at = sorted((r for r in rs if r["step"] == step), key=lambda r: r["layer"])
+            rows.append([s, int(step), ", ".join(f"{r['top_share']:.2f}" for r in at),
+                         f"{at[0]['pruned_ratio']:.2f} [{at[0]['pruned_ci_low']:.2f}, {at[0]['pruned_ci_high']:.2f}]",
+                         f"{at[0]['risk_norm_at_d']:.3f}"])
+    doc.table(["seed", "step", "top-head share per layer", "pruned/full [95% CI]", "risk at n = d"], rows)
 
 
 def _e6_section(doc: Document, e6: Path) -> None:

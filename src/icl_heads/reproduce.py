@@ -15,13 +15,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .config import ConfigError, Preset
 from .io import environment, read_json, write_json
 
 # Share of the wall time per stage, measured on quick (2 CPU cores); only used for the ETA.
-_WEIGHTS = {"e5": 0.03, "e1": 0.75, "e2": 0.01, "e3": 0.01, "e4": 0.025, "e6": 0.175, "report": 0.005}
+_WEIGHTS = {"e5": 0.02, "train": 0.7, "e1": 0.01, "e2": 0.01, "e3": 0.01, "e4": 0.02, "e6": 0.06, "e7": 0.05,
+            "report": 0.005}
 
 
 def fingerprint(preset: Preset) -> str:
@@ -69,14 +70,34 @@ class StageRunner:
         return _hms(spent / done_w * left_w) if done_w > 0 and spent > 1 else "?"
 
 
-def stage_names(seeds: int) -> list[str]:
+def seed_heads(preset: Preset, k: int) -> list[int]:
+    """Head counts trained for seed index ``k``: all for the first seed, else the two the claims need.
+
+    Every claim about trained models compares the largest-head model with the single-head one
+    (1a, 2b) or analyses the largest-head model (1b, 2a, 2c, E7); the middle head counts only
+    fill E1's curve, so they are trained for the first seed alone (saves 1/3 of quick's training).
+    """
+    return list(preset.heads) if k == 0 else sorted({min(preset.heads), max(preset.heads)})
+
+
+def sigma_dir(preset: Preset, sigma: float) -> str:
+    """Sub-folder of a noise level: ``""`` for the preset's own sigma, else ``sigma{value}/``."""
+    return "" if sigma == preset.task.sigma else f"sigma{sigma:g}/"
+
+
+SEED_STAGES = ("e1", "e2", "e3", "e4", "e6", "e7")
+
+
+def stage_names(seeds: int, sigma_prefixes: Sequence[str] = ("",)) -> list[str]:
     names = ["e5"]
-    for k in range(seeds):
-        names += [f"seed{k}/{s}" for s in ("e1", "e2", "e3", "e4", "e6")]
+    for sp in sigma_prefixes:
+        names.append(f"{sp}train")
+        for k in range(seeds):
+            names += [f"{sp}seed{k}/{s}" for s in SEED_STAGES]
     return names + ["report"]
 
 
-def check_folder(out: Path, preset: Preset, seeds: int) -> None:
+def check_folder(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float]) -> None:
     """Refuse a folder that holds another config's run; record ours otherwise."""
     run_file = out / "run.json"
     fp = fingerprint(preset)
@@ -84,43 +105,64 @@ def check_folder(out: Path, preset: Preset, seeds: int) -> None:
         old = read_json(run_file)
         if old.get("fingerprint") != fp:
             raise ConfigError(f"out: {out} holds a run of another config ({old.get('preset')}); use a new --out")
-    write_json(run_file, {"preset": preset.name, "fingerprint": fp, "seeds": seeds})
+    write_json(run_file, {"preset": preset.name, "fingerprint": fp, "seeds": seeds, "sigmas": list(sigmas)})
 
 
-def reproduce(preset: Preset, out: Path, seeds: int = 1, device: str = "cpu") -> Path:
-    """Run every experiment for ``preset`` into ``out`` and write ``report.md``/``report.html``."""
+def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str = "cpu",
+              sigmas: Sequence[float] | None = None, stacked: bool | None = None) -> Path:
+    """Run every experiment for ``preset`` into ``out`` and write ``report.md``/``report.html``.
+
+    ``seeds`` training seeds (default ``preset.seeds``); ``sigmas``: noise levels for the
+    trained-model stages (default the preset's own; each other level trains its own models
+    under ``sigma{value}/``); ``stacked``: train each noise level's models as one stacked model
+    (default: on CUDA only, where it is faster; ``docs/training.md``).
+    """
+    from .analysis.emergence import run_e7
     from .analysis.heads import default_policy, run_e2, run_e3
     from .analysis.mechanism import run_e6
     from .analysis.probes import run_e4
     from .experiments.algorithms import run_e5
-    from .experiments.heads_sweep import run_e1
+    from .experiments.heads_sweep import E1_ESTIMATORS, model_dir, run_e1, train_seeds
     from .report import write_report
 
+    seeds = preset.seeds if seeds is None else seeds
     if seeds < 1:
         raise ConfigError(f"seeds: must be >= 1 (got {seeds})")
+    sigmas = [preset.task.sigma] if not sigmas else list(dict.fromkeys(float(x) for x in sigmas))
+    if any(x < 0 for x in sigmas):
+        raise ConfigError(f"sigmas: noise levels must be >= 0 (got {sigmas})")
+    sigmas.sort(key=lambda x: x != preset.task.sigma)  # the preset's own level first
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    check_folder(out, preset, seeds)
-    runner = StageRunner(out, preset, stage_names(seeds))
+    check_folder(out, preset, seeds, sigmas)
+    runner = StageRunner(out, preset, stage_names(seeds, [sigma_dir(preset, x) for x in sigmas]))
     runner.run("e5", out / "e5", lambda d: run_e5(preset, d))
-    for k in range(seeds):
-        pk = preset.model_copy(update={"seed": preset.seed + k})
-        sd = out / f"seed{k}"
-        runner.run(f"seed{k}/e1", sd / "e1", lambda d: run_e1(pk, d, device))
-        models = sd / "e1" / "models"
-        multi, single = models / f"h{max(preset.heads)}", models / f"h{min(preset.heads)}"
-        common = dict(preset=pk, seed=pk.seed, device=device)
-        runner.run(f"seed{k}/e2", sd / "e2", lambda d: run_e2(multi, d, **common))
-        runner.run(f"seed{k}/e3", sd / "e3", lambda d: run_e3(multi, d, **common))
-        runner.run(f"seed{k}/e4", sd / "e4", lambda d: run_e4(multi, d, prune=default_policy(pk.n_layers),
-                                                               compare=[single], **common))
-        runner.run(f"seed{k}/e6", sd / "e6", lambda d: run_e6(multi, d, single_ckpt=single, **common))
+    for sigma in sigmas:
+        sp = sigma_dir(preset, sigma)
+        ps = preset if not sp else preset.model_copy(update={"task": preset.task.model_copy(update={"sigma": sigma})})
+        per_seed = [ps.model_copy(update={"seed": ps.seed + k, "heads": seed_heads(ps, k)}) for k in range(seeds)]
+        dirs = [out / f"{sp}seed{k}" / "e1" for k in range(seeds)]
+        runner.run(f"{sp}train", out / f"{sp}train", lambda d: train_seeds(per_seed, dirs, device, stacked, d / "stacks"))
+        for k, pk in enumerate(per_seed):
+            sd = out / f"{sp}seed{k}"
+            runner.run(f"{sp}seed{k}/e1", sd / "e1",
+                       lambda d: run_e1(pk, d, device, estimators=E1_ESTIMATORS if k == 0 else None))
+            multi, single = model_dir(sd / "e1", max(pk.heads)), model_dir(sd / "e1", min(pk.heads))
+            common = dict(preset=pk, seed=pk.seed, device=device)
+            runner.run(f"{sp}seed{k}/e2", sd / "e2", lambda d: run_e2(multi, d, **common))
+            runner.run(f"{sp}seed{k}/e3", sd / "e3", lambda d: run_e3(multi, d, **common))
+            runner.run(f"{sp}seed{k}/e4", sd / "e4", lambda d: run_e4(multi, d, prune=default_policy(pk.n_layers),
+                                                                       compare=[single], **common))
+            runner.run(f"{sp}seed{k}/e6", sd / "e6", lambda d: run_e6(multi, d, single_ckpt=single, with_construct=k == 0,
+                                                                       **common))
+            runner.run(f"{sp}seed{k}/e7", sd / "e7", lambda d: run_e7(multi, d, **common))
     runner.log(f"[{len(runner.stages)}/{len(runner.stages)}] report   elapsed {_hms(runner.elapsed)}")
     t = time.perf_counter()
-    manifest = {"preset": preset.model_dump(), "seeds": [preset.seed + k for k in range(seeds)],
+    manifest = {"preset": preset.model_dump(), "seeds": [preset.seed + k for k in range(seeds)], "sigmas": sigmas,
+                "heads_per_seed": {str(preset.seed + k): seed_heads(preset, k) for k in range(seeds)},
                 "device": device, "stage_wall_s": runner.wall, "environment": environment()}
     write_json(out / "manifest.json", manifest)
-    report = write_report(out, preset, seeds)
+    report = write_report(out, preset, seeds, sigmas)
     manifest["stage_wall_s"]["report"] = time.perf_counter() - t
     manifest["total_wall_s"] = runner.elapsed
     write_json(out / "manifest.json", manifest)

@@ -19,16 +19,22 @@ Choices where the SPEC is silent:
 * curriculum over ``d`` (``curriculum_d``): the same ramp over the number of
   active coordinates; prompts are drawn in ``d_cur`` dimensions (support size
   ``min(s, d_cur)``) and the trailing ``d - d_cur`` coordinates are zero, so
-  the model's input width never changes.
+  the model's input width never changes;
+* snapshots (``train.snapshots = k``): weights-only checkpoints at the
+  log-spaced steps of :func:`snapshot_steps` in ``out/snapshots/step{step:06d}/``,
+  loadable by ``checkpoint.load_model`` like the main checkpoint, for
+  learning-dynamics analyses. They are a pure function of the run, so a resumed
+  run writes the missing ones with the same bytes as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +108,46 @@ def train_prompts(task: TaskConfig, batch: int, gen: torch.Generator, n: int, d:
     return Prompts(F.pad(p.x, (0, pad)), p.y, F.pad(p.w, (0, pad)), p.f)
 
 
+def snapshot_steps(cfg: TrainConfig) -> list[int]:
+    """The ``cfg.snapshots`` steps at which a snapshot is kept: halvings back from the last step.
+
+    ``step_i = steps // 2**(k-1-i)`` for ``i = 0..k-1`` (``k = cfg.snapshots``), so
+    consecutive snapshots are a factor ~2 apart and the last one is ``cfg.steps``
+    (e.g. 8000 steps, k=8: 62, 125, 250, ..., 4000, 8000). Where short runs make
+    these collide or hit 0, each is pushed to one step after its predecessor and
+    the list is then capped from the end so that it still ends at ``cfg.steps``;
+    with ``k >= steps`` every step is a snapshot.
+    """
+    k, steps = cfg.snapshots, cfg.steps
+    if k == 0:
+        return []
+    if k >= steps:
+        return list(range(1, steps + 1))
+    out: list[int] = []
+    for i in range(k):
+        out.append(max(steps // 2 ** (k - 1 - i), out[-1] + 1 if out else 1))
+    for i in range(k - 1, -1, -1):  # cap from the end: step_i <= steps - (k-1-i)
+        out[i] = min(out[i], steps - (k - 1 - i))
+    return out
+
+
+def snapshot_dir(out: str | Path, step: int) -> Path:
+    """Folder of the snapshot at ``step`` of the run in ``out``."""
+    return Path(out) / "snapshots" / f"step{step:06d}"
+
+
+def save_snapshot(out: str | Path, model: Transformer, meta: dict[str, Any], step: int) -> Path | None:
+    """Write the weights-only snapshot of ``step`` unless it exists (a resumed run keeps earlier ones).
+
+    ``meta`` is the run's meta (task, train, seed, preset); nothing wall-clock
+    dependent goes in, so the files depend on the weights alone.
+    """
+    path = snapshot_dir(out, step)
+    if (path / "meta.json").exists():
+        return None
+    return save_checkpoint(path, model, {**meta, "step": step, "snapshot": True})
+
+
 # --------------------------------------------------------------------------- state (de)serialisation
 
 def _state_tensors(opt: torch.optim.Optimizer, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -134,12 +180,38 @@ def _restore_state(tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
         torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
-def _make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (not biases, LayerNorm or embeddings), as in GPT-2."""
+def _make_optimizer(model: Transformer, cfg: TrainConfig, device: str = "cpu") -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (not biases, LayerNorm or embeddings), as in GPT-2.
+
+    On CUDA the fused kernel (one launch for all parameters); on CPU torch's default.
+    """
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    fused = {"fused": True} if device.startswith("cuda") else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), **fused)
+
+
+@contextmanager
+def cuda_fast_math(device: str) -> Iterator[None]:
+    """TF32 matmuls (and cuDNN) while training on CUDA; restored afterwards, so evaluation stays fp32."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    backends = [torch.backends.cuda.matmul, torch.backends.cudnn]
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        old = [b.fp32_precision for b in backends]
+        for b in backends:
+            b.fp32_precision = "tf32"
+    else:
+        old = [b.allow_tf32 for b in backends]
+        for b in backends:
+            b.allow_tf32 = True
+    try:
+        yield
+    finally:
+        for b, v in zip(backends, old):
+            setattr(b, "fp32_precision" if isinstance(v, str) else "allow_tf32", v)
 
 
 # --------------------------------------------------------------------------- training
@@ -191,16 +263,20 @@ def train(preset_or_cfgs: Preset | TrainSpec, n_heads: int | None, out_dir: str 
     torch.manual_seed(stream_seed(spec.seed, "init"))
     model = Transformer(spec.model).to(device)
     gen = generator(spec.seed, "train", device)
-    opt = _make_optimizer(model, cfg)
+    opt = _make_optimizer(model, cfg, device)
     step, history, wall = 0, [], 0.0
     if have_ckpt:
         model, meta = load_model(out, device)
         want = {**_run_meta(spec), "model_config": spec.model.model_dump()}
         got = {k: meta.get(k) for k in want}
+        try:  # train fields added since the checkpoint was written take their defaults
+            got["train"] = TrainConfig.model_validate(got["train"]).model_dump()
+        except ValueError:
+            pass
         if got != want:
             bad = next(k for k in want if got[k] != want[k])
             raise ConfigError(f"resume: checkpoint in {out} was made with a different {bad}")
-        opt = _make_optimizer(model, cfg)
+        opt = _make_optimizer(model, cfg, device)
         _restore_state(load_tensors(out, STATE_FILE, meta), opt, gen, out)
         step, history, wall = int(meta["step"]), list(meta.get("history", [])), float(meta.get("wall_s", 0.0))
         if meta.get("finished"):
@@ -219,37 +295,53 @@ def train(preset_or_cfgs: Preset | TrainSpec, n_heads: int | None, out_dir: str 
         return meta
 
     bar = _progress(progress, start=step, total=cfg.steps, desc=f"h={spec.model.n_heads}", position=position)
-    ema = None
+    snaps = set(snapshot_steps(cfg))
+    cuda = device.startswith("cuda")
+    fwd = torch.compile(model) if cfg.compile and cuda else model
+    ema: Any = None  # a float on CPU; a device tensor on CUDA, read only at evaluation steps (no per-step sync)
     t0 = time.perf_counter()
-    while step < end:
-        n, d = curriculum(step, cfg, task)
-        p = train_prompts(task, cfg.batch_size, gen, n, d)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss = F.mse_loss(model(p.x, p.y), p.y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{ema:.4f}", n=n, refresh=False)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            wall += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            row = {"step": step, "wall_s": round(wall, 2), "lr": lr_at(step - 1, cfg), "loss_ema": ema,
-                   **_val_summary(model, val, task)}
-            history.append(row)
-            if on_eval is not None:
-                on_eval(row)
+    with cuda_fast_math(device):
+        while step < end:
+            n, d = curriculum(step, cfg, task)
+            p = train_prompts(task, cfg.batch_size, gen, n, d)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            if cfg.bf16 and cuda:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    pred = fwd(p.x, p.y)
+                loss = F.mse_loss(pred.float(), p.y)
+            else:
+                loss = F.mse_loss(fwd(p.x, p.y), p.y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            if step in snaps:
+                save_snapshot(out, model, _run_meta(spec), step)
+            if cuda:
+                ema = loss.detach() if ema is None else 0.98 * ema + 0.02 * loss.detach()
+            else:
+                ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
             if bar is not None:
-                bar.set_postfix(loss=f"{ema:.4f}", **{k: f"{v:.4f}" for k, v in row.items() if k.startswith("r@")})
-        if step % cfg.checkpoint_every == 0 or step == end:
-            wall += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            checkpoint(step == cfg.steps)
+                bar.update(1)
+                if not cuda:
+                    bar.set_postfix(loss=f"{ema:.4f}", n=n, refresh=False)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                wall += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                row = {"step": step, "wall_s": round(wall, 2), "lr": lr_at(step - 1, cfg), "loss_ema": float(ema),
+                       **_val_summary(model, val, task)}
+                history.append(row)
+                if on_eval is not None:
+                    on_eval(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(ema):.4f}",
+                                    **{k: f"{v:.4f}" for k, v in row.items() if k.startswith("r@")})
+            if step % cfg.checkpoint_every == 0 or step == end:
+                wall += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                checkpoint(step == cfg.steps)
     if bar is not None:
         bar.close()
     model.eval()

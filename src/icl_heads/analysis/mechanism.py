@@ -203,17 +203,31 @@ def readouts(probe_acts: Activations, probe: Prompts, others: Sequence[Activatio
     return outs
 
 
-def algorithm_paths(task: TaskConfig, prompts: Prompts, steps: Sequence[int],
-                    algorithms: Sequence[Algorithm]) -> dict[str, np.ndarray]:
-    """``name -> (len(grid), len(steps), B, N)`` predictions of each algorithm for every step size and step."""
+PathCache = dict  # (id(prompts), steps, algorithm name) -> predictions; see algorithm_paths
+
+
+def algorithm_paths(task: TaskConfig, prompts: Prompts, steps: Sequence[int], algorithms: Sequence[Algorithm],
+                    cache: PathCache | None = None) -> dict[str, np.ndarray]:
+    """``name -> (len(grid), len(steps), B, N)`` predictions of each algorithm for every step size and step.
+
+    The paths depend on the prompts only, not on the model: ``cache`` (one dict per prompt set's
+    lifetime, e.g. one ``run_e6`` call) lets every model analysed on the same prompts reuse them,
+    which halves E6 for a multi-head + single-head pair.
+    """
     from ..estimators import FAMILIES
 
     out = {}
     for alg in algorithms:
+        key = (id(prompts), tuple(steps), alg.name)
+        if cache is not None and key in cache:
+            out[alg.name] = cache[key]
+            continue
         fam = FAMILIES[alg.family](task, list(steps))
         combos = [{"step": alg.step, alg.key: e, "T": t} for e in alg.grid for t in steps]
         pred = fam.predict(prompts.x.double(), prompts.y.double(), prompts.w.double(), combos).numpy()
         out[alg.name] = pred.reshape(len(alg.grid), len(steps), *pred.shape[1:])
+        if cache is not None:
+            cache[key] = out[alg.name]
     return out
 
 
@@ -231,7 +245,7 @@ def optimisation_readout(task: TaskConfig, val: Prompts, test: Prompts, val_acts
                          test_acts: Activations, val_reads: dict[str, np.ndarray], test_reads: dict[str, np.ndarray],
                          algorithms: Sequence[Algorithm] | None = None, n_min: int = 1,
                          detail: dict[tuple, tuple[np.ndarray, np.ndarray]] | None = None,
-                         **labels: Any) -> list[dict[str, Any]]:
+                         cache: PathCache | None = None, **labels: Any) -> list[dict[str, Any]]:
     """E6b rows: for layers ``l >= 2``, each readout vs each algorithm after ``l - 1`` steps, per n.
 
     ``detail``, if given, receives per-prompt ``(readout - alg)^2`` and ``readout^2`` arrays
@@ -245,8 +259,8 @@ def optimisation_readout(task: TaskConfig, val: Prompts, test: Prompts, val_acts
     steps = list(range(1, L))
     norm = task.s * task.tau**2
     cols = test_acts.q_pos
-    paths_val = {k: v[..., cols] for k, v in algorithm_paths(task, val, steps, algorithms).items()}
-    paths_test = {k: v[..., cols] for k, v in algorithm_paths(task, test, steps, algorithms).items()}
+    paths_val = {k: v[..., cols] for k, v in algorithm_paths(task, val, steps, algorithms, cache).items()}
+    paths_test = {k: v[..., cols] for k, v in algorithm_paths(task, test, steps, algorithms, cache).items()}
     f_val, f_test = val.f.double().numpy()[:, cols], test.f.double().numpy()[:, cols]
     rows = []
     for ro in READOUTS:
@@ -365,7 +379,7 @@ FINAL_T_GRID = (1, 2, 3, 5, 10, 20, 50, 100, 200, 400)
 def final_output_any_t(task: TaskConfig, val: Prompts, test: Prompts, val_pred: np.ndarray, test_pred: np.ndarray,
                        q_pos: np.ndarray, q_n: np.ndarray, T_grid: Sequence[int] = FINAL_T_GRID,
                        algorithms: Sequence[Algorithm] | None = None, n_min: int = 1,
-                       **labels: Any) -> list[dict[str, Any]]:
+                       cache: PathCache | None = None, **labels: Any) -> list[dict[str, Any]]:
     """Context for E6b: how close the model's *final* prediction comes to each algorithm at any T.
 
     The step size is matched per n on "val" (as ``eta_fit="match"``); rows give the mean over n of
@@ -378,8 +392,8 @@ def final_output_any_t(task: TaskConfig, val: Prompts, test: Prompts, val_pred: 
     chunks = [list(T_grid[i:i + 2]) for i in range(0, len(T_grid), 2)]  # bounds memory on large presets
     for alg, Ts in ((a, c) for a in algorithms for c in chunks):
         with np.errstate(over="ignore", invalid="ignore"):  # fixed steps diverge at large T: inf, never chosen
-            p_val = algorithm_paths(task, val, Ts, [alg])[alg.name][..., q_pos]  # (E, S, B, Q)
-            p_test = algorithm_paths(task, test, Ts, [alg])[alg.name][..., q_pos]
+            p_val = algorithm_paths(task, val, Ts, [alg], cache)[alg.name][..., q_pos]  # (E, S, B, Q)
+            p_test = algorithm_paths(task, test, Ts, [alg], cache)[alg.name][..., q_pos]
             for i, T in enumerate(Ts):
                 best = _nan_to_inf(((p_val[:, i] - val_pred[None]) ** 2).mean(1)).argmin(0)
                 a = p_test[best, i, :, np.arange(len(best))].T  # (B, Q)
@@ -435,17 +449,22 @@ def run_e6c(out: str | Path, settings: Sequence[tuple] = E6C_SETTINGS, seed: int
 
 
 def analyse_model(model: Transformer, task: TaskConfig, probe: Prompts, val: Prompts, test: Prompts,
-                  label: str, algorithms: Sequence[Algorithm] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """E6a and E6b for one model; ``label`` names it in every row (column ``model``)."""
+                  label: str, algorithms: Sequence[Algorithm] | None = None,
+                  cache: PathCache | None = None) -> dict[str, list[dict[str, Any]]]:
+    """E6a and E6b for one model; ``label`` names it in every row (column ``model``).
+
+    Pass the same ``cache`` for every model scored on these prompts (see :func:`algorithm_paths`).
+    """
     acts = {k: activations(model, p) for k, p in (("probe", probe), ("val", val), ("test", test))}
     r2, r2_pos = preprocessing_readout(acts["probe"], probe, acts["test"], test, model=label)
     val_reads, test_reads = readouts(acts["probe"], probe, [acts["val"], acts["test"]])
     detail: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
     agree = optimisation_readout(task, val, test, acts["val"], acts["test"], val_reads, test_reads,
-                                 algorithms, detail=detail, model=label)
+                                 algorithms, detail=detail, cache=cache, model=label)
     L = model.cfg.n_layers
     any_t = final_output_any_t(task, val, test, val_reads["lens"][L - 1], test_reads["lens"][L - 1],
-                               acts["test"].q_pos, acts["test"].q_n, algorithms=algorithms, model=label)
+                               acts["test"].q_pos, acts["test"].q_n, algorithms=algorithms, cache=cache,
+                               model=label)
     return {"r2": r2, "r2_position": r2_pos, "agreement": agree, "final_any_t": any_t, "detail": detail}
 
 
@@ -477,11 +496,12 @@ def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = N
             raise ConfigError(f"{k}: need at least 3 prompts (got {v})")
     probe, val, test = (fixed_prompts(pre.task, sizes[f"n_{s}"], seed, s) for s in ("probe", "val", "test"))
     results: dict[str, Any] = {"r2": [], "r2_position": [], "agreement": [], "final_any_t": [], "detail": {}}
-    labels = []
+    labels: list[str] = []
+    cache: PathCache = {}
     for path, m in models:
         label = f"h{m.cfg.n_heads}" + ("" if f"h{m.cfg.n_heads}" not in labels else f"_{len(labels)}")
         labels.append(label)
-        for k, v in analyse_model(m, pre.task, probe, val, test, label).items():
+        for k, v in analyse_model(m, pre.task, probe, val, test, label, cache=cache).items():
             if k == "detail":
                 results[k].update(v)
             else:

@@ -16,7 +16,8 @@ On CPU the head counts train *concurrently*, one process per model with
 single-thread processes ran ~1.3x faster in total than one two-thread process
 (measured, ``docs/training.md``), and three processes on two cores finish
 together instead of leaving a core idle for the last model. On CUDA they train
-one after another.
+as one stack (``icl_heads.stacked``): the models are too small to fill a GPU,
+so the stack costs about what one model does. ``stacked=`` overrides either.
 """
 
 from __future__ import annotations
@@ -40,46 +41,68 @@ def model_dir(out: str | Path, h: int) -> Path:
     return Path(out) / "models" / f"h{h}"
 
 
-def _train_one(preset_json: str, h: int, path: str, device: str, threads: int, position: int) -> float:
-    """Worker: train (or resume) one head count; returns the wall time of this call."""
+def _train_one(spec: Any, path: str, device: str, threads: int, position: int, progress: bool = True) -> float:
+    """Worker: train (or resume) one model; returns the wall time of this call."""
     import torch
 
-    from ..config import Preset
     from ..training import train
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    train(Preset.model_validate_json(preset_json), h, path, device, resume=True, progress=True, position=position)
+    train(spec, None, path, device, resume=True, progress=progress, position=position)
     return time.perf_counter() - t0
 
 
+def train_separately(items: Sequence[tuple[Any, str | Path]], device: str = "cpu", workers: int | None = None,
+                     progress: bool = True) -> dict[str, Any]:
+    """Train each ``(TrainSpec, out)`` alone: one process per model on CPU, one after another on CUDA."""
+    n_proc = len(items) if workers is None else max(1, min(workers, len(items)))
+    if device != "cpu":
+        n_proc = 1
+    walls: dict[str, float] = {}
+    if n_proc == 1:
+        threads = items[0][0].train.threads or (os.cpu_count() or 1) if device == "cpu" else 1
+        for spec, path in items:
+            walls[str(path)] = _train_one(spec, str(path), device, threads, 0, progress)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // n_proc)
+        with ProcessPoolExecutor(n_proc, mp_context=get_context("spawn")) as ex:
+            futs = {str(path): ex.submit(_train_one, spec, str(path), device, threads, i, progress)
+                    for i, (spec, path) in enumerate(items)}
+            walls = {k: f.result() for k, f in futs.items()}
+    return {"call_wall_s": walls, "processes": n_proc, "threads_each": threads}
+
+
+def default_stacked(device: str) -> bool:
+    """Stack the sweep on CUDA (a stack costs about one model there); train separately on CPU (~1x, measured)."""
+    return device.startswith("cuda")
+
+
 def train_models(preset: Preset, out: str | Path, device: str = "cpu", heads: Sequence[int] | None = None,
-                 workers: int | None = None) -> dict[int, dict[str, Any]]:
-    """Train every head count of ``preset`` (reusing finished checkpoints); per-h path and wall time."""
+                 workers: int | None = None, stacked: bool | None = None) -> dict[int, dict[str, Any]]:
+    """Train every head count of ``preset`` (reusing finished checkpoints); per-h path and wall time.
+
+    ``stacked`` (default :func:`default_stacked`) trains the head counts as one
+    stack (``icl_heads.stacked``; stack state in ``out/models/stacks/``).
+    """
+    from ..stacked import members_for, train_members
     from ..training import is_finished
 
     heads = list(preset.heads if heads is None else heads)
+    stacked = default_stacked(device) if stacked is None else stacked
     todo = [h for h in heads if not is_finished(model_dir(out, h))]
     info: dict[int, dict[str, Any]] = {h: {"path": str(model_dir(out, h)), "reused": h not in todo} for h in heads}
     if not todo:
         return info
-    n_proc = len(todo) if workers is None else max(1, min(workers, len(todo)))
-    if device != "cpu":
-        n_proc = 1
+    members = members_for(preset, todo, [preset.seed], lambda _s, h: model_dir(out, h))
     t0 = time.perf_counter()
-    if n_proc == 1:
-        threads = preset.train.threads or (os.cpu_count() or 1) if device == "cpu" else 1
-        for h in todo:
-            info[h]["call_wall_s"] = _train_one(preset.model_dump_json(), h, info[h]["path"], device, threads, 0)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // n_proc)
-        with ProcessPoolExecutor(n_proc, mp_context=get_context("spawn")) as ex:
-            futs = {h: ex.submit(_train_one, preset.model_dump_json(), h, info[h]["path"], device, threads, i)
-                    for i, h in enumerate(todo)}
-            for h, f in futs.items():
-                info[h]["call_wall_s"] = f.result()
+    got = train_members(members, device, stacked=stacked, workers=workers)
     for h in todo:
-        info[h]["processes"], info[h]["threads_each"] = n_proc, threads
+        if stacked:
+            info[h].update(stacked=True, stack=got["members"][str(model_dir(out, h))].get("stack"))
+        else:
+            info[h].update(stacked=False, call_wall_s=got["call_wall_s"][str(model_dir(out, h))],
+                           processes=got["processes"], threads_each=got["threads_each"])
     info["total_train_wall_s"] = time.perf_counter() - t0  # type: ignore[index]
     return info
 
@@ -99,8 +122,24 @@ def estimator_rows(preset: Preset, estimators: Sequence[str], depth_matched: boo
             for x in estimator_table(preset, list(estimators), depth_steps=T)]
 
 
+def train_seeds(presets: Sequence[Preset], outs: Sequence[str | Path], device: str = "cpu",
+                stacked: bool | None = None, stack_root: str | Path | None = None) -> dict[str, Any]:
+    """Train every seed's models at once: ``presets[k]`` (its seed and heads) into ``model_dir(outs[k], h)``.
+
+    One call so that, on CPU, all models train concurrently (one process each: the cores stay
+    busy until the last model ends) and, on CUDA, all seeds share one stack. Finished
+    checkpoints are reused, unfinished ones resumed.
+    """
+    from ..stacked import Member, train_members
+    from ..training import TrainSpec
+
+    members = [Member(TrainSpec.from_preset(p, h), model_dir(o, h)) for p, o in zip(presets, outs) for h in p.heads]
+    return train_members(members, device, stacked=stacked, stack_root=stack_root)
+
+
 def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | None = None,
-           estimators: Sequence[str] | None = E1_ESTIMATORS, depth_matched: bool = True) -> dict[str, Any]:
+           estimators: Sequence[str] | None = E1_ESTIMATORS, stacked: bool | None = None,
+           depth_matched: bool = True) -> dict[str, Any]:
     """Train/reuse the models, evaluate them and the estimators, write CSV, PNG, summary JSON."""
     from ..checkpoint import load_model
     from ..evaluation import evaluate
@@ -113,7 +152,7 @@ def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | 
     out.mkdir(parents=True, exist_ok=True)
     write_provenance(out, preset, preset.seed, experiment="E1 heads sweep", device=device)
     t0 = time.perf_counter()
-    info = train_models(preset, out, device, workers=workers)
+    info = train_models(preset, out, device, workers=workers, stacked=stacked)
     train_wall = time.perf_counter() - t0
 
     test = fixed_prompts(preset.task, preset.eval.n_test, preset.seed, "test")
