@@ -19,6 +19,8 @@ import torch
 from sklearn.linear_model import Lasso, Ridge
 
 from icl_heads import estimators as E
+from icl_heads.estimators.lasso_homotopy import _lasso_block
+from icl_heads.estimators.prefix import _by_chunks
 from icl_heads.config import TaskConfig
 from icl_heads.tasks import fixed_prompts
 
@@ -77,7 +79,7 @@ def main() -> None:
 
     grid = np.array(E.LASSO_ALPHAS)
     al = torch.tensor(grid)[:, None].expand(-1, task.n_max + 1)
-    _, t_grid = timed(lambda: E._by_chunks(lambda u, v: E._lasso_block(u, v, al, 1e-10, 20000), p.x, p.y))
+    _, t_grid = timed(lambda: _by_chunks(lambda u, v: _lasso_block(u, v, al, 1e-10, 20000), p.x, p.y))
     print(f"  lasso, whole grid of {len(grid)} alphas in one homotopy run: {t_grid:.3f} s "
           f"(sklearn per prefix would be ~{t_ref * len(grid):.0f} s)")
 

@@ -74,3 +74,47 @@ def test_reproduce_bad_input(tmp_path, args, needles):
     res = run_cli("reproduce", "--out", str(tmp_path / "o"), *args)
     assert_one_line_error(res, *needles)
     assert not (tmp_path / "o").exists()  # nothing is created before the config is valid
+
+
+OUT_COMMANDS = {  # every command with --out, with its other required arguments
+    "estimators": ["estimators", "--preset", "smoke"],
+    "train": ["train", "--preset", "smoke", "--heads", "1"],
+    "eval": ["eval", "CKPT"],
+    "sweep-heads": ["sweep-heads", "--preset", "smoke"],
+    "assess-heads": ["assess-heads", "CKPT"],
+    "prune": ["prune", "CKPT"],
+    "probe": ["probe", "CKPT"],
+    "mechanism": ["mechanism", "CKPT"],
+    "reproduce": ["reproduce", "--preset", "smoke"],
+}
+
+
+def test_out_commands_cover_the_cli():
+    from icl_heads.cli import app
+
+    with_out = {name for name, cmd in app.commands.items() if any(p.name == "out" for p in cmd.params)}
+    assert with_out == set(OUT_COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(OUT_COMMANDS))
+@pytest.mark.parametrize("where", ["proc", "under_file", "is_file"])
+def test_unusable_out_folder_is_one_line_exit_2(tmp_path, capsys, command, where):
+    """An --out folder that cannot be created or written: ``error: out: <why>``, exit 2, nothing run."""
+    from icl_heads.cli import main
+
+    (tmp_path / "file").write_text("x")
+    out = {"proc": "/proc/icl_heads_x", "under_file": str(tmp_path / "file" / "sub"),
+           "is_file": str(tmp_path / "file")}[where]
+    args = [str(tmp_path / "ckpt") if a == "CKPT" else a for a in OUT_COMMANDS[command]]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", out])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: out: ") and out in err, err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_unusable_out_folder_subprocess_has_no_traceback():
+    res = run_cli("eval", "/nonexistent_ckpt", "--out", "/proc/icl_heads_x")
+    assert res.returncode == 2
+    assert_one_line_error(res, "out:", "/proc/icl_heads_x")

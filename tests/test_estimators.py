@@ -12,6 +12,8 @@ from scipy.stats import multivariate_normal
 from sklearn.linear_model import Lasso, Ridge
 
 from icl_heads import estimators as E
+from icl_heads.estimators import prefix
+from icl_heads.estimators.lasso_homotopy import _lasso_cd
 from icl_heads.config import ConfigError, TaskConfig, get_preset
 from icl_heads.tasks import fixed_prompts, generator, sample_prompts
 
@@ -81,8 +83,8 @@ def test_lasso_coordinate_descent_fallback_matches_sklearn(data):
     H, g = st.mean_hessian()
     B, N, d = g.shape
     alpha = 0.02
-    w, failed = E._lasso_cd(H.reshape(-1, d, d), g.reshape(-1, d), torch.full((B * N,), alpha, dtype=torch.float64),
-                            1e-12, 50_000)
+    w, failed = _lasso_cd(H.reshape(-1, d, d), g.reshape(-1, d), torch.full((B * N,), alpha, dtype=torch.float64),
+                          1e-12, 50_000)
     assert failed == 0
     w = w.reshape(B, N, d).numpy()
     for b, k, Xk, yk, q in _prefixes(x, y):
@@ -276,7 +278,7 @@ def test_large_batches_are_chunked_consistently(data, monkeypatch):
     """Processing prompts in memory-bounded blocks gives the same numbers as one block."""
     x, y, w = data
     full = [E.pto(x, y, 10, 1.0), E.lasso(x, y, 0.05), E.bayes(x, y, S, 0.2)]
-    monkeypatch.setattr(E, "_ELEMS_BUDGET", NMAX * D * D * 2)  # two prompts per block
+    monkeypatch.setattr(prefix, "_ELEMS_BUDGET", NMAX * D * D * 2)  # two prompts per block
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         chunked = [E.pto(x, y, 10, 1.0), E.lasso(x, y, 0.05), E.bayes(x, y, S, 0.2)]
@@ -289,3 +291,64 @@ def test_fixed_prompts_streams_are_used():
     val, test = E.eval_prompts(preset)
     ref = fixed_prompts(preset.task, 30, preset.seed, "test")
     assert torch.equal(test.x, ref.x) and val.batch == 20
+
+
+@pytest.mark.parametrize("fn,eta", [(E.gd, 0.6), (E.pto, 4.0)])
+def test_step_guard_rejects_and_clips_unstable_steps(data, fn, eta):
+    """A fixed step with step * lambda_max >= 2 is NaN under "reject" and GD with step GUARD_C / lambda_max
+    under "clip" (numpy iteration); stable prefixes are untouched."""
+    x, y, _ = data
+    T = 30
+    raw, rej, clip = (fn(x, y, T, eta, step="fixed", guard=g).numpy() for g in ("off", "reject", "clip"))
+    unstable = 0
+    for b, k, Xk, yk, q in _prefixes(x, y):
+        D_ = np.abs(Xk.T @ yk / k) if fn is E.pto else np.ones(D)  # PtO: GD on diag(|r|) x
+        Xt = Xk * D_
+        lmax = np.linalg.eigvalsh(Xt.T @ Xt / k)[-1]
+        if eta * lmax >= 2:
+            unstable += 1
+            assert np.isnan(rej[b, k])
+            ref = (D_ * q) @ _np_gd(Xt, yk, E.GUARD_C / lmax, T)[-1]
+            assert clip[b, k] == pytest.approx(ref, rel=1e-8, abs=1e-10)
+        else:
+            assert rej[b, k] == raw[b, k] == clip[b, k]
+    assert 0 < unstable < (NMAX - 1) * x.shape[0]  # the case mixes stable and unstable prefixes
+    with pytest.raises(ConfigError, match="^guard:"):
+        fn(x, y, T, eta, step="fixed", guard="maybe")
+
+
+def test_tuning_rejects_steps_unstable_on_any_validation_prompt():
+    """val_risk is infinite exactly where a fixed step is unstable on at least one validation prompt."""
+    preset = get_preset("smoke", **{"eval.n_val": 40, "eval.n_test": 40, "eval.pto_steps": [5]})
+    val, _ = E.eval_prompts(preset)
+    fam = E.make_family("gd", preset)
+    combos = [c for c in fam.grid() if c["step"] == "fixed"]
+    risk = E.val_risk(fam, val, combos).numpy()
+    X = val.x.double().numpy()
+    for k in range(1, X.shape[1]):
+        lmax = max(np.linalg.eigvalsh(X[b, :k].T @ X[b, :k] / k)[-1] for b in range(X.shape[0]))
+        for i, c in enumerate(combos):
+            assert np.isinf(risk[i, k]) == (c["eta"] * lmax >= 2), (k, c)
+    assert np.isinf(risk).any() and np.isfinite(risk[:, 1:]).any()
+
+
+@pytest.mark.parametrize("base,fn", [("gd", E.gd), ("pto", E.pto)])
+def test_depth_matched_is_the_direct_call_with_the_validation_best_step(base, fn):
+    """gd_depth / pto_depth: exactly T = L - 1 steps, the step that minimises validation risk among the grid
+    (computed here by direct calls), and test predictions equal to the direct call with that step."""
+    preset = get_preset("smoke", **{"eval.n_val": 60, "eval.n_test": 80})
+    T = preset.n_layers - 1
+    val, test = E.eval_prompts(preset)
+    tuned = E.depth_matched_predictions(preset, T, (val, test))[f"{base}_depth"]
+    cands = [(c["step"], c.get("c", c.get("eta"))) for c in E.FAMILIES[base](preset.task, [T]).grid()]
+    with np.errstate(invalid="ignore"):
+        vr = np.stack([((fn(val.x, val.y, T, e, step=r, guard="reject") - val.f.double()) ** 2).mean(0).numpy()
+                       for r, e in cands])
+    vr = np.where(np.isfinite(vr), vr, np.inf)
+    for n in range(1, preset.task.n_max + 1):
+        hp = tuned.hparams[n]
+        assert hp["T"] == T and cands[int(np.argmin(vr[:, n]))] == (hp["step"], hp.get("c", hp.get("eta")))
+        direct = fn(test.x, test.y, T, hp.get("c", hp.get("eta")), step=hp["step"], guard="clip")[:, n]
+        assert torch.allclose(tuned.pred[:, n], direct, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ConfigError, match="^T:"):
+        E.depth_matched_predictions(preset, 0, (val, test))

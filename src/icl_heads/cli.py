@@ -8,6 +8,7 @@ inside the commands so ``--help`` is instant.
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,8 +28,31 @@ def preset_option(f: Any) -> Any:
                         help=f"one of {', '.join(PRESET_NAMES)}")(f)
 
 
+class OutDir(click.Path):
+    """``--out``: while the command line is parsed, the folder is created and test-written, then
+    whatever this probe created is removed again (nothing is left behind if a later check fails).
+    So an unusable folder is one line ``error: out: <why>`` (exit 2) for every command, before any work."""
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        path = Path(super().convert(value, param, ctx))
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"out: {value} exists and is not a folder")
+        missing = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as e:
+            raise ConfigError(f"out: cannot create or write the folder {value} ({e.strerror or e})") from None
+        finally:
+            for p in missing:
+                if p.is_dir():
+                    p.rmdir()
+        return path
+
+
 def out_option(f: Any) -> Any:
-    return click.option("--out", required=True, type=click.Path(path_type=Path),
+    return click.option("--out", required=True, type=OutDir(path_type=Path),
                         help="output folder (created; results are written atomically)")(f)
 
 

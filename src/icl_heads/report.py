@@ -265,6 +265,29 @@ def build_document(out: Path, preset: Preset, seeds: int, verdicts: list[Verdict
     return doc
 
 
+def e1_depth_sentence(c1: dict[str, list[dict[str, float]]], preset: Preset) -> str:
+    """How each trained model compares with the depth-matched GD / PtO (T = L - 1) at n = d and 2d, by the
+    95% CIs ("" when E1 has no depth-matched rows)."""
+    base = [b for b in ("gd_depth", "pto_depth") if b in c1]
+    models = [lab for lab in c1 if lab.startswith("transformer")]
+    d = preset.task.d
+    ns = [n for n in (d, 2 * d) if n <= preset.task.n_max]
+    if not base or not models or not ns:
+        return ""
+
+    def at(rows: list[dict[str, float]], n: int) -> dict[str, float]:
+        return next(r for r in rows if int(r["n"]) == n)
+
+    def cmp(a: dict[str, float], b: dict[str, float]) -> str:
+        return "lower than" if a["ci_high"] < b["ci_low"] else "higher than" if a["ci_low"] > b["ci_high"] else "tied with"
+
+    parts = [f"at n = {n}, " + "; ".join(
+        f"{m.removeprefix('transformer ')} is " + " and ".join(f"{cmp(at(c1[m], n), at(c1[b], n))} {b}" for b in base)
+        for m in models) for n in ns]
+    return (f"Depth-matched baselines (GD and PtO with T = L - 1 = {preset.n_layers - 1} steps, the step tuned per n): "
+            + "; ".join(parts) + " (lower / higher: disjoint 95% CIs; tied: overlapping CIs).")
+
+
 def verdict_rows(verdicts: list[Verdict]) -> list[list[str]]:
     """One row per thresholded statistic: claim and verdict on its first row, each seed's value, the interval."""
     from .verdicts import t_interval
@@ -293,6 +316,8 @@ def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -
     c1 = curves(sd / "e1" / "e1_heads.csv", "label")
     doc.table(["model / estimator"] + [f"n={n}" for n in ns],
               [[lab] + [_at(rows, n) for n in ns] for lab, rows in c1.items()])
+    if sentence := e1_depth_sentence(c1, preset):
+        doc.para(sentence)
     doc.heading("E2 — head assessment")
     doc.figure(sd / "e2" / "head_importance.png", "Risk increase when each head is gated off (raw and normalised per layer).")
     doc.table(["layer", "top head", "top share", "95% CI", "uniform share"],

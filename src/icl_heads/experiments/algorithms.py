@@ -3,8 +3,10 @@
 Outputs (in ``out``):
 
 * ``e5_risk.csv`` — ``estimator, n, risk, risk_norm, ci_low, ci_high, hparams`` for n = 1..n_max,
-  every estimator tuned per n on validation prompts; ``e5_risk.png`` (normalised risk, log y, 95% bands;
-  without the fixed-step PtO variants, whose divergence on a few prompts swamps the figure);
+  every estimator tuned per n on validation prompts; ``e5_risk.png`` (normalised risk, log y, 95% bands).
+  Tuning rejects any step that is unstable on a validation prompt, and a tuned step that is unstable
+  on a test prompt is clipped there (:meth:`icl_heads.estimators.Spectrum.step_size`), so no tuned
+  estimator diverges; ``config.json`` counts the clipped test prompts;
 * ``e5_vs_T.csv/png`` — GD and PtO (and the other PtO step rules, if selected) at a fixed number of
   steps T for every T of ``eval.pto_steps``, the step size re-tuned per (T, n), at n in {d/2, d, 2d};
 * ``e5_groups.csv/png`` — PtO with h contiguous groups, h = 1..d, at the same n: ``pto_groups`` tunes
@@ -45,7 +47,9 @@ STYLES: dict[str, dict[str, Any]] = {
 }
 
 
-PLOT_OMIT = ("pto_normalized", "pto_fixed")  # fixed steps diverge on some prompts: in the CSVs, not the risk figure
+PLOT_OMIT: tuple[str, ...] = ()  # estimators kept out of the risk figures (in the CSVs); none since the step guard
+
+
 def analysis_ns(preset: Preset) -> list[int]:
     """Context lengths of the vs-T and groups sweeps: d/2, d and 2d, those within 1..n_max."""
     d, n_max = preset.task.d, preset.task.n_max
@@ -65,17 +69,19 @@ def _rows(name: str, pred: torch.Tensor, f: torch.Tensor, preset: Preset, hp: Se
 
 
 def risk_table(preset: Preset, names: Sequence[str], prompts: tuple[Prompts, Prompts] | None = None
-               ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Main E5 rows (n = 1..n_max) for ``names`` and the seconds each estimator took (tuning + test)."""
+               ) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, dict[int, int]]]:
+    """Main E5 rows (n = 1..n_max) for ``names``, the seconds each estimator took (tuning + test), and
+    per estimator ``{n: test prompts whose tuned step the guard clipped}`` (only n where it did)."""
     val, test = E.eval_prompts(preset) if prompts is None else prompts
-    rows, secs = [], {}
+    rows, secs, clipped = [], {}, {}
     for name in names:
         t0 = time.perf_counter()
         tuned = E.tuned_predictions(preset, [name], (val, test))[name]
         with np.errstate(over="ignore", invalid="ignore"):
             rows += E.risk_rows(tuned, test.f, preset.task)
         secs[name] = round(time.perf_counter() - t0, 2)
-    return rows, secs
+        clipped[name] = {n: c for n, c in enumerate(tuned.clipped) if c}
+    return rows, secs, clipped
 
 
 def vs_T_table(preset: Preset, names: Sequence[str], val: Prompts, test: Prompts) -> list[dict[str, Any]]:
@@ -89,7 +95,7 @@ def vs_T_table(preset: Preset, names: Sequence[str], val: Prompts, test: Prompts
         chosen = {T: E.choose(combos, risk, [c["T"] == T for c in combos]) for T in fam.T_grid}
         needed = list({json.dumps(c, sort_keys=True): c for hp in chosen.values() for c in hp}.values())
         keys = [json.dumps(c, sort_keys=True) for c in needed]
-        pred = fam.predict(test.x, test.y, test.w, needed, ns)  # (len(needed), B, len(ns))
+        pred = fam.predict(test.x, test.y, test.w, needed, ns, guard="clip")  # (len(needed), B, len(ns))
         for T, hp in chosen.items():
             p = torch.stack([pred[keys.index(json.dumps(c, sort_keys=True)), :, j] for j, c in enumerate(hp)], 1)
             rows += _rows(name, p, test.f[:, ns], preset, hp, ns, T=T)
@@ -108,7 +114,7 @@ def groups_table(preset: Preset, val: Prompts, test: Prompts) -> list[dict[str, 
         chosen = {"pto_groups": E.choose(combos, risk), "pto_groups_a0": E.choose(combos, risk, [c["a"] == 0 for c in combos])}
         uniq = list({json.dumps(c, sort_keys=True): c for hp in chosen.values() for c in hp}.values())
         keys = [json.dumps(c, sort_keys=True) for c in uniq]
-        pred = fam.predict(test.x, test.y, test.w, uniq, ns)
+        pred = fam.predict(test.x, test.y, test.w, uniq, ns, guard="clip")
         for name, hp in chosen.items():
             p = torch.stack([pred[keys.index(json.dumps(c, sort_keys=True)), :, j] for j, c in enumerate(hp)], 1)
             rows += _rows(name, p, test.f[:, ns], preset, hp, ns, h=h)
@@ -173,7 +179,7 @@ def run_e5(preset: Preset, out: str | Path, names: Sequence[str] | None = None) 
     t_start = time.perf_counter()
     val, test = E.eval_prompts(preset)
 
-    rows, secs = risk_table(preset, names, (val, test))
+    rows, secs, clipped = risk_table(preset, names, (val, test))
     write_csv(out / "e5_risk.csv", [{k: r[k] for k in RISK_COLUMNS} for r in rows])
     curves = {n: [r for r in rows if r["estimator"] == n] for n in names if n not in PLOT_OMIT} or \
         {n: [r for r in rows if r["estimator"] == n] for n in names}
@@ -205,7 +211,7 @@ def run_e5(preset: Preset, out: str | Path, names: Sequence[str] | None = None) 
     for sigma in preset.sigmas:
         t0 = time.perf_counter()
         p2 = _with_sigma(preset, sigma)
-        r2, _ = risk_table(p2, names)
+        r2, _, _ = risk_table(p2, names)
         tag = f"{sigma:g}"
         write_csv(out / f"e5_risk_sigma{tag}.csv", [{k: r[k] for k in RISK_COLUMNS} for r in r2])
         risk_vs_n({n: [r for r in r2 if r["estimator"] == n] for n in names if n not in PLOT_OMIT} or
@@ -220,7 +226,8 @@ def run_e5(preset: Preset, out: str | Path, names: Sequence[str] | None = None) 
         grids=dict(ridge_lambda=E.RIDGE_LAMBDAS, lasso_alpha=E.LASSO_ALPHAS, gd_eta=E.GD_ETAS,
                    scale_free_c=E.SCALE_FREE_CS, pto_fixed_eta=E.PTO_FIXED_ETAS, group_a=E.GROUP_AS,
                    T=list(preset.eval.pto_steps)),
-        hparams=_hparams(rows), hparams_extra_sigmas=extra,
+        hparams=_hparams(rows), hparams_extra_sigmas=extra, guard_clipped_test_prompts=clipped,
+        guard=dict(stable_limit=E.STABLE_LIMIT, clip_c=E.GUARD_C),
         prompts=dict(val=preset.eval.n_val, test=preset.eval.n_test, streams=["val", "test"]),
         seconds=secs, threads=torch.get_num_threads(),
     )

@@ -5,6 +5,12 @@ one resumed). Every model is evaluated on the same test prompts as the E5
 estimators, ``fixed_prompts(task, eval.n_test, seed, "test")``; the tuned
 estimator rows come from :func:`icl_heads.estimators.estimator_table`.
 
+Depth-matched baselines: in the paper's story an L-layer model spends its first
+layer on preprocessing and can run at most L - 1 optimisation steps after it,
+while ``gd``/``pto`` tune T up to hundreds. So E1 also reports ``gd_depth`` and
+``pto_depth``: GD and PtO with exactly T = L - 1 steps, the step still tuned per
+n on the validation prompts (:func:`icl_heads.estimators.depth_matched_predictions`).
+
 On CPU the head counts train *concurrently*, one process per model with
 ``max(1, cores // models)`` torch threads each: on the 2-core machine two
 single-thread processes ran ~1.3x faster in total than one two-thread process
@@ -27,7 +33,8 @@ from ..config import Preset
 
 E1_ESTIMATORS = ("ols", "ridge", "lasso", "gd", "pto", "oracle_ls", "bayes")
 # ols (blows up at n = d) and oracle_ls (not an estimator; blows up at n < s) stay in the CSV, off the figure
-PLOT_ESTIMATORS = ("ridge", "lasso", "gd", "pto", "bayes")
+PLOT_ESTIMATORS = ("ridge", "lasso", "gd", "pto", "bayes", "gd_depth", "pto_depth")
+DEPTH_STYLE = {"ls": ":", "lw": 1.6}
 
 
 def model_dir(out: str | Path, h: int) -> Path:
@@ -100,6 +107,21 @@ def train_models(preset: Preset, out: str | Path, device: str = "cpu", heads: Se
     return info
 
 
+def depth_steps(preset: Preset) -> int | None:
+    """T = L - 1 of the depth-matched baselines (None for a one-layer model: no step after preprocessing)."""
+    return preset.n_layers - 1 if preset.n_layers >= 2 else None
+
+
+def estimator_rows(preset: Preset, estimators: Sequence[str], depth_matched: bool = True) -> list[dict[str, Any]]:
+    """E1's estimator rows (``kind="estimator"``): the tuned ``estimators`` and, with ``depth_matched``,
+    ``gd_depth``/``pto_depth`` with T = L - 1 steps; all on the models' test prompts."""
+    from ..estimators import estimator_table
+
+    T = depth_steps(preset) if depth_matched else None
+    return [{"kind": "estimator", "label": x.pop("estimator"), **x}
+            for x in estimator_table(preset, list(estimators), depth_steps=T)]
+
+
 def train_seeds(presets: Sequence[Preset], outs: Sequence[str | Path], device: str = "cpu",
                 stacked: bool | None = None, stack_root: str | Path | None = None) -> dict[str, Any]:
     """Train every seed's models at once: ``presets[k]`` (its seed and heads) into ``model_dir(outs[k], h)``.
@@ -116,7 +138,8 @@ def train_seeds(presets: Sequence[Preset], outs: Sequence[str | Path], device: s
 
 
 def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | None = None,
-           estimators: Sequence[str] | None = E1_ESTIMATORS, stacked: bool | None = None) -> dict[str, Any]:
+           estimators: Sequence[str] | None = E1_ESTIMATORS, stacked: bool | None = None,
+           depth_matched: bool = True) -> dict[str, Any]:
     """Train/reuse the models, evaluate them and the estimators, write CSV, PNG, summary JSON."""
     from ..checkpoint import load_model
     from ..evaluation import evaluate
@@ -145,14 +168,11 @@ def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | 
         curves[label], styles[label] = r, {"lw": 2.2}
         trained[h] = {"steps": meta["step"], "train_wall_s": meta.get("wall_s"), **info[h]}
     if estimators:
-        from ..estimators import estimator_table
-
-        for x in estimator_table(preset, list(estimators)):
-            x = {"kind": "estimator", "label": x.pop("estimator"), **x}
+        for x in estimator_rows(preset, estimators, depth_matched):
             rows.append(x)
             if x["label"] in PLOT_ESTIMATORS:
                 curves.setdefault(x["label"], []).append(x)
-                styles[x["label"]] = {"ls": "--", "lw": 1.2}
+                styles[x["label"]] = DEPTH_STYLE if x["label"].endswith("_depth") else {"ls": "--", "lw": 1.2}
     write_csv(out / "e1_heads.csv", rows)
     risk_vs_n(curves, out / "e1_heads.png", f"E1: heads sweep ({preset.name}, d={preset.task.d}, "
               f"s={preset.task.s}, sigma={preset.task.sigma})", styles)
