@@ -25,8 +25,15 @@ _WEIGHTS = {"e5": 0.02, "train": 0.7, "e1": 0.01, "e2": 0.01, "e3": 0.01, "e4": 
             "report": 0.005}
 
 
-def fingerprint(preset: Preset) -> str:
-    return hashlib.sha256(json.dumps(preset.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+def fingerprint(preset: Preset, fields: Sequence[str] | None = None) -> str:
+    """Hash of the preset, or of only the ``fields`` a stage depends on (so E5 survives a train.steps change)."""
+    dump = preset.model_dump()
+    if fields is not None:
+        dump = {k: dump[k] for k in fields}
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+E5_FIELDS = ("task", "sigmas", "eval", "seed")  # what E5 (estimators only) depends on
 
 
 @dataclass
@@ -40,11 +47,15 @@ class StageRunner:
     wall: dict[str, float] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
 
-    def run(self, name: str, folder: Path, fn: Callable[[Path], Any]) -> bool:
-        """Run ``fn(folder)`` unless ``folder/stage.json`` says it finished; return True if it ran."""
+    def run(self, name: str, folder: Path, fn: Callable[[Path], Any], fields: Sequence[str] | None = None) -> bool:
+        """Run ``fn(folder)`` unless ``folder/stage.json`` says it finished; return True if it ran.
+
+        ``fields``: the preset fields the stage depends on (default all) for its fingerprint.
+        """
         k = self.stages.index(name) + 1
         marker = folder / "stage.json"
-        if marker.exists() and read_json(marker).get("fingerprint") == fingerprint(self.preset):
+        fp = fingerprint(self.preset, fields)
+        if marker.exists() and read_json(marker).get("fingerprint") == fp:
             self.wall[name] = read_json(marker)["wall_s"]
             self.log(f"[{k}/{len(self.stages)}] {name}: done earlier ({self.wall[name]:.0f}s), reused")
             return False
@@ -53,7 +64,7 @@ class StageRunner:
         folder.mkdir(parents=True, exist_ok=True)
         fn(folder)
         self.wall[name] = time.perf_counter() - t
-        write_json(marker, {"stage": name, "wall_s": self.wall[name], "fingerprint": fingerprint(self.preset)})
+        write_json(marker, {"stage": name, "wall_s": self.wall[name], "fingerprint": fp})
         self.log(f"[{k}/{len(self.stages)}] {name}: finished in {_hms(self.wall[name])}")
         return True
 
@@ -136,7 +147,7 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
     out.mkdir(parents=True, exist_ok=True)
     check_folder(out, preset, seeds, sigmas)
     runner = StageRunner(out, preset, stage_names(seeds, [sigma_dir(preset, x) for x in sigmas]))
-    runner.run("e5", out / "e5", lambda d: run_e5(preset, d))
+    runner.run("e5", out / "e5", lambda d: run_e5(preset, d), fields=E5_FIELDS)
     for sigma in sigmas:
         sp = sigma_dir(preset, sigma)
         ps = preset if not sp else preset.model_copy(update={"task": preset.task.model_copy(update={"sigma": sigma})})
