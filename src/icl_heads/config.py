@@ -139,8 +139,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
         task=dict(d=20, s=3, sigma=0.1, n_max=40), sigmas=[0.0, 0.5],
         d_model=256, n_layers=4, heads=[1, 2, 4, 8],
         train=dict(steps=50000, batch_size=128, lr=5e-4, warmup_steps=2000, eval_every=2000,
-                   n_eval_prompts=1024, checkpoint_every=2000, curriculum=True),
-        eval=dict(n_val=2000, n_test=4000),
+                   n_eval_prompts=1024, checkpoint_every=2000, curriculum=True, snapshots=8),
+        eval=dict(n_val=1000, n_test=2000),  # as quick: CIs are ample at 2000, and E6's algorithm paths scale with it
     ),
 }
 
