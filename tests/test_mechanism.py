@@ -174,3 +174,20 @@ def test_final_any_t_finds_the_planted_number_of_steps():
     by = {(r["algorithm"], r["T"]): r["mean_rel_err"] for r in rows}
     assert by[("pto_scale_free", 5)] < 1e-20
     assert min(by[("pto_scale_free", 1)], by[("pto_scale_free", 20)], *(v for k, v in by.items() if k[0] == "gd_fixed")) > 1e-4
+
+
+def test_path_cache_reuses_and_equals_fresh_paths():
+    """E6 shares the (model-independent) algorithm paths between models: cached paths equal fresh ones."""
+    from icl_heads.analysis.mechanism import algorithm_paths
+
+    p = fixed_prompts(TASK, 30, 0, "val")
+    algs = [Algorithm("pto_fixed", "pto", "fixed", (0.05, 0.1)), Algorithm("gd_sf", "gd", "scale_free", (0.5, 1.0))]
+    cache: dict = {}
+    first = algorithm_paths(TASK, p, [1, 3], algs, cache)
+    again = algorithm_paths(TASK, p, [1, 3], algs, cache)
+    fresh = algorithm_paths(TASK, p, [1, 3], algs)
+    assert len(cache) == 2 and all(again[k] is first[k] for k in first)
+    for k in first:
+        np.testing.assert_array_equal(first[k], fresh[k])
+    # the last axis holds every prefix: GD after T steps from w = 0 is the gd estimator with that step
+    np.testing.assert_allclose(fresh["gd_sf"][1, 1], gd(p.x, p.y, 3, 1.0, step="scale_free").numpy(), rtol=1e-12)

@@ -164,8 +164,9 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
             runner.run(f"{sp}seed{k}/e3", sd / "e3", lambda d: run_e3(multi, d, **common))
             runner.run(f"{sp}seed{k}/e4", sd / "e4", lambda d: run_e4(multi, d, prune=default_policy(pk.n_layers),
                                                                        compare=[single], **common))
-            runner.run(f"{sp}seed{k}/e6", sd / "e6", lambda d: run_e6(multi, d, single_ckpt=single, with_construct=k == 0,
-                                                                       **common))
+            first = k == 0  # E6c and the any-T context are model-independent or verdict-free: first seed only
+            runner.run(f"{sp}seed{k}/e6", sd / "e6", lambda d: run_e6(multi, d, single_ckpt=single, with_construct=first,
+                                                                       with_any_t=first, **common))
             runner.run(f"{sp}seed{k}/e7", sd / "e7", lambda d: run_e7(multi, d, **common))
     runner.log(f"[{len(runner.stages)}/{len(runner.stages)}] report   elapsed {_hms(runner.elapsed)}")
     t = time.perf_counter()

@@ -450,7 +450,7 @@ def run_e6c(out: str | Path, settings: Sequence[tuple] = E6C_SETTINGS, seed: int
 
 def analyse_model(model: Transformer, task: TaskConfig, probe: Prompts, val: Prompts, test: Prompts,
                   label: str, algorithms: Sequence[Algorithm] | None = None,
-                  cache: PathCache | None = None) -> dict[str, list[dict[str, Any]]]:
+                  cache: PathCache | None = None, with_any_t: bool = True) -> dict[str, list[dict[str, Any]]]:
     """E6a and E6b for one model; ``label`` names it in every row (column ``model``).
 
     Pass the same ``cache`` for every model scored on these prompts (see :func:`algorithm_paths`).
@@ -462,7 +462,7 @@ def analyse_model(model: Transformer, task: TaskConfig, probe: Prompts, val: Pro
     agree = optimisation_readout(task, val, test, acts["val"], acts["test"], val_reads, test_reads,
                                  algorithms, detail=detail, cache=cache, model=label)
     L = model.cfg.n_layers
-    any_t = final_output_any_t(task, val, test, val_reads["lens"][L - 1], test_reads["lens"][L - 1],
+    any_t = [] if not with_any_t else final_output_any_t(task, val, test, val_reads["lens"][L - 1], test_reads["lens"][L - 1],
                                acts["test"].q_pos, acts["test"].q_n, algorithms=algorithms, cache=cache,
                                model=label)
     return {"r2": r2, "r2_position": r2_pos, "agreement": agree, "final_any_t": any_t, "detail": detail}
@@ -471,12 +471,14 @@ def analyse_model(model: Transformer, task: TaskConfig, probe: Prompts, val: Pro
 def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = None, *,
            preset: Preset | str | None = None, n_prompts: int | None = None, n_probe: int | None = None,
            n_val: int | None = None, n_test: int | None = None, seed: int | None = None, device: str = "cpu",
-           with_construct: bool = True) -> dict[str, Any]:
+           with_construct: bool = True, with_any_t: bool = True) -> dict[str, Any]:
     """E6 for the model in ``ckpt`` (and the single-head ``single_ckpt``): CSVs, figures, summary JSON.
 
     Prompts: "probe" (decoders, probes), "val" (step sizes), "test" (scores), from the task
     recorded in the checkpoint (or ``preset``) and the preset's seed, as in E2-E4; each set has ``n_prompts`` prompts, by default the preset's
-    ``eval.n_test`` (probe, test) and ``eval.n_val`` (val). ``with_construct`` adds E6c.
+    ``eval.n_test`` (probe, test) and ``eval.n_val`` (val). ``with_construct`` adds E6c;
+    ``with_any_t`` the final-output-vs-any-T context (:func:`final_output_any_t`, half of E6's time
+    on quick; ``reproduce`` runs it for the first seed only, as E6c, since no verdict reads it).
     """
     from .heads import load_for_analysis
 
@@ -501,7 +503,7 @@ def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = N
     for path, m in models:
         label = f"h{m.cfg.n_heads}" + ("" if f"h{m.cfg.n_heads}" not in labels else f"_{len(labels)}")
         labels.append(label)
-        for k, v in analyse_model(m, pre.task, probe, val, test, label, cache=cache).items():
+        for k, v in analyse_model(m, pre.task, probe, val, test, label, cache=cache, with_any_t=with_any_t).items():
             if k == "detail":
                 results[k].update(v)
             else:
@@ -524,7 +526,7 @@ def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = N
         e6b_verdict=verdict,
         e6b_final_best_t={f"{m}/{a}": min((r for r in results["final_any_t"] if (r["model"], r["algorithm"]) == (m, a)),
                                           key=lambda r: r["mean_rel_err"])
-                          for m in labels for a in ALGORITHMS},
+                          for m in labels for a in ALGORITHMS} if with_any_t else {},
         e6c_max_abs_dev=max((r["max_abs_dev"] for r in e6c), default=None),
         figures=[str(f) for f in figs],
     )
