@@ -432,3 +432,26 @@ def test_cli_ablation_all_writes_every_kind_and_rejects_a_bad_kind(hand_ckpt, tm
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ablation: ") and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_report_judges_2a_per_kind_by_read_out_and_by_probe(hand_ckpt, tmp_path):
+    from icl_heads.analysis.heads import run_e2, run_e3
+    from icl_heads.report import claims_1b, claims_2a
+
+    run_e3(hand_ckpt, tmp_path / "e3", n_prompts=40, n_boot=100, ablations="all")
+    vs = claims_2a(tmp_path / "e3")
+    s = read_json(tmp_path / "e3" / "summary.json")
+    assert [(v.numbers["ablation"], v.numbers["readout"]) for v in vs] == [
+        (k, r) for k in ("zero", "mean", "resample") for r in ("model", "probe")]
+    for v in vs:
+        by = s["by_ablation"][v.numbers["ablation"]]
+        p, c = (by["risk_ratio_vs_full" if v.numbers["readout"] == "model" else "probe_ratio_vs_full"][m]
+                for m in ("pruned", "control"))
+        want = ("reproduced" if p["ci_high"] <= 1.25 and p["ci_high"] < c["ci_low"]
+                else "not reproduced" if p["ci_low"] > 1.25 else "inconclusive")
+        assert v.verdict == want and v.numbers["pruned"] == p
+    run_e2(hand_ckpt, tmp_path / "e2", n_prompts=40, n_boot=50, ablations=["resample", "zero"])
+    v1 = claims_1b(tmp_path / "e2")
+    assert [v.numbers["ablation"] for v in v1] == ["resample", "zero"]
+    conc = [r for r in read_csv(tmp_path / "e2" / "concentration.csv") if r["ablation"] == "zero"]
+    assert v1[1].numbers["top_share"] == [float(r["top_share"]) for r in conc]

@@ -54,7 +54,7 @@ def test_report_has_every_section_figure_and_verdict(run):
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(figures)
     verdicts = json.loads((run / "verdicts.json").read_text())
-    assert [v["claim"][:2] for v in verdicts] == ["1a", "1b", "2a", "2b", "2c", "3."]
+    assert [v["claim"][:2] for v in verdicts] == ["1a", "1b", "2a", "2a", "2b", "2c", "3."]  # 2a: own read-out, probe
     for v in verdicts:
         assert v["verdict"] in ("reproduced", "not reproduced", "inconclusive")
         assert v["verdict"].upper() in md
@@ -69,7 +69,8 @@ def _bands(path: Path, key: str, label: str) -> dict[int, tuple[float, float]]:
 
 def test_verdicts_follow_from_the_csvs(run):
     """Recompute every verdict from the experiment files, independently of icl_heads.report."""
-    got = {v["claim"][:2]: v["verdict"] for v in json.loads((run / "verdicts.json").read_text())}
+    verdicts = json.loads((run / "verdicts.json").read_text())
+    got = {v["claim"][:2]: v["verdict"] for v in verdicts if "probe after" not in v["claim"]}
     sd = run / "seed0"
     # 1a: h=2 vs h=1, n >= d/2 = 2.5
     a, b = _bands(sd / "e1/e1_heads.csv", "label", "transformer h=2"), _bands(sd / "e1/e1_heads.csv", "label", "transformer h=1")
@@ -87,11 +88,13 @@ def test_verdicts_follow_from_the_csvs(run):
     bad = any(float(r["ci_high"]) < 0.5 or float(r["share_minus_layer1_ci_high"]) < 0 for r in conc[1:])
     assert got["1b"] == ("reproduced" if ok else "not reproduced" if bad else "inconclusive")
     # 2a
-    ratio = json.loads((sd / "e3/summary.json").read_text())["risk_ratio_vs_full"]
-    p, c = ratio["pruned"], ratio["control"]
-    want = ("reproduced" if p["ci_high"] <= 1.25 and p["ci_high"] < c["ci_low"]
-            else "not reproduced" if p["ci_low"] > 1.25 else "inconclusive")
-    assert got["2a"] == want
+    for key in ("risk_ratio_vs_full", "probe_ratio_vs_full"):  # own read-out, then last-layer probe
+        ratio = json.loads((sd / "e3/summary.json").read_text())[key]
+        p, c = ratio["pruned"], ratio["control"]
+        want = ("reproduced" if p["ci_high"] <= 1.25 and p["ci_high"] < c["ci_low"]
+                else "not reproduced" if p["ci_low"] > 1.25 else "inconclusive")
+        probe = [v["verdict"] for v in verdicts if v["claim"].startswith("2a") and "probe after" in v["claim"]]
+        assert (got["2a"] if key == "risk_ratio_vs_full" else probe[0]) == want
     # 2b: layer-1 probes, mean over n >= 1, band = mean half-width
     def probe(model: str) -> tuple[float, float]:
         rs = [r for r in rows(sd / "e4/probes.csv") if r["model"] == model and r["layer"] == "1" and int(r["n"]) >= 1]
@@ -132,7 +135,7 @@ def test_verdicts_across_seeds_use_every_seed(run, tmp_path):
     data["risk_ratio_vs_full"]["pruned"] = flipped
     data["risk_ratio_vs_full"]["control"] = {"ratio": 20.0, "ci_low": 19.0, "ci_high": 21.0}
     summary.write_text(json.dumps(data))
-    mixed = {v.claim[:2]: v for v in compute_verdicts(two, get_preset("smoke"), 2)}
+    mixed = {v.claim[:2]: v for v in compute_verdicts(two, get_preset("smoke"), 2) if "probe after" not in v.claim}
     assert mixed["2a"].verdict == "inconclusive"
     assert [e.split(":")[0] for e in mixed["2a"].evidence] == [f"seed 0 ({seed0})", f"seed 1 ({seed1})"]
 
