@@ -2,6 +2,9 @@
 
 Usage: ``python benchmarks/assess_heads.py [--heads 4] [--prompts 2000] [--threads 1] [--repeat 3]``
 
+Also times ``--ablation all`` (zero, mean and resample sharing one base pass, plus the clean
+reference run that mean and resample need) against ``--ablation zero`` and prints the ratio.
+
 Model: the ``quick`` preset's 3-layer model with 4 heads, randomly initialised (timing does
 not depend on training). Prompts: the preset's test-set size. Prints the plain-evaluation
 time, the E2 time, their ratio, the ratio to the naive approach (one full forward per gate
@@ -15,7 +18,8 @@ import time
 
 import torch
 
-from icl_heads.analysis.heads import assess_heads
+from icl_heads.analysis.ablation import make_ablations
+from icl_heads.analysis.heads import assess_heads, assess_heads_kinds
 from icl_heads.config import get_preset
 from icl_heads.evaluation import evaluate
 from icl_heads.model import Transformer
@@ -61,6 +65,15 @@ def main() -> None:
     print(f"ratio E2 / plain = {e2 / plain:.2f}  (target in the issue: <= 3)")
     print(f"work ratio of exact E2 with prefix sharing (layer passes / plain) = {floor:.2f}; "
           f"naive (one forward per setting) = {settings}")
+
+    def kinds(names: tuple[str, ...]) -> None:  # what run_e2 does: reference run, then one shared assessment
+        abls = make_ablations(model, names, pre.task, prompts.batch, pre.seed)
+        assess_heads_kinds(model, prompts, pre.task, list(abls.values()), batch_rows=args.batch_rows)
+
+    zero = best_time(lambda: kinds(("zero",)), args.repeat)
+    every = best_time(lambda: kinds(("zero", "mean", "resample")), args.repeat)
+    print(f"E2 --ablation zero: {zero:.3f} s; --ablation all (zero, mean, resample + reference run): {every:.3f} s; "
+          f"ratio all / zero = {every / zero:.2f}")
     if args.naive:
         def naive() -> None:
             for l in range(L):

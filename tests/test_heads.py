@@ -288,3 +288,170 @@ def test_cli_rejects_a_bad_policy_with_one_line(hand_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: keep: ") and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- ablation kinds
+
+def _constant_head_model(layer: int = 1, head: int = 0) -> Transformer:
+    """A random softmax model whose head ``(layer, head)`` outputs the same vector everywhere:
+    its value rows are 0 and its value bias is 1, and softmax weights sum to 1."""
+    m = random_model("softmax", heads=2, layers=2, seed=4)
+    D, dh = m.cfg.d_model, m.cfg.d_model // 2
+    rows = slice(2 * D + head * dh, 2 * D + (head + 1) * dh)
+    with torch.no_grad():
+        m.blocks[layer].attn.qkv.weight[rows] = 0
+        m.blocks[layer].attn.qkv.bias[rows] = 1.0
+    return m
+
+
+def test_mean_ablation_of_a_constant_head_changes_nothing_but_zero_ablation_does():
+    m = _constant_head_model(layer=1, head=0)
+    p, ref = fixed_prompts(TASK, 40, 1, "test"), fixed_prompts(TASK, 30, 1, "ablation")
+    _, cache = m.run_with_cache(p.x.float(), p.y.float())
+    out = cache["blocks.1.attn.head_out"][..., 0, :]
+    torch.testing.assert_close(out, torch.ones_like(out), rtol=0, atol=1e-6)  # the head really is constant
+    zero = assess_heads(m, p, TASK, ablation="zero").score(ABLATE)
+    mean = assess_heads(m, p, TASK, ablation="mean", reference=ref).score(ABLATE)
+    assert abs(zero[1, 0]) > 1e-3
+    assert abs(mean[1, 0]) < 1e-6
+    assert abs(mean[1, 1]) > 1e-3  # the other head of the layer still matters
+
+
+def _patched_errors(m: Transformer, p, layer: int, heads: list[int], donor_out: torch.Tensor) -> np.ndarray:
+    """Squared errors with ``heads`` of ``layer`` replaced by ``donor_out`` ((P, T, h, dh) or (T, h, dh))
+    at the output projection's input: a hand-made patch, not the model's gate/value path."""
+    dh = m.cfg.d_model // m.cfg.n_heads
+
+    def hook(module, args):
+        z = args[0].clone().view(*args[0].shape[:2], m.cfg.n_heads, dh)
+        for k in heads:
+            z[..., k, :] = donor_out[..., k, :]
+        return (z.view(args[0].shape),)
+
+    handle = m.blocks[layer].attn.proj.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            pred = m(p.x.float(), p.y.float())
+    finally:
+        handle.remove()
+    return (pred.double().numpy() - p.f.numpy()) ** 2
+
+
+@pytest.mark.parametrize("kind", ["resample", "mean"])
+def test_resample_and_mean_ablation_equal_patching_the_head_by_hand(kind):
+    from icl_heads.analysis.ablation import make_ablation
+
+    m = random_model("softmax", heads=2, layers=3, seed=6)
+    p, ref = fixed_prompts(TASK, 24, 2, "test"), fixed_prompts(TASK, 30, 2, "ablation")
+    abl = make_ablation(m, kind, reference=ref, seed=11)
+    imp = assess_heads(m, p, TASK, ablation=abl, batch_rows=20)  # several chunks: donor offsets matter
+    with torch.no_grad():
+        _, ref_cache = m.run_with_cache(ref.x.float(), ref.y.float())
+    donors = np.random.default_rng(11).permutation(30)[:24]  # the documented pairing
+    assert len(set(donors.tolist())) == 24
+    for l in range(3):
+        clean = ref_cache[f"blocks.{l}.attn.head_out"]  # (R, T, h, dh)
+        donor_out = clean[torch.as_tensor(donors)] if kind == "resample" else clean.mean(0)
+        for k in range(2):
+            want = _patched_errors(m, p, l, [k], donor_out)
+            np.testing.assert_allclose(imp.ablate_err[l, k], want, rtol=1e-4, atol=1e-6)
+            keep_want = _patched_errors(m, p, l, [1 - k], donor_out)  # keep k = ablate the other head
+            np.testing.assert_allclose(imp.keep_err[l, k], keep_want, rtol=1e-4, atol=1e-6)
+    zero = assess_heads(m, p, TASK)
+    assert np.abs(imp.ablate_err - zero.ablate_err).max() > 1e-4  # the kinds really differ
+
+
+def test_several_kinds_share_the_base_pass_and_equal_single_runs():
+    from icl_heads.analysis.ablation import make_ablations
+    from icl_heads.analysis.heads import assess_heads_kinds
+
+    m = random_model("softmax", heads=2, layers=2, seed=8)
+    p = fixed_prompts(TASK, 16, 3, "test")
+    abls = make_ablations(m, "all", TASK, 20, seed=0)
+    both = assess_heads_kinds(m, p, TASK, list(abls.values()))
+    for kind, abl in abls.items():
+        one = assess_heads(m, p, TASK, ablation=abl)
+        assert both[kind].ablation == kind
+        np.testing.assert_array_equal(both[kind].ablate_err, one.ablate_err)
+        np.testing.assert_array_equal(both[kind].base_err, both["zero"].base_err)
+
+
+def test_e3_probe_ratio_equals_a_hand_fitted_ridge_probe(hand_ckpt, tmp_path):
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from icl_heads.analysis.heads import run_e3
+    from icl_heads.analysis.probes import ALPHAS
+
+    s = run_e3(hand_ckpt, tmp_path / "e3", "1:top1,2:top1", n_prompts=60, seed=5, n_boot=200)
+    m = hand_model()
+    fit, test = fixed_prompts(TASK, 60, 5, "probe"), fixed_prompts(TASK, 60, 5, "test")
+    q = m.layout(TASK.n_max + 1)[0].query_index
+
+    def last_states(p, drop: list[tuple[int, int]]) -> np.ndarray:
+        mm = hand_model()
+        with torch.no_grad():  # prune by hand: zero the dropped heads' output-projection columns
+            for l, k in drop:
+                mm.blocks[l].attn.proj.weight[:, k * 4:(k + 1) * 4] = 0
+            _, cache = mm.run_with_cache(p.x.float(), p.y.float())
+        return cache["blocks.1.resid_post"][:, q].double().numpy()  # (P, N, D)
+
+    def probe_err(drop: list[tuple[int, int]]) -> np.ndarray:
+        a, b = last_states(fit, drop), last_states(test, drop)
+        err = np.empty((60, TASK.n_max + 1))
+        for n in range(TASK.n_max + 1):
+            pipe = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS)).fit(a[:, n], fit.f[:, n].numpy())
+            err[:, n] = (pipe.predict(b[:, n]) - test.f[:, n].numpy()) ** 2
+        return err[:, 1:].mean()
+
+    kept = s["kept_heads"]["pruned"]  # 1-based
+    drop = [(l, k) for l in range(2) for k in range(2) if k + 1 not in kept[l]]
+    assert len(drop) == 2
+    want = probe_err(drop) / probe_err([])
+    assert s["probe_ratio"] == pytest.approx(want, rel=1e-6)
+    assert abs(want - 1) > 1e-3  # pruning changes the probe's risk
+    lo, hi = s["probe_ratio_ci"]
+    assert lo <= s["probe_ratio"] <= hi
+    assert s["by_ablation"]["zero"]["probe_ratio"] == s["probe_ratio"]
+    own = s["risk_ratio_vs_full"]["pruned"]["ratio"]
+    assert own != pytest.approx(want, rel=1e-3)  # the probe is not the model's own read-out
+
+
+def test_cli_ablation_all_writes_every_kind_and_rejects_a_bad_kind(hand_ckpt, tmp_path, capsys):
+    main(["assess-heads", str(hand_ckpt), "--out", str(tmp_path / "e2"), "--boot", "50", "--prompts", "40",
+          "--ablation", "all"])
+    for name in ("head_importance.csv", "concentration.csv", "head_importance_by_n.csv"):
+        rows = read_csv(tmp_path / "e2" / name)
+        assert [r["ablation"] for r in rows][:: len(rows) // 3] == ["zero", "mean", "resample"]
+    s = read_json(tmp_path / "e2" / "summary.json")
+    assert s["ablations"] == ["zero", "mean", "resample"] and set(s["by_ablation"]) == set(s["ablations"])
+    with pytest.raises(SystemExit) as e:
+        main(["prune", str(hand_ckpt), "--out", str(tmp_path / "x"), "--ablation", "gaussian"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ablation: ") and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_report_judges_2a_per_kind_by_read_out_and_by_probe(hand_ckpt, tmp_path):
+    from icl_heads.analysis.heads import run_e2, run_e3
+    from icl_heads.report import claims_1b, claims_2a
+
+    run_e3(hand_ckpt, tmp_path / "e3", n_prompts=40, n_boot=100, ablations="all")
+    vs = claims_2a(tmp_path / "e3")
+    s = read_json(tmp_path / "e3" / "summary.json")
+    assert [(v.numbers["ablation"], v.numbers["readout"]) for v in vs] == [
+        (k, r) for k in ("zero", "mean", "resample") for r in ("model", "probe")]
+    for v in vs:
+        by = s["by_ablation"][v.numbers["ablation"]]
+        p, c = (by["risk_ratio_vs_full" if v.numbers["readout"] == "model" else "probe_ratio_vs_full"][m]
+                for m in ("pruned", "control"))
+        want = ("reproduced" if p["ci_high"] <= 1.25 and p["ci_high"] < c["ci_low"]
+                else "not reproduced" if p["ci_low"] > 1.25 else "inconclusive")
+        assert v.verdict == want and v.numbers["pruned"] == p
+    run_e2(hand_ckpt, tmp_path / "e2", n_prompts=40, n_boot=50, ablations=["resample", "zero"])
+    v1 = claims_1b(tmp_path / "e2")
+    assert [v.numbers["ablation"] for v in v1] == ["resample", "zero"]
+    conc = [r for r in read_csv(tmp_path / "e2" / "concentration.csv") if r["ablation"] == "zero"]
+    assert v1[1].numbers["top_share"] == [float(r["top_share"]) for r in conc]

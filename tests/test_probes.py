@@ -95,3 +95,34 @@ def test_cli_probe_full_pruned_and_compare(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["probe", str(tmp_path / "h2"), "--prune", "1:every", "--out", str(tmp_path / "bad")])
     assert e.value.code == 2
+
+
+def test_probe_pruned_with_mean_and_resample_ablation(tmp_path):
+    """Pruned heads ablated by mean/resample: layer 1 of a 1:all,2:top1 model is untouched, so its
+    probe equals the full model's; the own output of each kind equals evaluate() with those values."""
+    from icl_heads.analysis.ablation import make_ablations
+    from icl_heads.evaluation import evaluate
+
+    pre = Preset(name="tiny", task=TASK, d_model=16, n_layers=2, heads=[2],
+                 train=dict(steps=1, batch_size=8, lr=1e-3), eval=dict(n_val=40, n_test=40))
+    m = small_model(heads=2, seed=3)
+    save_checkpoint(tmp_path / "h2", m, {"preset": pre.model_dump()})
+    s = run_e4_cli(tmp_path, ["--prune", "default", "--ablation", "mean,resample"])
+    rows = read_csv(tmp_path / "e4" / "probes.csv")
+    assert {r["model"] for r in rows} == {"h=2 full", "h=2 pruned (mean)", "h=2 pruned (resample)"}
+    by = {(r["model"], r["layer"], r["n"]): float(r["risk"]) for r in rows}
+    for kind in ("mean", "resample"):
+        assert by[(f"h=2 pruned ({kind})", "1", "5")] == pytest.approx(by[("h=2 full", "1", "5")], rel=1e-9)
+    abl = make_ablations(m, ["resample"], TASK, 40, seed=pre.seed)["resample"]
+    g = torch.tensor(s["gates"]["h=2 pruned (resample)"])
+    test = fixed_prompts(TASK, 40, pre.seed, "test")
+    want = evaluate(m, test, TASK, head_gates=g, head_values=abl.values(40)).rows()
+    got = sorted((r for r in rows if r["model"] == "h=2 pruned (resample)" and r["layer"] == "model output"),
+                 key=lambda r: int(r["n"]))
+    np.testing.assert_allclose([float(r["risk"]) for r in got], [w["risk"] for w in want], rtol=1e-9)
+    assert abs(float(got[5]["risk"]) - by[("h=2 full", "model output", "5")]) > 1e-6
+
+
+def run_e4_cli(tmp_path, extra):
+    main(["probe", str(tmp_path / "h2"), "--out", str(tmp_path / "e4"), "--device", "cpu", *extra])
+    return read_json(tmp_path / "e4" / "summary.json")

@@ -57,7 +57,7 @@ def test_report_has_every_section_figure_and_verdict(run):
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(figures)
     verdicts = json.loads((run / "verdicts.json").read_text())
-    assert [v["claim"][:2] for v in verdicts] == ["1a", "1b", "2a", "2b", "2c", "3."]
+    assert [v["claim"][:2] for v in verdicts] == ["1a", "1b", "2a", "2a", "2b", "2c", "3."]  # 2a: own read-out, probe
     for v in verdicts:
         assert v["verdict"] in ("reproduced", "not reproduced", "inconclusive")
         assert v["verdict"].upper() in md
@@ -71,8 +71,24 @@ def _bands(path: Path, key: str, label: str) -> dict[int, tuple[float, float]]:
     return {int(r["n"]): (float(r["ci_low"]), float(r["ci_high"])) for r in rows(path) if r[key] == label}
 
 
+KINDS = ("zero", "mean", "resample")
+
+
+def key(claim: str) -> str:
+    """Short key of a report claim: "1a", "1b/<kind>", "2a/<kind>/<model|probe>", "2b", "2c", "3."."""
+    kind = next((k for k in KINDS if f"{k} ablation" in claim), None)
+    if claim.startswith("1b"):
+        return f"1b/{kind}"
+    if claim.startswith("2a"):
+        return f"2a/{kind}/{'probe' if 'probe after' in claim else 'model'}"
+    return claim[:2]
+
+
 def seed_verdicts_from_csvs(sd: Path) -> dict[str, str]:
-    """Each per-seed rule recomputed from one seed's files, independently of icl_heads.report."""
+    """Each per-seed rule recomputed from one seed's files, independently of icl_heads.report.
+
+    Keys: "1a", "1b/<ablation>", "2a/<ablation>/<readout>", "2b", "2c".
+    """
     got = {}
     # 1a: h=2 vs h=1, n >= d/2 = 2.5
     a, b = _bands(sd / "e1/e1_heads.csv", "label", "transformer h=2"), _bands(sd / "e1/e1_heads.csv", "label", "transformer h=1")
@@ -80,19 +96,22 @@ def seed_verdicts_from_csvs(sd: Path) -> dict[str, str]:
     below = sum(a[n][1] < b[n][0] for n in ns)
     above = sum(a[n][0] > b[n][1] for n in ns)
     got["1a"] = "reproduced" if 2 * below >= len(ns) and above == 0 else "not reproduced" if above > below else "inconclusive"
-    # 1b
-    conc = sorted(rows(sd / "e2/concentration.csv"), key=lambda r: int(r["layer"]))
-    l1_heads = [r for r in rows(sd / "e2/head_importance.csv") if r["layer"] == "1"]
-    ok = (len(l1_heads) > 1 and all(float(r["ci_low"]) > 0 for r in l1_heads)
-          and all(float(r["ci_low"]) > 0.5 for r in conc[1:])
-          and all(float(r["share_minus_layer1_ci_low"]) > 0 for r in conc[1:]))
-    bad = any(float(r["ci_high"]) < 0.5 or float(r["share_minus_layer1_ci_high"]) < 0 for r in conc[1:])
-    got["1b"] = "reproduced" if ok else "not reproduced" if bad else "inconclusive"
+    # 1b, per ablation kind
+    for kind in KINDS:
+        conc = sorted((r for r in rows(sd / "e2/concentration.csv") if r["ablation"] == kind), key=lambda r: int(r["layer"]))
+        l1_heads = [r for r in rows(sd / "e2/head_importance.csv") if r["layer"] == "1" and r["ablation"] == kind]
+        ok = (len(l1_heads) > 1 and all(float(r["ci_low"]) > 0 for r in l1_heads)
+              and all(float(r["ci_low"]) > 0.5 for r in conc[1:])
+              and all(float(r["share_minus_layer1_ci_low"]) > 0 for r in conc[1:]))
+        bad = any(float(r["ci_high"]) < 0.5 or float(r["share_minus_layer1_ci_high"]) < 0 for r in conc[1:])
+        got[f"1b/{kind}"] = "reproduced" if ok else "not reproduced" if bad else "inconclusive"
     # 2a
-    ratio = json.loads((sd / "e3/summary.json").read_text())["risk_ratio_vs_full"]
-    p, c = ratio["pruned"], ratio["control"]
-    got["2a"] = ("reproduced" if p["ci_high"] <= 1.25 and p["ci_high"] < c["ci_low"]
-                 else "not reproduced" if p["ci_low"] > 1.25 else "inconclusive")
+    summary = json.loads((sd / "e3/summary.json").read_text())
+    for kind in KINDS:
+        for readout, key in (("model", "risk_ratio_vs_full"), ("probe", "probe_ratio_vs_full")):
+            p, c = summary["by_ablation"][kind][key]["pruned"], summary["by_ablation"][kind][key]["control"]
+            got[f"2a/{kind}/{readout}"] = ("reproduced" if p["ci_high"] <= 1.25 and p["ci_high"] < c["ci_low"]
+                                            else "not reproduced" if p["ci_low"] > 1.25 else "inconclusive")
     # 2b: layer-1 probes, mean over n >= 1, band = mean half-width
     def probe(model: str) -> tuple[float, float]:
         rs = [r for r in rows(sd / "e4/probes.csv") if r["model"] == model and r["layer"] == "1" and int(r["n"]) >= 1]
@@ -112,9 +131,10 @@ def test_verdicts_follow_from_the_csvs(run):
     """Recompute every seed's verdicts from its files, then the across-seed rule with a hand t-interval."""
     from scipy import stats
 
-    verdicts = {v["claim"][:2]: v for v in json.loads((run / "verdicts.json").read_text())}
+    verdicts = {key(v["claim"]): v for v in json.loads((run / "verdicts.json").read_text())}
     per_seed = [seed_verdicts_from_csvs(run / f"seed{k}") for k in (0, 1)]
-    for claim in ("1a", "1b", "2a", "2b", "2c"):
+    assert set(verdicts) == set(per_seed[0]) | {"3."}
+    for claim in per_seed[0]:
         v = verdicts[claim]
         assert [p["verdict"] for p in v["per_seed"]] == [ps[claim] for ps in per_seed], claim
         assert [p["seed"] for p in v["per_seed"]] == [0, 1]
@@ -146,25 +166,27 @@ def test_verdicts_across_seeds_use_every_seed(run, tmp_path):
     shutil.rmtree(same / "seed1")
     shutil.copytree(same / "seed0", same / "seed1")
     preset = get_preset("smoke")
-    own = {v.claim[:2]: v.verdict for v in seed_verdicts(same / "seed0", preset)}
-    both = {v.claim[:2]: v.verdict for v in compute_verdicts(same, preset, 2)}
+    own = {key(v.claim): v.verdict for v in seed_verdicts(same / "seed0", preset)}
+    both = {key(v.claim): v.verdict for v in compute_verdicts(same, preset, 2)}
     for claim, verdict in own.items():  # zero spread: the interval is the point, so each rule decides alone
         assert both[claim] == verdict
     summary = same / "seed1/e3/summary.json"
     data = json.loads(summary.read_text())
-    if own["2a"] == "not reproduced":  # make seed 1 clearly reproduce 2a
+    if own["2a/zero/model"] == "not reproduced":  # make seed 1 clearly reproduce 2a
         flipped, seed1 = {"ratio": 1.0, "ci_low": 0.99, "ci_high": 1.01}, "reproduced"
     else:  # make seed 1 clearly fail 2a
         flipped, seed1 = {"ratio": 9.0, "ci_low": 8.0, "ci_high": 10.0}, "not reproduced"
     data["risk_ratio_vs_full"]["pruned"] = flipped
     data["risk_ratio_vs_full"]["control"] = {"ratio": 20.0, "ci_low": 19.0, "ci_high": 21.0}
     summary.write_text(json.dumps(data))
-    mixed = {v.claim[:2]: v for v in compute_verdicts(same, preset, 2)}
-    assert mixed["2a"].verdict == "inconclusive"
-    assert [p["verdict"] for p in mixed["2a"].per_seed] == [own["2a"], seed1]
-    assert mixed["2a"].evidence[-1] == f"per-seed verdicts: seed 0 {own['2a']}, seed 1 {seed1}"
-    one = {v.claim[:2]: v.verdict for v in compute_verdicts(run, preset, 1)}
-    assert {one[c] for c in ("1a", "1b", "2a", "2b", "2c")} == {"inconclusive"}  # one seed decides nothing
+    mixed = {key(v.claim): v for v in compute_verdicts(same, preset, 2)}
+    flip = mixed["2a/zero/model"]
+    assert flip.verdict == "inconclusive"
+    assert [p["verdict"] for p in flip.per_seed] == [own["2a/zero/model"], seed1]
+    assert flip.evidence[-1] == f"per-seed verdicts: seed 0 {own['2a/zero/model']}, seed 1 {seed1}"
+    assert mixed["2a/zero/probe"].verdict == both["2a/zero/probe"]  # the probe judgement was not touched
+    one = {key(v.claim): v.verdict for v in compute_verdicts(run, preset, 1)}
+    assert {v for k, v in one.items() if k != "3."} == {"inconclusive"}  # one seed decides nothing
 
 
 def test_emergence_snapshots_and_table(run):

@@ -114,6 +114,19 @@ def _analysis_options(f: Any) -> Any:
     return f
 
 
+def ablation_option(f: Any) -> Any:
+    return click.option("--ablation", default="zero", show_default=True,
+                        help="what an ablated/pruned head outputs: zero (gate 0, the paper's masking), mean (its mean "
+                             "over reference prompts), resample (a paired reference prompt's output), or all; "
+                             "comma-separated for several")(f)
+
+
+def _check_ablation(ablation: str) -> tuple[str, ...]:
+    from .analysis.ablation import parse_ablations
+
+    return parse_ablations(ablation)
+
+
 def _check_analysis_args(preset: Optional[str], prompts: Optional[int], seed: Optional[int]) -> None:
     if preset is not None:
         get_preset(preset)
@@ -127,19 +140,22 @@ def _check_analysis_args(preset: Optional[str], prompts: Optional[int], seed: Op
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @_analysis_options
 @click.option("--boot", type=int, default=1000, show_default=True, help="bootstrap resamples for concentration CIs")
+@ablation_option
 def assess_heads_cmd(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int],
-                     device: str, boot: int) -> None:
-    """E2: risk increase when each head is gated off (and keep-only), heat-map, per-layer concentration."""
+                     device: str, boot: int, ablation: str) -> None:
+    """E2: risk increase when each head is ablated (and keep-only), heat-map, per-layer concentration."""
     _check_analysis_args(preset, prompts, seed)
+    kinds = _check_ablation(ablation)
     if boot < 10:
         raise ConfigError(f"boot: need at least 10 bootstrap resamples (got {boot})")
     dev = resolve_device(device)
     from .analysis.heads import run_e2
 
-    s = run_e2(ckpt, out, preset, prompts, seed, dev, boot)
-    for c in s["concentration"]:
-        click.echo(f"layer {c['layer']}: top head {c['top_head']} share {c['top_share']:.2f} "
-                   f"[{c['ci_low']:.2f}, {c['ci_high']:.2f}] (uniform {c['uniform_share']:.2f})")
+    s = run_e2(ckpt, out, preset, prompts, seed, dev, boot, ablations=kinds)
+    for kind, k in s["by_ablation"].items():
+        for c in k["concentration"]:
+            click.echo(f"{kind} ablation, layer {c['layer']}: top head {c['top_head']} share {c['top_share']:.2f} "
+                       f"[{c['ci_low']:.2f}, {c['ci_high']:.2f}] (uniform {c['uniform_share']:.2f})")
     click.echo(f"E2 written to {out}")
 
 
@@ -150,10 +166,12 @@ def assess_heads_cmd(ckpt: Path, preset: Optional[str], out: Path, prompts: Opti
                                           "(default: all heads in layer 1, top1 in every later layer)")
 @click.option("--finetune", "finetune_steps", type=int, default=0, show_default=True,
               help="AdamW steps with the gates fixed after pruning (0 = no retraining)")
+@ablation_option
 def prune(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int], device: str,
-          keep: Optional[str], finetune_steps: int) -> None:
+          keep: Optional[str], finetune_steps: int, ablation: str) -> None:
     """E3: risk vs n of the full model, the pruned model and the control (layer 1 cut to one head too)."""
     _check_analysis_args(preset, prompts, seed)
+    kinds = _check_ablation(ablation)
     if finetune_steps < 0:
         raise ConfigError(f"finetune: steps must be >= 0 (got {finetune_steps})")
     dev = resolve_device(device)
@@ -161,9 +179,12 @@ def prune(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
 
     if keep is not None:
         parse_policy(keep)
-    s = run_e3(ckpt, out, keep, preset, finetune_steps, prompts, seed, dev)
-    for name, r in s["risk_ratio_vs_full"].items():
-        click.echo(f"{name}: risk / full = {r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+    s = run_e3(ckpt, out, keep, preset, finetune_steps, prompts, seed, dev, ablations=kinds)
+    for kind, k in s["by_ablation"].items():
+        for name, r in k["risk_ratio_vs_full"].items():
+            pr = k["probe_ratio_vs_full"][name]
+            click.echo(f"{kind} ablation, {name}: risk / full = {r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                       f"; last-layer probe risk / full = {pr['ratio']:.3f} [{pr['ci_low']:.3f}, {pr['ci_high']:.3f}]")
     click.echo(f"E3 written to {out}")
 
 
@@ -174,17 +195,19 @@ def prune(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
               help='also probe the pruned model: a policy such as "1:all,2:top1,3:top1", or "default"')
 @click.option("--compare", multiple=True, type=click.Path(path_type=Path),
               help="other checkpoints to probe on the same prompts (e.g. the single-head model); repeatable")
+@ablation_option
 def probe(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int], device: str,
-          prune_policy: Optional[str], compare: tuple[Path, ...]) -> None:
+          prune_policy: Optional[str], compare: tuple[Path, ...], ablation: str) -> None:
     """E4: ridge probes of <w*, x_q> from the residual stream after each layer, per context length."""
     _check_analysis_args(preset, prompts, seed)
+    kinds = _check_ablation(ablation)
     dev = resolve_device(device)
     from .analysis.heads import parse_policy
     from .analysis.probes import run_e4
 
     if prune_policy not in (None, "default"):
         parse_policy(prune_policy)
-    s = run_e4(ckpt, out, prune_policy, list(compare), preset, prompts, seed, dev)
+    s = run_e4(ckpt, out, prune_policy, list(compare), preset, prompts, seed, dev, ablations=kinds)
     for m, by_layer in s["mean_probe_risk_norm"].items():
         click.echo(f"{m}: " + ", ".join(f"{l}={v:.3f}" for l, v in by_layer.items()))
     click.echo(f"E4 written to {out}")

@@ -16,6 +16,11 @@ Read it top to bottom:
   default to 1 and are the only mechanism for masking and pruning. A forward
   pass may take its own gates of shape ``(L, h)`` or ``(B, L, h)``, so many
   ablations run as one batch.
+* **Head values** (``head_values``, shape ``(L, T, h, d_head)`` or
+  ``(B, L, T, h, d_head)``): what a gated-off head outputs instead, i.e. the
+  head output becomes ``g * out + (1 - g) * value`` (:func:`gate_heads`). None
+  means zero ablation (``g * out``); a mean or a donor prompt's output gives
+  mean or resample ablation (``analysis.ablation``) with the same gates.
 * **Cache** (:meth:`Transformer.run_with_cache`): named internals, e.g.
   ``blocks.0.attn.head_out`` ``(B, T, h, d_head)`` and ``blocks.0.resid_post``
   ``(B, T, D)``, in the spirit of TransformerLens, without editing the model.
@@ -101,6 +106,14 @@ def attention_mask(cfg: ModelConfig, lay: Layout) -> torch.Tensor:
     return mask
 
 
+def gate_heads(out: torch.Tensor, gates: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
+    """Head outputs ``out (B, T, H, d_head)`` with gates ``(H,)`` or ``(B, H)`` applied:
+    ``g * out + (1 - g) * values`` (``values`` broadcastable to ``out``; None = zeros)."""
+    g = gates.view(-1, 1, out.shape[2], 1)
+    gated = out * g
+    return gated if values is None else gated + (1 - g) * values.to(out.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head attention with a per-head gate applied before the output projection."""
 
@@ -112,7 +125,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None,
-                cache: dict[str, torch.Tensor] | None = None, name: str = "attn") -> torch.Tensor:
+                cache: dict[str, torch.Tensor] | None = None, name: str = "attn",
+                values: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = h.shape
         q, k, v = (t.view(B, T, self.n_heads, self.d_head).transpose(1, 2) for t in self.qkv(h).split(D, dim=-1))
         if self.linear:
@@ -120,9 +134,9 @@ class Attention(nn.Module):
             out = scores @ v / mask.sum(-1, keepdim=True).clamp(min=1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if gates is not None:  # (H,) or (B, H)
-            out = out * gates.view(-1, self.n_heads, 1, 1)
         out = out.transpose(1, 2)  # (B, T, H, d_head)
+        if gates is not None:  # (H,) or (B, H)
+            out = gate_heads(out, gates, values)
         if cache is not None:
             cache[f"{name}.head_out"] = out
         return self.proj(out.reshape(B, T, D))
@@ -143,8 +157,8 @@ class Block(nn.Module):
                                  nn.Linear(4 * cfg.d_model, cfg.d_model)) if cfg.mlp else None
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None,
-                cache: dict[str, torch.Tensor] | None, name: str) -> torch.Tensor:
-        h = h + self.attn(self.ln_1(h), mask, gates, cache, f"{name}.attn")
+                cache: dict[str, torch.Tensor] | None, name: str, values: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.attn(self.ln_1(h), mask, gates, cache, f"{name}.attn", values)
         if cache is not None:
             cache[f"{name}.resid_mid"] = h
         if self.mlp is not None:
@@ -191,18 +205,21 @@ class Transformer(nn.Module):
             self._layouts[key] = (lay, mask)
         return self._layouts[key]
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None = None,
+                head_values: torch.Tensor | None = None) -> torch.Tensor:
         """Predictions ``(B, Q)``; with the prefix mask ``Q = N`` and column ``k`` is context length ``k``."""
-        return self._run(x, y, head_gates, None)
+        return self._run(x, y, head_gates, None, head_values)
 
-    def run_with_cache(self, x: torch.Tensor, y: torch.Tensor,
-                       head_gates: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Predictions and a dict of named activations (``embed``, ``blocks.{l}.attn.head_out``, ...)."""
+    def run_with_cache(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None = None,
+                       head_values: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Predictions and a dict of named activations (``embed``, ``blocks.{l}.attn.head_out``, ...).
+
+        ``head_out`` is what the output projection sees, i.e. after gates and head values."""
         cache: dict[str, torch.Tensor] = {}
-        return self._run(x, y, head_gates, cache), cache
+        return self._run(x, y, head_gates, cache, head_values), cache
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None,
-             cache: dict[str, torch.Tensor] | None) -> torch.Tensor:
+             cache: dict[str, torch.Tensor] | None, head_values: torch.Tensor | None = None) -> torch.Tensor:
         lay, mask = self.layout(x.shape[1], x.device)
         h = self.read_in(tokens(self.cfg, x, y))
         if self.pos_emb is not None:
@@ -211,7 +228,8 @@ class Transformer(nn.Module):
             cache["embed"] = h
         gates = self.head_gates if head_gates is None else head_gates.to(h.dtype)
         for l, block in enumerate(self.blocks):
-            h = block(h, mask, gates[..., l, :], cache, f"blocks.{l}")
+            values = None if head_values is None else head_values[..., l, :, :, :]  # (T, h, dh) or (B, T, h, dh)
+            h = block(h, mask, gates[..., l, :], cache, f"blocks.{l}", values)
         h = self.ln_f(h[:, lay.query_index])
         if cache is not None:
             cache["ln_final"] = h

@@ -11,10 +11,14 @@ Verdict rules (all read from files on disk, so anyone can recompute them):
   reproduced if every layer-1 head's importance CI is above 0, every later
   layer's top-head share has CI low > 0.5, and the paired bootstrap CI of
   (later share - layer-1 share) is above 0 for every later layer. Not reproduced
-  if some later layer's share CI high < 0.5 or its gap CI high < 0.
+  if some later layer's share CI high < 0.5 or its gap CI high < 0. One verdict
+  per ablation kind that E2 ran (zero, mean, resample).
 * **Claim 2a, pruning keeps the risk** (``e3/summary.json``, paired bootstrap
   ratios): reproduced if pruned/full ratio CI high <= 1.25 and below the control's
   (layer 1 cut to one head) CI low; not reproduced if pruned CI low > 1.25.
+  Judged twice per ablation kind, with the same rule: by the models' own read-out
+  (``risk_ratio_vs_full``) and by a ridge probe after the last layer, fitted per
+  model and gating (``probe_ratio_vs_full``), as the paper does.
 * **Claim 2b, single-head worse from layer 1 on** (``e4/probes.csv``): mean over
   n >= 1 of the layer-1 probe risk, multi vs single head (band = mean of the
   per-n half-widths, conservative); reproduced if single-head is above with
@@ -94,14 +98,30 @@ def claim_1a(e1_csv: Path, preset: Preset) -> Verdict:
     return Verdict("1a. more heads give lower excess risk", v, ev, stats)
 
 
-def claim_1b(e2: Path) -> Verdict:
+def ablation_kinds(folder: Path) -> list[str]:
+    """Ablation kinds an E2/E3 folder holds (``summary.json``; older runs: zero only)."""
+    return list(read_json(folder / "summary.json").get("ablations", ["zero"]))
+
+
+def _of_kind(rows: list[dict[str, str]], ablation: str) -> list[dict[str, str]]:
+    return [r for r in rows if r.get("ablation", "zero") == ablation]
+
+
+RULE_1B = ("rule: every layer-1 head's importance 95% CI > 0, every later layer's top-head share CI > 1/2 and "
+           "(share - layer-1 share) paired CI > 0 -> reproduced; some later share CI < 1/2 or gap CI < 0 -> not")
+RULE_2A = ("rule: pruned/full ratio CI high <= 1.25 and below the control's CI low -> reproduced; "
+           "pruned CI low > 1.25 -> not reproduced; else inconclusive")
+
+
+def claim_1b(e2: Path, ablation: str = "zero") -> Verdict:
+    """Claim 1b for one seed's E2 folder under one ablation kind."""
     from .analysis.heads import claim1_verdict
 
-    conc = sorted(read_csv(e2 / "concentration.csv"), key=lambda r: int(r["layer"]))
+    conc = sorted(_of_kind(read_csv(e2 / "concentration.csv"), ablation), key=lambda r: int(r["layer"]))
     later = conc[1:]
     f = lambda r, k: float(r[k])  # noqa: E731
     numeric = lambda rows: [{k: _num(v) for k, v in r.items()} for r in rows]  # noqa: E731
-    checks = claim1_verdict(numeric(read_csv(e2 / "head_importance.csv")), numeric(conc))
+    checks = claim1_verdict(numeric(_of_kind(read_csv(e2 / "head_importance.csv"), ablation)), numeric(conc))
     all_l1_matter = checks["all_layer1_heads_matter"]
     if checks["reproduces"]:
         v = REPRODUCED
@@ -114,16 +134,27 @@ def claim_1b(e2: Path) -> Verdict:
     ev += [f"layer {r['layer']} minus layer 1: {f(r, 'share_minus_layer1'):+.3f} "
            f"[{f(r, 'share_minus_layer1_ci_low'):+.3f}, {f(r, 'share_minus_layer1_ci_high'):+.3f}]" for r in later]
     ev.append(f"every layer-1 head's importance CI above 0: {all_l1_matter}")
-    l1 = [float(r["importance"]) for r in read_csv(e2 / "head_importance.csv") if r["layer"] == "1"]
+    ev.append(RULE_1B)
+    l1 = [float(r["importance"]) for r in _of_kind(read_csv(e2 / "head_importance.csv"), ablation) if r["layer"] == "1"]
     stats = [Stat("smallest layer-1 head importance", min(l1), 0.0, above=True)]
     for r in later:
         stats += [Stat(f"layer {r['layer']} top-head share", f(r, "top_share"), 0.5, above=True),
                   Stat(f"layer {r['layer']} share minus layer 1", f(r, "share_minus_layer1"), 0.0, above=True)]
-    return Verdict("1b. all heads matter in layer 1; one head dominates each later layer", v, ev, stats)
+    return Verdict(f"1b. all heads matter in layer 1; one head dominates each later layer ({ablation} ablation)",
+                   v, ev, stats)
 
 
-def claim_2a(e3: Path) -> Verdict:
-    s = read_json(e3 / "summary.json")["risk_ratio_vs_full"]
+def claims_1b(e2: Path) -> list[Verdict]:
+    """Claim 1b for every ablation kind in one seed's E2 folder."""
+    return [claim_1b(e2, k) for k in ablation_kinds(e2)]
+
+
+def claim_2a(e3: Path, ablation: str = "zero", readout: str = "model") -> Verdict:
+    """Claim 2a for one seed's E3 folder, one ablation kind, judged by the models' own read-out
+    (``readout="model"``) or by the ridge probe after the last layer (``readout="probe"``)."""
+    summ = read_json(e3 / "summary.json")
+    k = summ if ablation == ablation_kinds(e3)[0] else summ["by_ablation"][ablation]  # top level = first kind
+    s = k["risk_ratio_vs_full" if readout == "model" else "probe_ratio_vs_full"]
     p, c = s["pruned"], s["control"]
     if p["ci_high"] <= 1.25 and p["ci_high"] < c["ci_low"]:
         v = REPRODUCED
@@ -131,11 +162,25 @@ def claim_2a(e3: Path) -> Verdict:
         v = NOT_REPRODUCED
     else:
         v = INCONCLUSIVE
-    ev = [f"pruned/full risk ratio {p['ratio']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}]",
-          f"control (layer 1 cut to one head)/full {c['ratio']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]"]
-    stats = [Stat("pruned/full risk", p["ratio"], 1.25, above=False),
+    what = "risk" if readout == "model" else "last-layer probe risk"
+    ev = [f"pruned/full {what} ratio {p['ratio']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}]",
+          f"control (layer 1 cut to one head)/full {c['ratio']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]", RULE_2A]
+    how = "own read-out" if readout == "model" else "ridge probe after the last layer"
+    stats = [Stat(f"pruned/full {what}", p["ratio"], 1.25, above=False),
              Stat("control/full minus pruned/full", c["ratio"] - p["ratio"], 0.0, above=True)]
-    return Verdict("2a. pruning later layers to their top head keeps the risk", v, ev, stats)
+    return Verdict(f"2a. pruning later layers to their top head keeps the risk ({how}, {ablation} ablation)",
+                   v, ev, stats)
+
+
+def claims_2a(e3: Path) -> list[Verdict]:
+    """Claim 2a for every ablation kind in one seed's E3 folder: own read-out, then probe (if E3 has it)."""
+    summ = read_json(e3 / "summary.json")
+    out = []
+    for i, k in enumerate(ablation_kinds(e3)):
+        out.append(claim_2a(e3, k, "model"))
+        if "probe_ratio_vs_full" in (summ if i == 0 else summ["by_ablation"][k]):
+            out.append(claim_2a(e3, k, "probe"))
+    return out
 
 
 def layer1_probe(e4_csv: Path, model: str) -> tuple[float, float]:
@@ -201,8 +246,8 @@ def seed_verdicts(sd: Path, preset: Preset) -> list[Verdict]:
     hmax, hmin = max(preset.heads), min(preset.heads)
     return [
         claim_1a(sd / "e1" / "e1_heads.csv", preset),
-        claim_1b(sd / "e2"),
-        claim_2a(sd / "e3"),
+        *claims_1b(sd / "e2"),
+        *claims_2a(sd / "e3"),
         claim_2b(sd / "e4" / "probes.csv", f"h={hmax} full", f"h={hmin}"),
         claim_2c(sd / "e6" / "e6b_verdict.csv", f"h{hmax}"),
     ]
@@ -320,14 +365,18 @@ def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -
         doc.para(sentence)
     doc.heading("E2 — head assessment")
     doc.figure(sd / "e2" / "head_importance.png", "Risk increase when each head is gated off (raw and normalised per layer).")
-    doc.table(["layer", "top head", "top share", "95% CI", "uniform share"],
-              [[r["layer"], r["top_head"], float(r["top_share"]), f"[{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}]",
-                float(r["uniform_share"])] for r in read_csv(sd / "e2" / "concentration.csv")])
+    doc.table(["ablation", "layer", "top head", "top share", "95% CI", "uniform share"],
+              [[r.get("ablation", "zero"), r["layer"], r["top_head"], float(r["top_share"]),
+                f"[{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}]", float(r["uniform_share"])]
+               for r in read_csv(sd / "e2" / "concentration.csv")])
     doc.heading("E3 — pruning")
     doc.figure(sd / "e3" / "pruning.png", "Full vs pruned (layer 1 all heads, later layers top head) vs control.")
-    ratios = read_json(sd / "e3" / "summary.json")["risk_ratio_vs_full"]
-    doc.table(["model", "risk ratio vs full", "95% CI"],
-              [[k, v["ratio"], f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]"] for k, v in ratios.items()])
+    e3 = read_json(sd / "e3" / "summary.json")
+    doc.table(["ablation", "model", "risk ratio vs full", "95% CI", "last-layer probe ratio vs full", "95% CI"],
+              [[kind, name, r["ratio"], f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"]
+               + ([k["probe_ratio_vs_full"][name]["ratio"], "[{ci_low:.3f}, {ci_high:.3f}]".format(
+                   **k["probe_ratio_vs_full"][name])] if "probe_ratio_vs_full" in k else ["-", "-"])
+               for kind, k in e3.get("by_ablation", {"zero": e3}).items() for name, r in k["risk_ratio_vs_full"].items()])
     doc.heading("E4 — layer-wise probes")
     doc.figure(sd / "e4" / "probes.png", "Ridge-probe excess risk per layer: full, pruned and single-head models.")
     mp = read_json(sd / "e4" / "summary.json")["mean_probe_risk_norm"]

@@ -96,6 +96,7 @@ def sigma_dir(preset: Preset, sigma: float) -> str:
     return "" if sigma == preset.task.sigma else f"sigma{sigma:g}/"
 
 
+ABLATIONS = ("zero", "mean", "resample")  # E2 and E3 measure heads all three ways (docs/analysis.md)
 SEED_STAGES = ("e1", "e2", "e3", "e4", "e6", "e7")
 
 
@@ -160,8 +161,8 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
                        lambda d: run_e1(pk, d, device, estimators=E1_ESTIMATORS if k == 0 else None))
             multi, single = model_dir(sd / "e1", max(pk.heads)), model_dir(sd / "e1", min(pk.heads))
             common = dict(preset=pk, seed=pk.seed, device=device)
-            runner.run(f"{sp}seed{k}/e2", sd / "e2", lambda d: run_e2(multi, d, **common))
-            runner.run(f"{sp}seed{k}/e3", sd / "e3", lambda d: run_e3(multi, d, **common))
+            runner.run(f"{sp}seed{k}/e2", sd / "e2", lambda d: run_e2(multi, d, ablations=ABLATIONS, **common))
+            runner.run(f"{sp}seed{k}/e3", sd / "e3", lambda d: run_e3(multi, d, ablations=ABLATIONS, **common))
             runner.run(f"{sp}seed{k}/e4", sd / "e4", lambda d: run_e4(multi, d, prune=default_policy(pk.n_layers),
                                                                        compare=[single], **common))
             first = k == 0  # E6c and the any-T context are model-independent or verdict-free: first seed only

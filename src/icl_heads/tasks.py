@@ -20,7 +20,7 @@ import torch
 
 from .config import TaskConfig
 
-STREAMS = ("train", "val", "test", "probe", "eval")
+STREAMS = ("train", "val", "test", "probe", "eval", "ablation")
 
 
 def stream_seed(seed: int, stream: str) -> int:

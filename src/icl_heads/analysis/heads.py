@@ -2,7 +2,10 @@
 
 * :func:`assess_heads` gates every head off in turn ("ablate") and, separately, keeps only
   one head of a layer ("keep"), and records the per-prompt squared error at every context
-  length. Importance of head ``(l, k)`` = excess risk with its gate at 0 minus the base risk.
+  length. Importance of head ``(l, k)`` = excess risk with the head ablated minus the base risk.
+  A gated-off head outputs zero (``ablation="zero"``, the paper's masking), its mean over
+  reference prompts (``"mean"``) or a paired reference prompt's output (``"resample"``); see
+  :mod:`.ablation`. :func:`assess_heads_kinds` runs several kinds sharing the base pass.
   All ``2 L h`` gate settings run as batched forward passes with per-prompt gates ``(B, L, h)``
   (prompts x ablations in one batch, chunked). Settings that only touch layer ``l`` share the
   residual stream entering layer ``l``, which is computed once: gates of layer ``l`` cannot
@@ -25,7 +28,7 @@ import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +40,7 @@ from ..io import write_csv, write_json, write_provenance
 from ..metrics import curve_from_errors, squared_errors
 from ..model import Transformer
 from ..tasks import Prompts, fixed_prompts, generator, sample_prompts
+from .ablation import REFERENCE_STREAM, Ablation, make_ablation, make_ablations, parse_ablations
 
 ABLATE, KEEP = "ablate", "keep"
 
@@ -51,6 +55,7 @@ class HeadImportance:
     ``keep_err[l, k]`` (only head ``k`` kept in layer ``l``) are ``(L, h, P, N)``. Indices are
     0-based here; CSVs and figures use 1-based layers and heads, as the paper does.
     Scores average over context lengths ``n >= n_min`` (n = 0 has no context to use).
+    ``ablation`` names what a gated-off head outputs (zero, mean or resample).
     """
 
     base_err: np.ndarray
@@ -59,6 +64,7 @@ class HeadImportance:
     base_gates: np.ndarray
     norm: float
     n_min: int = 1
+    ablation: str = "zero"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -108,7 +114,7 @@ class HeadImportance:
             lo, hi = (np.nanquantile(bs, [a, 1 - a]) if np.isfinite(bs).any() else (np.nan, np.nan))
             gap = bs - boot_share[:, 0]  # paired: same resample for both layers
             glo, ghi = (np.nanquantile(gap, [a, 1 - a]) if np.isfinite(gap).any() else (np.nan, np.nan))
-            rows.append(dict(layer=l + 1, n_heads=h, top_head=top + 1, top_importance=float(point[l, top]),
+            rows.append(dict(ablation=self.ablation, layer=l + 1, n_heads=h, top_head=top + 1, top_importance=float(point[l, top]),
                              total_importance=float(np.clip(point[l], 0, None).sum()),
                              top_share=float(share[l]), ci_low=float(lo), ci_high=float(hi),
                              top_head_stability=float((boot[l].argmax(0) == top).mean()),
@@ -129,7 +135,7 @@ class HeadImportance:
                 dkp = curve_from_errors(self.delta(KEEP)[l, k], task)
                 for i, n in enumerate(base.n):
                     rows.append(dict(
-                        layer=l + 1, head=k + 1, n=int(n), base_risk=base.risk[i], ablate_risk=ab.risk[i],
+                        ablation=self.ablation, layer=l + 1, head=k + 1, n=int(n), base_risk=base.risk[i], ablate_risk=ab.risk[i],
                         delta_risk=dab.risk[i], delta_risk_norm=dab.risk[i] / dab.norm,
                         delta_ci_low=dab.ci_low[i] / dab.norm, delta_ci_high=dab.ci_high[i] / dab.norm,
                         keep_risk=kp.risk[i], keep_delta_risk_norm=dkp.risk[i] / dkp.norm,
@@ -146,7 +152,7 @@ class HeadImportance:
             for l in range(L):
                 for k in range(h):
                     if not kind_name:
-                        rows.append(dict(layer=l + 1, head=k + 1))
+                        rows.append(dict(ablation=self.ablation, layer=l + 1, head=k + 1))
                     r = rows[l * h + k]
                     r[f"{kind_name}importance"] = float(mean[l, k])
                     r[f"{kind_name}ci_low"] = float(mean[l, k] - half[l, k])
@@ -190,14 +196,26 @@ def gate_settings(base: torch.Tensor, layer: int) -> torch.Tensor:
     return g
 
 
-@torch.no_grad()
 def assess_heads(model: Transformer, prompts: Prompts, task: TaskConfig, gates: torch.Tensor | None = None,
-                 batch_rows: int = 2048, n_min: int = 1) -> HeadImportance:
+                 batch_rows: int = 2048, n_min: int = 1, ablation: str | Ablation = "zero",
+                 reference: Prompts | None = None, seed: int = 0) -> HeadImportance:
     """E2 on a loaded model: errors of the base model and of all ``2 L h`` single-layer gate changes.
 
     ``gates`` (``(L, h)``, default the model's own) is the base setting that ablations start
     from. ``batch_rows`` bounds the rows of one forward pass (prompts x gate settings).
+    ``ablation``: ``"zero"``, ``"mean"`` or ``"resample"`` (values from ``reference`` prompts,
+    donors paired with ``seed``), or a ready :class:`.ablation.Ablation`.
     """
+    abl = ablation if isinstance(ablation, Ablation) else make_ablation(model, ablation, reference, seed)
+    return assess_heads_kinds(model, prompts, task, [abl], gates, batch_rows, n_min)[abl.kind]
+
+
+@torch.no_grad()
+def assess_heads_kinds(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: Sequence[Ablation],
+                       gates: torch.Tensor | None = None, batch_rows: int = 2048,
+                       n_min: int = 1) -> dict[str, HeadImportance]:
+    """:func:`assess_heads` for several ablation kinds; the base pass (and the residual stream
+    entering each layer) is computed once when the base gates are all 1, as it is then the same."""
     _check_prompts(model, prompts)
     was_training = model.training
     model.eval()
@@ -207,32 +225,49 @@ def assess_heads(model: Transformer, prompts: Prompts, task: TaskConfig, gates: 
     if base_gates.shape != (L, h):
         raise ConfigError(f"gates: expected shape ({L}, {h}) (got {tuple(base_gates.shape)})")
     settings = [gate_settings(base_gates, l) for l in range(L)]  # each (2h, L, h)
+    shared_base = bool((base_gates == 1).all())  # no head is off in the base: values do not matter there
     P, N = prompts.f.shape
-    preds = torch.empty(1 + 2 * L * h, P, N, dtype=torch.float64)
+    K = len(ablations)
+    preds = torch.empty(K, 1 + 2 * L * h, P, N, dtype=torch.float64)
     chunk = max(1, batch_rows // (2 * h))
     for i in range(0, P, chunk):
         p = prompts.slice(i, i + chunk).to(dev, torch.float32)
         b = p.batch
-        pred, cache = model.run_with_cache(p.x, p.y, base_gates)
-        preds[0, i:i + b] = pred.double().cpu()
-        for l in range(L):
-            h_in = cache["embed"] if l == 0 else cache[f"blocks.{l - 1}.resid_post"]
-            A = settings[l].shape[0]
-            rep = h_in.unsqueeze(0).expand(A, *h_in.shape).reshape(A * b, *h_in.shape[1:])
-            g = settings[l].repeat_interleave(b, dim=0)  # (A*b, L, h), setting-major like rep
-            out = _run_from(model, rep, l, g, N).view(A, b, N).double().cpu()
-            preds[1 + 2 * l * h: 1 + 2 * (l + 1) * h, i:i + b] = out
+        shared = model.run_with_cache(p.x, p.y, base_gates) if shared_base else None
+        for a, abl in enumerate(ablations):
+            vals = abl.values(b, i)  # None, (L, T, h, dh) or (b, L, T, h, dh)
+            vals = None if vals is None else vals.to(dev, torch.float32)
+            pred, cache = shared or model.run_with_cache(p.x, p.y, base_gates, vals)
+            preds[a, 0, i:i + b] = pred.double().cpu()
+            for l in range(L):
+                h_in = cache["embed"] if l == 0 else cache[f"blocks.{l - 1}.resid_post"]
+                A = settings[l].shape[0]
+                rep = h_in.unsqueeze(0).expand(A, *h_in.shape).reshape(A * b, *h_in.shape[1:])
+                g = settings[l].repeat_interleave(b, dim=0)  # (A*b, L, h), setting-major like rep
+                v = None if vals is None else vals[..., l:, :, :, :]
+                if v is not None and v.dim() == 5:  # per prompt: setting-major like rep
+                    v = v.repeat(A, 1, 1, 1, 1)
+                out = _run_from(model, rep, l, g, N, v).view(A, b, N).double().cpu()
+                preds[a, 1 + 2 * l * h: 1 + 2 * (l + 1) * h, i:i + b] = out
     model.train(was_training)
-    err = np.stack([squared_errors(pr, prompts.f) for pr in preds])  # (1 + 2Lh, P, N)
-    per_layer = err[1:].reshape(L, 2, h, P, N)
-    return HeadImportance(err[0], per_layer[:, 0], per_layer[:, 1], base_gates.cpu().numpy(),
-                          task.s * task.tau ** 2, n_min)
+    result = {}
+    for a, abl in enumerate(ablations):
+        err = np.stack([squared_errors(pr, prompts.f) for pr in preds[a]])  # (1 + 2Lh, P, N)
+        per_layer = err[1:].reshape(L, 2, h, P, N)
+        result[abl.kind] = HeadImportance(err[0], per_layer[:, 0], per_layer[:, 1], base_gates.cpu().numpy(),
+                                          task.s * task.tau ** 2, n_min, abl.kind)
+    return result
 
 
-def _run_from(model: Transformer, h: torch.Tensor, layer: int, gates: torch.Tensor, n_examples: int) -> torch.Tensor:
+def _run_from(model: Transformer, h: torch.Tensor, layer: int, gates: torch.Tensor, n_examples: int,
+              values: torch.Tensor | None = None) -> torch.Tensor:
+    """Layers ``layer..L-1`` and the read-out from the residual stream ``h`` entering ``layer``.
+
+    ``values`` holds head values for layers ``layer..L-1`` only (``(..., L - layer, T, h, dh)``)."""
     lay, mask = model.layout(n_examples, h.device)
     for l in range(layer, model.cfg.n_layers):
-        h = model.blocks[l](h, mask, gates[..., l, :], None, f"blocks.{l}")
+        v = None if values is None else values[..., l - layer, :, :, :]
+        h = model.blocks[l](h, mask, gates[..., l, :], None, f"blocks.{l}", v)
     return model.read_out(model.ln_f(h[:, lay.query_index])).squeeze(-1)
 
 
@@ -306,11 +341,13 @@ def prune_gates(importance: HeadImportance, policy: str) -> torch.Tensor:
 
 
 def finetune(model: Transformer, gates: torch.Tensor, task: TaskConfig, steps: int, batch_size: int = 64,
-             lr: float = 1e-4, seed: int = 0, grad_clip: float = 1.0) -> Transformer:
+             lr: float = 1e-4, seed: int = 0, grad_clip: float = 1.0, ablation: Ablation | None = None) -> Transformer:
     """A copy of ``model`` trained ``steps`` AdamW steps with ``gates`` fixed (fresh "train" prompts).
 
     Minimal on purpose (constant LR, MSE on every query position as in training): it answers
     "does a short fine-tune recover what pruning lost?", not "what is the best pruned model?".
+    With a mean or resample ``ablation`` the gated-off heads output the original model's mean
+    (fixed) or a random reference prompt's output (drawn per prompt and step) while training.
     """
     if steps < 0:
         raise ConfigError(f"finetune: steps must be >= 0 (got {steps})")
@@ -324,7 +361,8 @@ def finetune(model: Transformer, gates: torch.Tensor, task: TaskConfig, steps: i
     gen = generator(seed, "train", dev)
     for _ in range(steps):
         p = sample_prompts(task, batch_size, gen)
-        loss = torch.nn.functional.mse_loss(tuned(p.x, p.y), p.y)
+        values = None if ablation is None else ablation.sample(batch_size, gen)
+        loss = torch.nn.functional.mse_loss(tuned(p.x, p.y, head_values=values), p.y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tuned.parameters(), grad_clip)
@@ -407,37 +445,58 @@ def claim1_verdict(rows: list[dict[str, Any]], conc: list[dict[str, Any]]) -> di
 
 
 def run_e2(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None, n_prompts: int | None = None,
-           seed: int | None = None, device: str = "cpu", n_boot: int = 1000) -> dict[str, Any]:
-    """E2 for one checkpoint: CSVs, heat-map figure, concentration with CIs, summary JSON."""
+           seed: int | None = None, device: str = "cpu", n_boot: int = 1000,
+           ablations: str | Sequence[str] = ("zero",)) -> dict[str, Any]:
+    """E2 for one checkpoint: CSVs, heat-map figure, concentration with CIs, summary JSON.
+
+    Several ``ablations`` share the base pass and go into the same CSVs (column ``ablation``);
+    ``summary.json`` holds the first kind at top level and every kind under ``by_ablation``.
+    """
     out = Path(out)
+    kinds = parse_ablations(ablations)
     model, meta, pre = load_for_analysis(ckpt, preset, device)
     seed = pre.seed if seed is None else seed
-    prompts = fixed_prompts(pre.task, n_prompts or pre.eval.n_test, seed, "test")
-    imp = assess_heads(model, prompts, pre.task)
-    conc = imp.concentration(n_boot=n_boot, seed=seed)
-    write_csv(out / "head_importance.csv", imp.rows())
-    write_csv(out / "head_importance_by_n.csv", imp.rows_by_n(pre.task))
-    write_csv(out / "concentration.csv", conc)
-    plot_importance(imp, out / "head_importance.png", title=f"E2 head importance, {model_label(model)} ({ckpt})")
-    base = curve_from_errors(imp.base_err, pre.task)
-    summary = dict(claim1=claim1_verdict(imp.rows(), conc), checkpoint=str(ckpt), n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads,
-                   n_prompts=prompts.batch, n_min=imp.n_min,
-                   base_risk_norm_mean=float(base.risk_norm[imp.n_min:].mean()),
-                   importance=imp.score(ABLATE).tolist(), keep_importance=imp.score(KEEP).tolist(),
-                   concentration=conc)
+    n = n_prompts or pre.eval.n_test
+    prompts = fixed_prompts(pre.task, n, seed, "test")
+    abls = make_ablations(model, kinds, pre.task, n, seed)
+    imps = assess_heads_kinds(model, prompts, pre.task, list(abls.values()))
+    by_kind, rows, rows_n, concs = {}, [], [], []
+    for kind, imp in imps.items():
+        conc = imp.concentration(n_boot=n_boot, seed=seed)
+        r = imp.rows()
+        rows, rows_n, concs = rows + r, rows_n + imp.rows_by_n(pre.task), concs + conc
+        base = curve_from_errors(imp.base_err, pre.task)
+        by_kind[kind] = dict(claim1=claim1_verdict(r, conc), base_risk_norm_mean=float(base.risk_norm[imp.n_min:].mean()),
+                             importance=imp.score(ABLATE).tolist(), keep_importance=imp.score(KEEP).tolist(),
+                             concentration=conc)
+    write_csv(out / "head_importance.csv", rows)
+    write_csv(out / "head_importance_by_n.csv", rows_n)
+    write_csv(out / "concentration.csv", concs)
+    plot_importance(imps, out / "head_importance.png", title=f"E2 head importance, {model_label(model)} ({ckpt})")
+    summary = dict(**by_kind[kinds[0]], checkpoint=str(ckpt), n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads,
+                   n_prompts=prompts.batch, n_min=1, ablations=list(kinds), reference_stream=REFERENCE_STREAM,
+                   by_ablation=by_kind)
     write_json(out / "summary.json", summary)
     write_provenance(out, pre, seed, experiment="E2", checkpoint=str(ckpt), n_prompts=prompts.batch,
-                     n_boot=n_boot, stream="test")
+                     n_boot=n_boot, stream="test", ablations=list(kinds), reference_stream=REFERENCE_STREAM)
     return summary
 
 
 def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset: Preset | str | None = None,
            finetune_steps: int = 0, n_prompts: int | None = None, seed: int | None = None,
-           device: str = "cpu", n_boot: int = 1000) -> dict[str, Any]:
-    """E3: heads ranked on "val" prompts, full vs pruned vs control compared on "test" prompts."""
+           device: str = "cpu", n_boot: int = 1000, ablations: str | Sequence[str] = ("zero",)) -> dict[str, Any]:
+    """E3: heads ranked on "val" prompts, full vs pruned vs control compared on "test" prompts.
+
+    Judged twice: by each model's own read-out (``risk_ratio_vs_full``) and by a ridge probe after
+    the last layer fitted per model and gating on "probe" prompts (``probe_ratio_vs_full``).
+    For every kind in ``ablations`` heads are ranked and pruned heads ablated that way;
+    ``summary.json`` holds the first kind at top level and every kind under ``by_ablation``.
+    """
     from ..plotting import risk_vs_n
+    from .probes import final_probe_errors
 
     out = Path(out)
+    kinds = parse_ablations(ablations)
     if policy is not None:
         parse_policy(policy)  # fail before loading anything
     model, meta, pre = load_for_analysis(ckpt, preset, device)
@@ -445,42 +504,66 @@ def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset:
     control = control_policy(policy)
     seed = pre.seed if seed is None else seed
     n = n_prompts or pre.eval.n_test
-    imp = assess_heads(model, fixed_prompts(pre.task, n, seed, "val"), pre.task)
-    gates = {"full": imp.base_gates, "pruned": prune_gates(imp, policy).numpy(),
-             "control": prune_gates(imp, control).numpy()}
-    models = {name: model for name in gates}
-    if finetune_steps:
-        for name in ("pruned", "control"):
-            models[f"{name}+ft"] = finetune(model, torch.as_tensor(gates[name]), pre.task, finetune_steps,
-                                            pre.train.batch_size, lr=pre.train.lr * 0.1, seed=seed)
-            gates[f"{name}+ft"] = gates[name]
-    test = fixed_prompts(pre.task, n, seed, "test")
-    errs = {name: squared_errors(predict(models[name], test, head_gates=torch.as_tensor(gates[name])), test.f)
-            for name in gates}
-    rows, curves = [], {}
-    for name, e in errs.items():
-        c = curve_from_errors(e, pre.task).rows(model=name, n_heads=model.cfg.n_heads,
-                                                 policy={"full": "", "pruned": policy, "control": control}
-                                                 [name.removesuffix("+ft")])
-        rows += c
-        curves[name] = c
+    test, fit = fixed_prompts(pre.task, n, seed, "test"), fixed_prompts(pre.task, n, seed, "probe")
+    abls = make_ablations(model, kinds, pre.task, n, seed)
+    imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()))
+    norm = pre.task.s * pre.task.tau ** 2
+    n_min = 1
+    full_gates = imps[kinds[0]].base_gates
+    full_err = squared_errors(predict(model, test, head_gates=torch.as_tensor(full_gates)), test.f)
+    full_probe = final_probe_errors(model, fit, test, torch.as_tensor(full_gates))
+    rows = curve_from_errors(full_err, pre.task).rows(model="full", ablation="none", n_heads=model.cfg.n_heads, policy="")
+    curves = {"full": rows[:]}
+    by_kind = {}
+    for kind, abl in abls.items():
+        gates = {"pruned": prune_gates(imps[kind], policy).numpy(), "control": prune_gates(imps[kind], control).numpy()}
+        models = {name: model for name in gates}
+        if finetune_steps:
+            for name in ("pruned", "control"):
+                models[f"{name}+ft"] = finetune(model, torch.as_tensor(gates[name]), pre.task, finetune_steps,
+                                                pre.train.batch_size, lr=pre.train.lr * 0.1, seed=seed, ablation=abl)
+                gates[f"{name}+ft"] = gates[name]
+        test_v, fit_v = abl.values(n), abl.repaired(seed + 1).values(n)
+        errs, probe = {"full": full_err}, {"full": full_probe}
+        for name, g in gates.items():
+            gt = torch.as_tensor(g)
+            errs[name] = squared_errors(predict(models[name], test, head_gates=gt, head_values=test_v), test.f)
+            probe[name] = final_probe_errors(models[name], fit, test, gt, fit_v, test_v)
+            label = name if len(kinds) == 1 else f"{name} [{kind}]"
+            c = curve_from_errors(errs[name], pre.task).rows(
+                model=name, ablation=kind, n_heads=model.cfg.n_heads,
+                policy={"pruned": policy, "control": control}[name.removesuffix("+ft")])
+            rows += c
+            curves[label] = c
+        ratios = {k: paired_ratio(e, full_err, n_min, n_boot, seed) for k, e in errs.items() if k != "full"}
+        pratios = {k: paired_ratio(e, full_probe, n_min, n_boot, seed) for k, e in probe.items() if k != "full"}
+        by_kind[kind] = dict(
+            gates={"full": np.asarray(full_gates).tolist(), **{k: np.asarray(v).tolist() for k, v in gates.items()}},
+            kept_heads={k: [[i + 1 for i in np.flatnonzero(row)] for row in np.asarray(v)]
+                        for k, v in {"full": full_gates, **gates}.items()},
+            risk_ratio_vs_full=ratios, probe_ratio_vs_full=pratios,
+            probe_ratio=pratios["pruned"]["ratio"],
+            probe_ratio_ci=[pratios["pruned"]["ci_low"], pratios["pruned"]["ci_high"]],
+            risk_norm_mean={k: float(v[:, n_min:].mean() / norm) for k, v in errs.items()},
+            probe_risk_norm_mean={k: float(v[:, n_min:].mean() / norm) for k, v in probe.items()})
     write_csv(out / "pruning.csv", rows)
-    risk_vs_n(curves, out / "pruning.png", f"E3 pruning, {model_label(model)}: full vs {policy} vs control {control}")
-    ratios = {name: paired_ratio(e, errs["full"], imp.n_min, n_boot, seed) for name, e in errs.items() if name != "full"}
+    risk_vs_n(curves, out / "pruning.png", f"E3 pruning, {model_label(model)}: full vs {policy} vs control {control}"
+              + ("" if kinds == ("zero",) else f" ({', '.join(kinds)} ablation)"))
     summary = dict(checkpoint=str(ckpt), policy=policy, control=control, finetune_steps=finetune_steps,
-                   gates={k: np.asarray(v).tolist() for k, v in gates.items()},
-                   kept_heads={k: [[i + 1 for i in np.flatnonzero(row)] for row in np.asarray(v)] for k, v in gates.items()},
-                   risk_ratio_vs_full=ratios, n_prompts=n, n_min=imp.n_min,
-                   risk_norm_mean={k: float(v[:, imp.n_min:].mean() / (pre.task.s * pre.task.tau ** 2))
-                                   for k, v in errs.items()})
+                   **by_kind[kinds[0]], n_prompts=n, n_min=n_min, ablations=list(kinds),
+                   reference_stream=REFERENCE_STREAM, probe="one RidgeCV per n on the residual stream after the last "
+                   "layer, standardised features, fitted per model and gating on 'probe', scored on 'test'",
+                   by_ablation=by_kind)
     write_json(out / "summary.json", summary)
     write_provenance(out, pre, seed, experiment="E3", checkpoint=str(ckpt), policy=policy, control=control,
-                     finetune_steps=finetune_steps, rank_stream="val", eval_stream="test")
+                     finetune_steps=finetune_steps, rank_stream="val", eval_stream="test", probe_fit_stream="probe",
+                     ablations=list(kinds), reference_stream=REFERENCE_STREAM)
     return summary
 
 
-def plot_importance(imp: HeadImportance, path: str | Path, title: str) -> Path:
-    """Heat-maps (layers x heads): raw importance, normalised per layer, and keep-only risk change."""
+def plot_importance(imps: HeadImportance | dict[str, HeadImportance], path: str | Path, title: str) -> Path:
+    """Heat-maps (layers x heads): raw importance, normalised per layer, and keep-only risk change;
+    one column per ablation kind, so the kinds sit side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -488,25 +571,36 @@ def plot_importance(imp: HeadImportance, path: str | Path, title: str) -> Path:
 
     from ..io import save_figure
 
-    L, h = imp.shape
-    panels = [("importance: risk increase when gated off", imp.score(ABLATE), "magma"),
-              ("normalised per layer (share of positive total)", per_layer_share(imp.score(ABLATE)), "magma"),
-              ("keep only this head in its layer: risk increase", imp.score(KEEP), "viridis")]
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.6 * h * 1.5, 1.2 + 0.8 * L))
-    for ax, (name, val, cmap) in zip(axes, panels):
-        im = ax.imshow(val, cmap=cmap, aspect="auto")
-        for l in range(L):
-            for k in range(h):
-                bright = np.isfinite(val[l, k]) and val[l, k] > np.nanmin(val) + 0.6 * (np.nanmax(val) - np.nanmin(val))
-                ax.text(k, l, f"{val[l, k]:.3g}", ha="center", va="center", fontsize=7, color="k" if bright else "w")
-        ax.set_xticks(range(h), [str(k + 1) for k in range(h)])
-        ax.set_yticks(range(L), [str(l + 1) for l in range(L)])
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_title(name, fontsize=8)
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(title + f" (normalised excess risk, mean over n >= {imp.n_min})", fontsize=9)
+    if isinstance(imps, HeadImportance):
+        imps = {imps.ablation: imps}
+    first = next(iter(imps.values()))
+    L, h = first.shape
+    K = len(imps)
+    fig, axes = plt.subplots(3, K, figsize=(1.5 + (2.5 + 0.9 * h) * K, 3 * (1.2 + 0.8 * L)), squeeze=False)
+    for j, (kind, imp) in enumerate(imps.items()):
+        panels = [("importance: risk increase when ablated", imp.score(ABLATE), "magma"),
+                  ("normalised per layer (share of positive total)", per_layer_share(imp.score(ABLATE)), "magma"),
+                  ("keep only this head in its layer: risk increase", imp.score(KEEP), "viridis")]
+        for ax, (name, val, cmap) in zip(axes[:, j], panels):
+            _heatmap(fig, ax, val, cmap, f"{kind} ablation\n{name}")
+    fig.suptitle(title + f" (normalised excess risk, mean over n >= {first.n_min})", fontsize=9)
     fig.tight_layout()
     out = save_figure(fig, path)
     plt.close(fig)
     return out
+
+
+def _heatmap(fig: Any, ax: Any, val: np.ndarray, cmap: str, title: str) -> None:
+    L, h = val.shape
+    im = ax.imshow(val, cmap=cmap, aspect="auto")
+    lo, hi = (np.nanmin(val), np.nanmax(val)) if np.isfinite(val).any() else (0.0, 0.0)
+    for l in range(L):
+        for k in range(h):
+            bright = np.isfinite(val[l, k]) and val[l, k] > lo + 0.6 * (hi - lo)
+            ax.text(k, l, f"{val[l, k]:.3g}", ha="center", va="center", fontsize=7, color="k" if bright else "w")
+    ax.set_xticks(range(h), [str(k + 1) for k in range(h)])
+    ax.set_yticks(range(L), [str(l + 1) for l in range(L)])
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(im, ax=ax, shrink=0.8)

@@ -10,6 +10,11 @@ One probe per (layer, n), not one per layer across n: the query representation a
 at n = 20 need not be decoded the same way, and the paper probes per context length. The
 regularisation is chosen per probe by scikit-learn's efficient leave-one-out ``RidgeCV`` on
 standardised features.
+
+Pruned models are probed with their gates and, for mean/resample ablation, the replacement
+head values (:mod:`.ablation`); fit and test prompts get different donor pairings.
+:func:`final_probe_errors` (the probe after the last layer) is what E3 uses to judge claim 2a
+by probes rather than by the pruned model's own read-out.
 """
 
 from __future__ import annotations
@@ -44,12 +49,18 @@ def layer_labels(n_layers: int) -> list[str]:
 
 @torch.no_grad()
 def query_states(model: Transformer, prompts: Prompts, gates: torch.Tensor | None = None,
-                 batch_size: int = 1024) -> np.ndarray:
-    """Residual stream at the query tokens, ``(L + 1, P, N, D)`` float64 (``embed`` first)."""
+                 batch_size: int = 1024, values: torch.Tensor | None = None,
+                 layers: Sequence[int] | None = None) -> np.ndarray:
+    """Residual stream at the query tokens, ``(L + 1, P, N, D)`` float64 (``embed`` first).
+
+    ``values``: head values for gated-off heads (see ``model``); ``layers``: indices into
+    :func:`layer_names` to keep (default all), e.g. ``[-1]`` for the last layer only.
+    """
     names = layer_names(model.cfg.n_layers)
+    names = names if layers is None else [names[i] for i in layers]
     lay, _ = model.layout(prompts.x.shape[1], next(model.parameters()).device)
     out = [torch.stack([cache[nm][:, lay.query_index] for nm in names]).double().cpu()
-           for _, cache in batches_with_cache(model, prompts, batch_size, gates)]
+           for _, cache in batches_with_cache(model, prompts, batch_size, gates, values)]
     return torch.cat(out, dim=1).numpy()
 
 
@@ -78,16 +89,17 @@ def probe_errors(fit_states: np.ndarray, fit_f: np.ndarray, test_states: np.ndar
 
 def probe_layers(model: Transformer, fit_prompts: Prompts, test_prompts: Prompts, task: TaskConfig,
                  gates: torch.Tensor | None = None, alphas: np.ndarray = ALPHAS,
-                 labels: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                 labels: dict[str, Any] | None = None, fit_values: torch.Tensor | None = None,
+                 test_values: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """E4 on a loaded model: held-out probe excess risk per layer and n (tidy rows with 95% CIs).
 
     Rows carry ``layer`` (``embed``, ``1``..``L``), ``layer_index`` (0..L), ``n``, ``risk``,
     ``risk_norm``, ``ci_low``/``ci_high`` (normalised), ``alpha`` and any ``labels`` given.
+    ``fit_values``/``test_values``: head values of gated-off heads on each prompt set.
     """
-    if fit_prompts.batch < 3:
-        raise ConfigError(f"probe: need at least 3 fit prompts for cross-validation (got {fit_prompts.batch})")
-    fit_s = query_states(model, fit_prompts, gates)
-    test_s = query_states(model, test_prompts, gates)
+    _check_fit(fit_prompts)
+    fit_s = query_states(model, fit_prompts, gates, values=fit_values)
+    test_s = query_states(model, test_prompts, gates, values=test_values)
     pred, alpha = probe_errors(fit_s, fit_prompts.f.double().numpy(), test_s, alphas)
     names = layer_labels(model.cfg.n_layers)
     rows = []
@@ -98,30 +110,56 @@ def probe_layers(model: Transformer, fit_prompts: Prompts, test_prompts: Prompts
     return rows
 
 
+def final_probe_errors(model: Transformer, fit_prompts: Prompts, test_prompts: Prompts,
+                       gates: torch.Tensor | None = None, fit_values: torch.Tensor | None = None,
+                       test_values: torch.Tensor | None = None, alphas: np.ndarray = ALPHAS) -> np.ndarray:
+    """Held-out squared errors ``(P_test, N)`` of the per-n probes after the last layer."""
+    _check_fit(fit_prompts)
+    fit_s = query_states(model, fit_prompts, gates, values=fit_values, layers=[-1])
+    test_s = query_states(model, test_prompts, gates, values=test_values, layers=[-1])
+    pred, _ = probe_errors(fit_s, fit_prompts.f.double().numpy(), test_s, alphas)
+    return squared_errors(torch.from_numpy(pred[0]), test_prompts.f)
+
+
+def _check_fit(fit_prompts: Prompts) -> None:
+    if fit_prompts.batch < 3:
+        raise ConfigError(f"probe: need at least 3 fit prompts for cross-validation (got {fit_prompts.batch})")
+
+
 def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare: Sequence[str | Path] = (),
            preset: Preset | str | None = None, n_prompts: int | None = None, seed: int | None = None,
-           device: str = "cpu") -> dict[str, Any]:
+           device: str = "cpu", ablations: str | Sequence[str] = ("zero",)) -> dict[str, Any]:
     """E4: probes for the model in ``ckpt``, its pruned version (``prune`` policy) and ``compare`` models.
 
     ``prune="default"`` means all heads in layer 1, the top head in every later layer; heads are
-    ranked by E2 importance on "val" prompts. All models are probed on the same prompts.
+    ranked by E2 importance on "val" prompts, under each ablation kind in ``ablations``, and the
+    pruned heads are ablated the same way (model label ``h=H pruned``, plus `` (mean)`` /
+    `` (resample)`` for those kinds). All models are probed on the same prompts.
     """
     from ..evaluation import evaluate
-    from .heads import assess_heads, default_policy, load_for_analysis, parse_policy, prune_gates
+    from .ablation import REFERENCE_STREAM, make_ablations, parse_ablations
+    from .heads import assess_heads_kinds, default_policy, load_for_analysis, parse_policy, prune_gates
 
     out = Path(out)
+    kinds = parse_ablations(ablations)
     if prune not in (None, "default"):
         parse_policy(prune)
     model, meta, pre = load_for_analysis(ckpt, preset, device)
     seed = pre.seed if seed is None else seed
     n = n_prompts or pre.eval.n_test
     fit, test = fixed_prompts(pre.task, n, seed, "probe"), fixed_prompts(pre.task, n, seed, "test")
-    runs: list[tuple[str, Transformer, torch.Tensor | None, str]] = [(f"h={model.cfg.n_heads} full", model, None, str(ckpt))]
+    # (label, model, gates, fit values, test values, checkpoint)
+    runs: list[tuple[str, Transformer, Any, Any, Any, str]] = [(f"h={model.cfg.n_heads} full", model, None, None, None,
+                                                                str(ckpt))]
     policy = None
     if prune is not None:
         policy = default_policy(model.cfg.n_layers) if prune == "default" else prune
-        imp = assess_heads(model, fixed_prompts(pre.task, n, seed, "val"), pre.task)
-        runs.append((f"h={model.cfg.n_heads} pruned", model, prune_gates(imp, policy), str(ckpt)))
+        abls = make_ablations(model, kinds, pre.task, n, seed)
+        imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()))
+        for kind, abl in abls.items():
+            label = f"h={model.cfg.n_heads} pruned" + ("" if kind == "zero" else f" ({kind})")
+            runs.append((label, model, prune_gates(imps[kind], policy), abl.repaired(seed + 1).values(n), abl.values(n),
+                         str(ckpt)))
     for other in compare:
         m2, _, _ = load_for_analysis(other, pre, device)
         if m2.cfg.n_layers != model.cfg.n_layers:
@@ -129,24 +167,27 @@ def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare:
         label = f"h={m2.cfg.n_heads}"
         if any(label == r[0] for r in runs):
             label = f"{label} ({Path(other).name})"
-        runs.append((label, m2, None, str(other)))
+        runs.append((label, m2, None, None, None, str(other)))
     rows: list[dict[str, Any]] = []
     gates_used = {}
-    for label, m, g, path in runs:
-        rows += probe_layers(m, fit, test, pre.task, gates=g, labels=dict(model=label, checkpoint=path))
+    for label, m, g, fit_v, test_v, path in runs:
+        rows += probe_layers(m, fit, test, pre.task, gates=g, labels=dict(model=label, checkpoint=path),
+                             fit_values=fit_v, test_values=test_v)
         gates_used[label] = None if g is None else g.tolist()
         # the model's own read-out on the same test prompts, as a reference panel
         rows += [{**r, "layer_index": m.cfg.n_layers + 1, "alpha": float("nan")}
-                 for r in evaluate(m, test, pre.task, head_gates=g).rows(model=label, checkpoint=path, layer="model output")]
+                 for r in evaluate(m, test, pre.task, head_gates=g, head_values=test_v).rows(
+                     model=label, checkpoint=path, layer="model output")]
     write_csv(out / "probes.csv", rows)
     plot_probes(rows, out / "probes.png", f"E4 linear probes of <w*, x_q> ({pre.name})")
     summary = dict(checkpoint=str(ckpt), compare=[str(c) for c in compare], prune_policy=policy,
+                   ablations=list(kinds), reference_stream=REFERENCE_STREAM,
                    gates=gates_used, n_fit=n, n_test=n, fit_stream="probe", test_stream="test",
                    probe="one RidgeCV per (layer, n) on standardised features",
                    mean_probe_risk_norm=_mean_by_layer(rows))
     write_json(out / "summary.json", summary)
     write_provenance(out, pre, seed, experiment="E4", checkpoint=str(ckpt), compare=[str(c) for c in compare],
-                     prune_policy=policy, alphas=ALPHAS)
+                     prune_policy=policy, alphas=ALPHAS, ablations=list(kinds), reference_stream=REFERENCE_STREAM)
     return summary
 
 

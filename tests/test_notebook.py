@@ -1,0 +1,25 @@
+"""The example notebook runs top to bottom without a cell error (smoke-sized, a few seconds)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbclient
+import nbformat
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "head_analysis.ipynb"
+
+
+def test_head_analysis_notebook_executes(tmp_path, monkeypatch):
+    src = str(Path(__file__).resolve().parents[1] / "src")  # the kernel imports this checkout's package
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    for kind in ("zero", "mean", "resample"):
+        assert f"{kind:>8}: kept" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
