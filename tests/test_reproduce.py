@@ -57,7 +57,9 @@ def test_report_has_every_section_figure_and_verdict(run):
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(figures)
     verdicts = json.loads((run / "verdicts.json").read_text())
-    assert [v["claim"][:2] for v in verdicts] == ["1a", "1b", "2a", "2a", "2b", "2c", "3."]  # 2a: own read-out, probe
+    assert [key(v["claim"]) for v in verdicts] == (["1a"] + [f"1b/{k}" for k in KINDS]
+                                                   + [f"2a/{k}/{r}" for k in KINDS for r in ("model", "probe")]
+                                                   + ["2b", "2c", "3."])
     for v in verdicts:
         assert v["verdict"] in ("reproduced", "not reproduced", "inconclusive")
         assert v["verdict"].upper() in md
