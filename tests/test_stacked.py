@@ -165,3 +165,18 @@ def test_train_members_groups_architectures_and_reuses(tmp_path: Path) -> None:
     assert all(v["reused"] for v in again["members"].values())
     spec = TrainSpec.from_preset(p, 2)
     assert load_model(ms[1].out)[1]["train"] == spec.train.model_dump()
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--layers", "0"], "layers"),
+    (["--layers", "a,b"], "layers"),
+    (["--mlp", "2"], "mlp"),
+    (["--heads", "3"], "heads"),
+    (["--set", "train.steps=0"], "train.steps"),
+])
+def test_sweep_arch_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 args: list[str], field: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep-arch", "--preset", "smoke", "--out", str(tmp_path / "o"), "--device", "cpu", *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"error: {field}") and "\n" not in err

@@ -324,8 +324,10 @@ def sweep_arch(preset: str, out: Path, layers: str, mlps: str, heads: str, seeds
     """Architecture sweep: L x MLP x heads x seeds into OUT/L{L}-mlp{0|1}/seed{k}/h{h}/ (stacked on CUDA)."""
     p = make_preset(preset, None, **parse_sets(sets))
     Ls, ms, hs = _int_list("layers", layers), _int_list("mlp", mlps), _int_list("heads", heads)
-    if min(Ls) < 1 or set(ms) - {0, 1}:
-        raise ConfigError("layers: must be >= 1; mlp: must be 0 or 1")
+    if min(Ls) < 1:
+        raise ConfigError(f"layers: every depth must be >= 1 (got {layers!r})")
+    if set(ms) - {0, 1}:
+        raise ConfigError(f"mlp: must be 0 or 1 (got {mlps!r})")
     for h in hs:
         from .training import TrainSpec
 
