@@ -26,10 +26,11 @@
 #
 # GPU time, an ESTIMATE (no GPU was available to measure; CPU figures measured on a loaded 2-core
 # machine, docs/training.md "Stacked training"):
-#   * paper stack (h = 1, 2, 4, 8; D=256, L=4, batch 128, 81 tokens): ~3.2M params/model, ~6 x 3.2M x
-#     128 x 81 x 4 models ~ 0.8 TFLOP per stack step; at a sustained ~50-100 TFLOP/s (TF32, small
-#     matmuls) that is ~8-16 ms/step, so 12000 steps ~ 1.6-3.2 min; the rest of reproduce (E5 with
-#     4000 test prompts, E2-E6 analyses, report) is CPU-heavy: budget ~2-3 min.
+#   * paper stack (h = 1, 2, 4, 8; D=256, L=4, batch 128, 81 tokens): ~3.2M params/model, 6 x 3.2M x
+#     128 x 81 x 4 models ~ 0.8 TFLOP per stack step; at a sustained 50-150 TFLOP/s (TF32, mid-sized
+#     batched matmuls) that is ~5-16 ms/step, so 12000 steps ~ 1-3 min. (CPU here, one thread, load
+#     ~7: ~10 s per paper model step.) The rest of reproduce (E5 with 4000 test prompts, E2-E6
+#     analyses, report) is CPU-heavy: budget ~2-3 min.
 #   * quick stacks (6 members each, D=64, batch 64): launch-bound, ~300-400 kernels per step,
 #     ~3-5 ms/step per process; with 6 processes sharing the GPU, ~150-250 steps/s each if the GPU
 #     interleaves them well, so 20000 steps ~ 1.5-2.5 min for all six stacks; analyses + table ~1 min.
