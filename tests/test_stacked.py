@@ -180,3 +180,16 @@ def test_sweep_arch_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.
         cli.main(["sweep-arch", "--preset", "smoke", "--out", str(tmp_path / "o"), "--device", "cpu", *args])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith(f"error: {field}") and "\n" not in err
+
+
+def test_e1_train_models_stacked_on_request(tmp_path: Path) -> None:
+    from icl_heads.experiments.heads_sweep import default_stacked, model_dir, train_models
+
+    assert default_stacked("cuda") and default_stacked("cuda:1") and not default_stacked("cpu")
+    p = tiny(**{"train.steps": 8})
+    info = train_models(p, tmp_path, "cpu", stacked=True)
+    for h in p.heads:
+        assert info[h]["stacked"] and Path(info[h]["stack"]).parent == tmp_path / "models" / "stacks"
+        meta = load_model(model_dir(tmp_path, h))[1]
+        assert meta["finished"] and meta["model_config"]["n_heads"] == h
+    assert all(train_models(p, tmp_path, "cpu", stacked=True)[h]["reused"] for h in p.heads)
