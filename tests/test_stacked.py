@@ -165,3 +165,31 @@ def test_train_members_groups_architectures_and_reuses(tmp_path: Path) -> None:
     assert all(v["reused"] for v in again["members"].values())
     spec = TrainSpec.from_preset(p, 2)
     assert load_model(ms[1].out)[1]["train"] == spec.train.model_dump()
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--layers", "0"], "layers"),
+    (["--layers", "a,b"], "layers"),
+    (["--mlp", "2"], "mlp"),
+    (["--heads", "3"], "heads"),
+    (["--set", "train.steps=0"], "train.steps"),
+])
+def test_sweep_arch_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 args: list[str], field: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep-arch", "--preset", "smoke", "--out", str(tmp_path / "o"), "--device", "cpu", *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"error: {field}") and "\n" not in err
+
+
+def test_e1_train_models_stacked_on_request(tmp_path: Path) -> None:
+    from icl_heads.experiments.heads_sweep import default_stacked, model_dir, train_models
+
+    assert default_stacked("cuda") and default_stacked("cuda:1") and not default_stacked("cpu")
+    p = tiny(**{"train.steps": 8})
+    info = train_models(p, tmp_path, "cpu", stacked=True)
+    for h in p.heads:
+        assert info[h]["stacked"] and Path(info[h]["stack"]).parent == tmp_path / "models" / "stacks"
+        meta = load_model(model_dir(tmp_path, h))[1]
+        assert meta["finished"] and meta["model_config"]["n_heads"] == h
+    assert all(train_models(p, tmp_path, "cpu", stacked=True)[h]["reused"] for h in p.heads)

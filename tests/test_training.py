@@ -259,3 +259,15 @@ def test_snapshots_written_at_planned_steps_and_resume_identical(tmp_path: Path)
     cli.main(["eval", str(snapshot_dir(tmp_path / "cut", 6)), "--out", str(tmp_path / "ev"), "--device", "cpu",
               "--prompts", "20"])
     assert len(list(csv.DictReader(open(tmp_path / "ev" / "risk.csv")))) == p.task.n_max + 1
+
+
+def test_cuda_fast_math_sets_tf32_only_inside_and_only_for_cuda() -> None:
+    """The flag flip needs no GPU: TF32 ("high") inside the CUDA context, the previous value after."""
+    from icl_heads.training import cuda_fast_math
+
+    before = torch.get_float32_matmul_precision()
+    with cuda_fast_math("cpu"):
+        assert torch.get_float32_matmul_precision() == before
+    with cuda_fast_math("cuda:0"):
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
+    assert torch.get_float32_matmul_precision() == before

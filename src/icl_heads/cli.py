@@ -361,6 +361,52 @@ def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed:
     click.echo(f"E1 written to {out} (training {s['train_wall_s']:.0f} s)")
 
 
+def _int_list(name: str, text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 0:
+        raise ConfigError(f"{name}: expected comma-separated non-negative integers (got {text!r})")
+    return vals
+
+
+@app.command("sweep-arch")
+@preset_option
+@out_option
+@click.option("--layers", default="2,3,4", show_default=True, help="depths, comma-separated")
+@click.option("--mlp", "mlps", default="0,1", show_default=True, help="MLP off (0) / on (1), comma-separated")
+@click.option("--heads", default="1,4", show_default=True, help="head counts, comma-separated")
+@click.option("--seeds", default=3, show_default=True, type=int, help="seeds per architecture and head count")
+@device_option
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override a preset field (repeatable)")
+@click.option("--jobs", default=1, show_default=True, type=int, help="stacks trained at once, one process each")
+@click.option("--stacked/--no-stacked", default=None, help="one stack per architecture (default: on CUDA only)")
+@click.option("--table", is_flag=True, help="only write OUT/table.csv from the trained models and their analyses")
+def sweep_arch(preset: str, out: Path, layers: str, mlps: str, heads: str, seeds: int, device: str,
+               sets: tuple[str, ...], jobs: int, stacked: Optional[bool], table: bool) -> None:
+    """Architecture sweep: L x MLP x heads x seeds into OUT/L{L}-mlp{0|1}/seed{k}/h{h}/ (stacked on CUDA)."""
+    p = make_preset(preset, None, **parse_sets(sets))
+    Ls, ms, hs = _int_list("layers", layers), _int_list("mlp", mlps), _int_list("heads", heads)
+    if min(Ls) < 1:
+        raise ConfigError(f"layers: every depth must be >= 1 (got {layers!r})")
+    if set(ms) - {0, 1}:
+        raise ConfigError(f"mlp: must be 0 or 1 (got {mlps!r})")
+    for h in hs:
+        from .training import TrainSpec
+
+        TrainSpec.from_preset(p, h)
+    dev = resolve_device(device)
+    from .experiments.arch_sweep import arch_table, run_arch_sweep
+
+    if table:
+        rows = arch_table(p, out, dev)
+        click.echo(f"table of {len(rows)} rows written to {out / 'table.csv'}")
+        return
+    s = run_arch_sweep(p, out, Ls, [bool(m) for m in ms], hs, seeds, dev, stacked=stacked, jobs=jobs)
+    click.echo(f"sweep of {s['models']} models written to {out} (training {s['train_wall_s']:.0f} s)")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app, turning every expected failure into one line on stderr."""
     try:

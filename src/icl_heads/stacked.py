@@ -47,7 +47,7 @@ from .checkpoint import META_FILE, STATE_FILE, CheckpointError, load_meta, load_
 from .config import ConfigError, Preset, TaskConfig, TrainConfig
 from .io import atomic_write_bytes, write_csv, write_json, write_provenance
 from .model import Transformer, tokens
-from .tasks import Prompts, fixed_prompts, generator, stream_seed
+from .tasks import fixed_prompts, generator, stream_seed
 from .training import (EVAL_STREAM, TrainResult, TrainSpec, _progress, _run_meta, _val_summary, cuda_fast_math,
                        curriculum, is_finished, lr_at, save_snapshot, snapshot_steps, train_prompts)
 

@@ -194,24 +194,21 @@ def _make_optimizer(model: Transformer, cfg: TrainConfig, device: str = "cpu") -
 
 @contextmanager
 def cuda_fast_math(device: str) -> Iterator[None]:
-    """TF32 matmuls (and cuDNN) while training on CUDA; restored afterwards, so evaluation stays fp32."""
+    """TF32 matmuls while training on CUDA; restored afterwards, so evaluation stays full fp32.
+
+    Through ``torch.set_float32_matmul_precision`` (one setting for every backend): mixing it with
+    the per-backend ``fp32_precision`` flags makes later precision queries raise in torch >= 2.9.
+    cuDNN (convolutions only, none here) already defaults to TF32.
+    """
     if not device.startswith("cuda"):
         yield
         return
-    backends = [torch.backends.cuda.matmul, torch.backends.cudnn]
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        old = [b.fp32_precision for b in backends]
-        for b in backends:
-            b.fp32_precision = "tf32"
-    else:
-        old = [b.allow_tf32 for b in backends]
-        for b in backends:
-            b.allow_tf32 = True
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
     try:
         yield
     finally:
-        for b, v in zip(backends, old):
-            setattr(b, "fp32_precision" if isinstance(v, str) else "allow_tf32", v)
+        torch.set_float32_matmul_precision(old)
 
 
 # --------------------------------------------------------------------------- training

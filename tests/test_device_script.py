@@ -1,0 +1,69 @@
+"""scripts/device_paper.sh on CPU at toy size, so the one-shot GPU script cannot rot.
+
+The sweep phases run for real (two tiny stacks in two processes, the analyses, the table).
+Phase 1 (``reproduce --preset paper``) is too slow for the unit suite on CPU and is tested by
+tests/test_reproduce.py; here a ``PYTHON`` shim parses its command line with the real CLI
+(options, preset, overrides) and records it instead of running it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_paper.sh"
+
+SHIM = '''
+import json, runpy, sys
+args = sys.argv[1:]
+if args[0] == "-c":
+    sys.argv = ["-c", *args[2:]]
+    exec(args[1])
+elif args[:3] == ["-m", "icl_heads.cli", "reproduce"]:
+    from icl_heads.cli import app, make_preset, parse_sets
+    ctx = app.commands["reproduce"].make_context("reproduce", args[3:])  # parses and checks every option
+    p = make_preset(ctx.params["preset"], None, **parse_sets(ctx.params["sets"]))
+    json.dump({"args": args[3:], "preset": p.name, "steps": p.train.steps}, open(__file__ + ".json", "w"))
+else:
+    assert args[0] == "-m", args
+    sys.argv = [args[1], *args[2:]]
+    runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+'''
+
+
+def test_device_script_dry_run_on_cpu(tmp_path: Path) -> None:
+    shim = tmp_path / "py.py"
+    shim.write_text(SHIM)
+    wrapper = tmp_path / "py"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{shim}" "$@"\n')
+    wrapper.chmod(0o755)
+    tiny = "--set d_model=16 --set train.n_eval_prompts=16 --set train.snapshots=0 --set train.eval_every=1000"
+    env = {**os.environ, "PYTHON": str(wrapper), "DEVICE": "cpu", "PAPER_STEPS": "7", "SWEEP_STEPS": "3",
+           "SWEEP_LAYERS": "1", "SWEEP_MLP": "0,1", "SWEEP_HEADS": "1,2", "SWEEP_SEEDS": "1", "SWEEP_JOBS": "2",
+           "ANALYSIS_JOBS": "2", "BOOT": "10", "OMP_NUM_THREADS": "1", "PAPER_SET": "--set eval.n_test=50",
+           "SWEEP_SET": tiny + " --set eval.n_test=30", "ANALYSIS_ARGS": "--prompts 20"}
+    out = tmp_path / "out"
+    res = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "all done (exit 0)" in res.stdout
+    rec = json.loads((tmp_path / "py.py.json").read_text())
+    assert rec["preset"] == "paper" and rec["steps"] == 7
+    assert rec["args"][:2] == ["--preset", "paper"] and "--seeds" in rec["args"] and str(out / "paper") in rec["args"]
+    sweep = out / "quick-long"
+    for mlp in (0, 1):
+        for h in (1, 2):
+            meta = json.loads((sweep / f"L1-mlp{mlp}" / "seed0" / f"h{h}" / "meta.json").read_text())
+            assert meta["finished"] and meta["step"] == 3 and meta["model_config"]["n_layers"] == 1
+            assert meta["model_config"]["mlp"] is bool(mlp) and meta["model_config"]["n_heads"] == h
+        assert (sweep / f"L1-mlp{mlp}" / "seed0" / "h2-e2" / "summary.json").exists()
+        assert (sweep / f"L1-mlp{mlp}" / "seed0" / "h2-e3" / "summary.json").exists()
+    assert len(list((sweep / "stacks").iterdir())) == 2  # one stack per (L, MLP)
+    rows = list(csv.DictReader(open(sweep / "table.csv")))
+    assert [(r["L"], r["mlp"], r["seed"]) for r in rows] == [("1", "0", "0"), ("1", "1", "0")]
+    for r in rows:
+        assert 0 < float(r["h1_risk_nd"]) and 0 < float(r["h2_risk_n2d"])
+        assert 0.5 <= float(r["h2_top_share_layer1_zero"]) <= 1  # top share of 2 heads is at least 1/2
