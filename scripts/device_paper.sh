@@ -72,8 +72,29 @@ sweep_train() {
     --device "$DEVICE" --stacked --jobs "$SWEEP_JOBS" --set train.steps="$SWEEP_STEPS" $SWEEP_SET
 }
 
-log "start: device=$DEVICE PAPER_STEPS=$PAPER_STEPS SWEEP_STEPS=$SWEEP_STEPS SWEEP_JOBS=$SWEEP_JOBS"
 "$PY" -c "import torch; print('[device] torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+
+if [[ "${BENCH:-0}" == 1 ]]; then
+  # phase 0: the stacked-vs-separate benchmark on this device (issue 11's ratio), which also sizes the run
+  log "phase 0: benchmarks/train_throughput.py --stacked (quick, paper) on $DEVICE"
+  "$PY" "$ROOT/benchmarks/train_throughput.py" --stacked --device "$DEVICE" --preset quick --blocks 3 --steps 20 \
+    > "$OUT/bench_quick.txt" 2>&1 && cat "$OUT/bench_quick.txt"
+  "$PY" "$ROOT/benchmarks/train_throughput.py" --stacked --device "$DEVICE" --preset paper --blocks 3 --steps 10 \
+    > "$OUT/bench_paper.txt" 2>&1 && cat "$OUT/bench_paper.txt"
+  if [[ "${AUTO_SIZE:-0}" == 1 ]] && sizes=$("$PY" "$ROOT/scripts/device_size.py" "$OUT/bench_quick.txt" \
+       "$OUT/bench_paper.txt" "${PAPER_WINDOW:-200}" "${SWEEP_WINDOW:-200}"); then
+    eval "$sizes"
+    log "sized from the benchmark: $(echo $sizes | tr '\n' ' ')"
+  fi
+fi
+PAPER_SEEDS=${PAPER_SEEDS:-1}
+PAPER_WARMUP=${PAPER_WARMUP:-}
+[[ -n "$PAPER_WARMUP" ]] && PAPER_SET="--set train.warmup_steps=$PAPER_WARMUP $PAPER_SET"
+if [[ -n "${E5_FROM:-}" && -d "$E5_FROM/e5" && ! -e "$OUT/paper/e5" ]]; then
+  # E5 needs no GPU: a CPU-made E5 of the same task/eval/seed is reused (its stage fingerprint covers just those)
+  mkdir -p "$OUT/paper" && cp -r "$E5_FROM/e5" "$OUT/paper/e5" && log "E5 taken from $E5_FROM"
+fi
+log "start: device=$DEVICE PAPER_STEPS=$PAPER_STEPS PAPER_SEEDS=$PAPER_SEEDS SWEEP_STEPS=$SWEEP_STEPS SWEEP_JOBS=$SWEEP_JOBS"
 
 sweep_pid=""
 if [[ "${SKIP_SWEEP:-0}" != 1 && "$SWEEP_PARALLEL" == 1 ]]; then
@@ -85,8 +106,8 @@ fi
 if [[ "${SKIP_PAPER:-0}" != 1 ]]; then
   log "phase 1: reproduce --preset $PAPER_PRESET (train.steps=$PAPER_STEPS): $OUT/paper.log"
   # shellcheck disable=SC2086
-  if "${ICL[@]}" reproduce --preset "$PAPER_PRESET" --seeds 1 --device "$DEVICE" --out "$OUT/paper" \
-       --set train.steps="$PAPER_STEPS" $PAPER_SET > "$OUT/paper.log" 2>&1; then
+  if "${ICL[@]}" reproduce --preset "$PAPER_PRESET" --seeds "$PAPER_SEEDS" --device "$DEVICE" --out "$OUT/paper" \
+       --threads "${PAPER_THREADS:-1}" --set train.steps="$PAPER_STEPS" $PAPER_SET > "$OUT/paper.log" 2>&1; then
     log "phase 1 done: $(tail -n 1 "$OUT/paper.log")"
   else
     status=1; log "phase 1 FAILED (tail of $OUT/paper.log follows)"; tail -n 20 "$OUT/paper.log"

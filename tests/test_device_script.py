@@ -67,3 +67,23 @@ def test_device_script_dry_run_on_cpu(tmp_path: Path) -> None:
     for r in rows:
         assert 0 < float(r["h1_risk_nd"]) and 0 < float(r["h2_risk_n2d"])
         assert 0.5 <= float(r["h2_top_share_layer1_zero"]) <= 1  # top share of 2 heads is at least 1/2
+
+
+def test_device_size_from_benchmark_output(tmp_path):
+    """scripts/device_size.py turns measured stack rates into step counts that fit the windows."""
+    bench = "preset={p} device=cuda threads=1 members={m} (heads ...)\n  stacked {r} model-steps/s  (blocks: 1)\n"
+    q, p = tmp_path / "q.txt", tmp_path / "p.txt"
+    q.write_text(bench.format(p="quick", m=12, r=3000.0))  # 4 ms per quick stack step
+    p.write_text(bench.format(p="paper", m=4, r=400.0))  # 10 ms per paper stack step of 4 members
+    out = subprocess.run([sys.executable, str(SCRIPT.parent / "device_size.py"), str(q), str(p), "200", "200"],
+                         capture_output=True, text=True, check=True).stdout
+    got = dict(line.split("=") for line in out.split())
+    # 3 seeds = 8 members = 20 ms/step: 200 s x 0.6 / 0.02 = 6000 steps >= 6000 -> three seeds
+    assert got["PAPER_SEEDS"] == "3" and got["PAPER_STEPS"] == "6000" and got["PAPER_WARMUP"] == "600"
+    # worst sweep stack (L=4, MLP): 4 ms x 4/3 x 1.5 = 8 ms: 120 s / 8 ms = 15000 steps
+    assert got["SWEEP_STEPS"] == "15000"
+    p.write_text(bench.format(p="paper", m=4, r=200.0))  # twice slower: one seed, 6000 steps
+    out = subprocess.run([sys.executable, str(SCRIPT.parent / "device_size.py"), str(q), str(p), "200", "200"],
+                         capture_output=True, text=True, check=True).stdout
+    got = dict(line.split("=") for line in out.split())
+    assert got["PAPER_SEEDS"] == "1" and got["PAPER_STEPS"] == "6000"
