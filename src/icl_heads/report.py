@@ -140,8 +140,11 @@ def claim_1b(e2: Path, ablation: str = "zero") -> Verdict:
     for r in later:
         stats += [Stat(f"layer {r['layer']} top-head share", f(r, "top_share"), 0.5, above=True),
                   Stat(f"layer {r['layer']} share minus layer 1", f(r, "share_minus_layer1"), 0.0, above=True)]
+    nums = dict(ablation=ablation, top_share=[f(r, "top_share") for r in conc],
+                top_share_ci=[[f(r, "ci_low"), f(r, "ci_high")] for r in conc],
+                layer1_importance_ci_low=checks["layer1_importance_ci_low"])
     return Verdict(f"1b. all heads matter in layer 1; one head dominates each later layer ({ablation} ablation)",
-                   v, ev, stats)
+                   v, ev, stats, numbers=nums)
 
 
 def claims_1b(e2: Path) -> list[Verdict]:
@@ -169,7 +172,7 @@ def claim_2a(e3: Path, ablation: str = "zero", readout: str = "model") -> Verdic
     stats = [Stat(f"pruned/full {what}", p["ratio"], 1.25, above=False),
              Stat("control/full minus pruned/full", c["ratio"] - p["ratio"], 0.0, above=True)]
     return Verdict(f"2a. pruning later layers to their top head keeps the risk ({how}, {ablation} ablation)",
-                   v, ev, stats)
+                   v, ev, stats, numbers=dict(ablation=ablation, readout=readout, pruned=p, control=c))
 
 
 def claims_2a(e3: Path) -> list[Verdict]:

@@ -157,8 +157,10 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
         runner.run(f"{sp}train", out / f"{sp}train", lambda d: train_seeds(per_seed, dirs, device, stacked, d / "stacks"))
         for k, pk in enumerate(per_seed):
             sd = out / f"{sp}seed{k}"
+            # E5 ran on the first seed's prompts at the preset's own sigma: E1 reuses its estimator rows there
+            e5_csv = out / "e5" / "e5_risk.csv" if k == 0 and not sp else None
             runner.run(f"{sp}seed{k}/e1", sd / "e1",
-                       lambda d: run_e1(pk, d, device, estimators=E1_ESTIMATORS if k == 0 else None))
+                       lambda d: run_e1(pk, d, device, estimators=E1_ESTIMATORS if k == 0 else None, e5_csv=e5_csv))
             multi, single = model_dir(sd / "e1", max(pk.heads)), model_dir(sd / "e1", min(pk.heads))
             common = dict(preset=pk, seed=pk.seed, device=device)
             runner.run(f"{sp}seed{k}/e2", sd / "e2", lambda d: run_e2(multi, d, ablations=ABLATIONS, **common))

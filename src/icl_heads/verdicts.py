@@ -54,10 +54,11 @@ class Verdict:
     evidence: list[str] = field(default_factory=list)
     stats: list[Stat] = field(default_factory=list)
     per_seed: list[dict] = field(default_factory=list)  # filled by across_seeds: seed, verdict, stats
+    numbers: dict = field(default_factory=dict)  # a per-seed rule's labelled inputs (ablation kind, CIs, ...)
 
     def to_json(self) -> dict:
         return {"claim": self.claim, "verdict": self.verdict, "evidence": self.evidence,
-                "stats": [s.__dict__ for s in self.stats], "per_seed": self.per_seed}
+                "stats": [s.__dict__ for s in self.stats], "per_seed": self.per_seed, "numbers": self.numbers}
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:

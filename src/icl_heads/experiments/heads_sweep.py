@@ -112,14 +112,31 @@ def depth_steps(preset: Preset) -> int | None:
     return preset.n_layers - 1 if preset.n_layers >= 2 else None
 
 
-def estimator_rows(preset: Preset, estimators: Sequence[str], depth_matched: bool = True) -> list[dict[str, Any]]:
+def estimator_rows(preset: Preset, estimators: Sequence[str], depth_matched: bool = True,
+                   e5_csv: str | Path | None = None) -> list[dict[str, Any]]:
     """E1's estimator rows (``kind="estimator"``): the tuned ``estimators`` and, with ``depth_matched``,
-    ``gd_depth``/``pto_depth`` with T = L - 1 steps; all on the models' test prompts."""
+    ``gd_depth``/``pto_depth`` with T = L - 1 steps; all on the models' test prompts.
+
+    ``e5_csv``: E5's ``e5_risk.csv`` *of the same task, evaluation sizes and seed* (so the same
+    val/test prompts and tuning): its rows are taken instead of tuning every estimator again,
+    which is most of E1's time on the paper preset.
+    """
     from ..estimators import estimator_table
+    from ..io import read_csv
 
     T = depth_steps(preset) if depth_matched else None
-    return [{"kind": "estimator", "label": x.pop("estimator"), **x}
-            for x in estimator_table(preset, list(estimators), depth_steps=T)]
+    todo = list(estimators)
+    reused: list[dict[str, Any]] = []
+    if e5_csv is not None:
+        for r in read_csv(e5_csv):
+            if r["estimator"] in todo:
+                reused.append({"estimator": r["estimator"], "n": int(r["n"]),
+                               **{k: float(r[k]) for k in ("risk", "risk_norm", "ci_low", "ci_high")},
+                               "hparams": r["hparams"]})
+        todo = [e for e in todo if e not in {r["estimator"] for r in reused}]
+        reused.sort(key=lambda r: estimators.index(r["estimator"]))
+    rows = reused + estimator_table(preset, todo, depth_steps=T)
+    return [{"kind": "estimator", "label": x.pop("estimator"), **x} for x in rows]
 
 
 def train_seeds(presets: Sequence[Preset], outs: Sequence[str | Path], device: str = "cpu",
@@ -139,8 +156,11 @@ def train_seeds(presets: Sequence[Preset], outs: Sequence[str | Path], device: s
 
 def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | None = None,
            estimators: Sequence[str] | None = E1_ESTIMATORS, stacked: bool | None = None,
-           depth_matched: bool = True) -> dict[str, Any]:
-    """Train/reuse the models, evaluate them and the estimators, write CSV, PNG, summary JSON."""
+           depth_matched: bool = True, e5_csv: str | Path | None = None) -> dict[str, Any]:
+    """Train/reuse the models, evaluate them and the estimators, write CSV, PNG, summary JSON.
+
+    ``e5_csv``: reuse E5's tuned estimator rows (same task, eval sizes and seed; see :func:`estimator_rows`).
+    """
     from ..checkpoint import load_model
     from ..evaluation import evaluate
     from ..io import write_csv, write_json, write_provenance
@@ -168,7 +188,7 @@ def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | 
         curves[label], styles[label] = r, {"lw": 2.2}
         trained[h] = {"steps": meta["step"], "train_wall_s": meta.get("wall_s"), **info[h]}
     if estimators:
-        for x in estimator_rows(preset, estimators, depth_matched):
+        for x in estimator_rows(preset, estimators, depth_matched, e5_csv):
             rows.append(x)
             if x["label"] in PLOT_ESTIMATORS:
                 curves.setdefault(x["label"], []).append(x)
