@@ -23,6 +23,12 @@
 #   SKIP_PAPER / SKIP_SWEEP [0]   PAPER_PRESET [paper] SWEEP_PRESET [quick]
 #   PAPER_SET / SWEEP_SET / ANALYSIS_ARGS: extra "--set k=v ..." / analysis options (the CPU dry-run test
 #   in tests/test_device_script.py uses them to shrink everything).
+#   BENCH=1: phase 0 runs benchmarks/train_throughput.py --stacked (quick, paper) on the device first and
+#     keeps its output (OUT/bench_*.txt); with AUTO_SIZE=1 scripts/device_size.py then sets PAPER_STEPS,
+#     PAPER_WARMUP (10%) and SWEEP_STEPS so that training fits PAPER_WINDOW / SWEEP_WINDOW seconds [200].
+#   PAPER_SEEDS [1]  PAPER_THREADS [1] (reproduce --threads)  PAPER_ARGS (e.g. --no-e6-any-t)
+#   E5_FROM=DIR: reuse DIR/e5 (an E5 of the same task/eval/seed made on a CPU; E5 needs no GPU).
+#   scripts/device_pack.sh OUT DEST packs the results into the few files a lent machine returns.
 #
 # GPU time, an ESTIMATE (no GPU was available to measure; CPU figures measured on a loaded 2-core
 # machine, docs/training.md "Stacked training"):
@@ -107,7 +113,7 @@ if [[ "${SKIP_PAPER:-0}" != 1 ]]; then
   log "phase 1: reproduce --preset $PAPER_PRESET (train.steps=$PAPER_STEPS): $OUT/paper.log"
   # shellcheck disable=SC2086
   if "${ICL[@]}" reproduce --preset "$PAPER_PRESET" --seeds "$PAPER_SEEDS" --device "$DEVICE" --out "$OUT/paper" \
-       --threads "${PAPER_THREADS:-1}" --set train.steps="$PAPER_STEPS" $PAPER_SET > "$OUT/paper.log" 2>&1; then
+       --threads "${PAPER_THREADS:-1}" ${PAPER_ARGS:-} --set train.steps="$PAPER_STEPS" $PAPER_SET > "$OUT/paper.log" 2>&1; then
     log "phase 1 done: $(tail -n 1 "$OUT/paper.log")"
   else
     status=1; log "phase 1 FAILED (tail of $OUT/paper.log follows)"; tail -n 20 "$OUT/paper.log"

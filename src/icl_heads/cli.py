@@ -249,13 +249,15 @@ def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
                                "task.sigma); each other level trains its own models under OUT/sigma{value}/")
 @click.option("--stacked/--no-stacked", default=None,
               help="train each noise level's models as one stacked model (default: on CUDA only)")
+@click.option("--e6-any-t/--no-e6-any-t", "any_t", default=True, show_default=True,
+              help="E6's final-output-vs-any-T context for the first seed (no verdict reads it; slow on paper)")
 @device_option
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="override any preset field by dotted path, e.g. --set train.steps=2000 (repeatable)")
 @click.option("--threads", default=1, show_default=True, type=int,
               help="torch threads for the estimator and analysis stages (training runs one process per model)")
 def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str], stacked: Optional[bool],
-              device: str, sets: tuple[str, ...], threads: int) -> None:
+              any_t: bool, device: str, sets: tuple[str, ...], threads: int) -> None:
     """Run E5, E1-E4, E6 and E7 for a preset over seeds and write report.md/report.html into OUT."""
     p = make_preset(preset, None, **parse_sets(sets))
     dev = resolve_device(device)
@@ -269,7 +271,7 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
     from .reproduce import reproduce as run
 
     torch.set_num_threads(threads)
-    report = run(p, out, seeds=seeds, device=dev, sigmas=levels, stacked=stacked)
+    report = run(p, out, seeds=seeds, device=dev, sigmas=levels, stacked=stacked, any_t=any_t)
     click.echo(f"done: report at {report} (and {report.with_suffix('.html')})")
 
 

@@ -121,13 +121,14 @@ def check_folder(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float])
 
 
 def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str = "cpu",
-              sigmas: Sequence[float] | None = None, stacked: bool | None = None) -> Path:
+              sigmas: Sequence[float] | None = None, stacked: bool | None = None, any_t: bool = True) -> Path:
     """Run every experiment for ``preset`` into ``out`` and write ``report.md``/``report.html``.
 
     ``seeds`` training seeds (default ``preset.seeds``); ``sigmas``: noise levels for the
     trained-model stages (default the preset's own; each other level trains its own models
     under ``sigma{value}/``); ``stacked``: train each noise level's models as one stacked model
-    (default: on CUDA only, where it is faster; ``docs/training.md``).
+    (default: on CUDA only, where it is faster; ``docs/training.md``); ``any_t=False`` skips E6's
+    final-output-vs-any-T context (no verdict reads it; minutes on the paper preset's CPU side).
     """
     from .analysis.emergence import run_e7
     from .analysis.heads import default_policy, run_e2, run_e3
@@ -169,7 +170,7 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
                                                                        compare=[single], **common))
             first = k == 0  # E6c and the any-T context are model-independent or verdict-free: first seed only
             runner.run(f"{sp}seed{k}/e6", sd / "e6", lambda d: run_e6(multi, d, single_ckpt=single, with_construct=first,
-                                                                       with_any_t=first, **common))
+                                                                       with_any_t=first and any_t, **common))
             runner.run(f"{sp}seed{k}/e7", sd / "e7", lambda d: run_e7(multi, d, **common))
     runner.log(f"[{len(runner.stages)}/{len(runner.stages)}] report   elapsed {_hms(runner.elapsed)}")
     t = time.perf_counter()
