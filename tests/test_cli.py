@@ -86,6 +86,7 @@ OUT_COMMANDS = {  # every command with --out, with its other required arguments
     "probe": ["probe", "CKPT"],
     "mechanism": ["mechanism", "CKPT"],
     "reproduce": ["reproduce", "--preset", "smoke"],
+    "sweep-arch": ["sweep-arch", "--preset", "smoke"],
 }
 
 
