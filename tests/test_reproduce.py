@@ -258,3 +258,25 @@ def test_html_report_renders_with_images_in_chromium(run, tmp_path):
                           str(run / "report.html"), str(shot)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert shot.stat().st_size > 10_000
+
+
+def test_sigmas_train_their_own_models_and_name_their_verdicts(tmp_path):
+    """--sigmas: each other noise level trains its own models under sigma{value}/ and gets its own verdict rows."""
+    out = tmp_path / "sig"
+    small = ["--set", "train.steps=40", "--set", "train.warmup_steps=5", "--set", "eval.n_test=60",
+             "--set", "eval.n_val=40", "--set", "eval.n_emergence=40"]
+    res = subprocess.run(cli("reproduce", "--preset", "smoke", "--out", str(out), "--sigmas", "0.1,0.5", *small),
+                         capture_output=True, text=True, timeout=600, env=env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    for k in (0, 1):
+        for prefix in ("", "sigma0.5/"):
+            assert (out / f"{prefix}seed{k}/e1/models/h2/meta.json").exists()
+    base = json.loads((out / "seed0/e1/models/h1/meta.json").read_text())["task"]["sigma"]
+    other = json.loads((out / "sigma0.5/seed0/e1/models/h1/meta.json").read_text())["task"]["sigma"]
+    assert (base, other) == (0.1, 0.5)
+    claims = [v["claim"] for v in json.loads((out / "verdicts.json").read_text())]
+    assert sum(c.endswith("[sigma=0.1]") for c in claims) == sum(c.endswith("[sigma=0.5]") for c in claims) == 12
+    assert json.loads((out / "manifest.json").read_text())["sigmas"] == [0.1, 0.5]
+    bad = subprocess.run(cli("reproduce", "--preset", "smoke", "--out", str(tmp_path / "b"), "--sigmas", "0.1,x"),
+                         capture_output=True, text=True, timeout=120, env=env())
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: sigmas:") and "Traceback" not in bad.stderr

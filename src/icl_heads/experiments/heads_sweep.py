@@ -70,8 +70,10 @@ def train_separately(items: Sequence[tuple[Any, str | Path]], device: str = "cpu
     else:
         threads = max(1, cores // n_proc)
         with ProcessPoolExecutor(n_proc, mp_context=get_context("spawn")) as ex:
+            # slowest first (more heads train slower on CPU), so the lone last job is a fast one
+            order = sorted(items, key=lambda it: -it[0].model.n_heads)
             futs = {str(path): ex.submit(_train_one, spec, str(path), device, threads, i, progress)
-                    for i, (spec, path) in enumerate(items)}
+                    for i, (spec, path) in enumerate(order)}
             walls = {k: f.result() for k, f in futs.items()}
     return {"call_wall_s": walls, "processes": n_proc, "threads_each": threads}
 
