@@ -423,7 +423,9 @@ def _e7_section(doc: Document, out: Path, preset: Preset, seeds: int) -> None:
     for claim, key, what in (("1b", "claim_1b", "the head pattern (layer 1 spread, later layers one head)"),
                              ("2a", "claim_2a", "pruning later layers to their top head")):
         words = [t[key] for t in trends.values()]
-        agreed = words[0] if len(set(words)) == 1 else "is mixed across seeds"
+        phrase = {"strengthens": "strengthens", "fades": "fades", "flat": "stays flat",
+                  "mixed": "moves both ways (some layers toward the claim, some away)"}
+        agreed = phrase[words[0]] if len(set(words)) == 1 else "differs between seeds"
         detail = "; ".join(
             f"seed {s}: " + (f"layer shares {', '.join(f'{x:.2f}' for x in t['first']['shares'])} -> "
                              f"{', '.join(f'{x:.2f}' for x in t['last']['shares'])}" if key == "claim_1b" else
