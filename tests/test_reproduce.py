@@ -280,3 +280,17 @@ def test_sigmas_train_their_own_models_and_name_their_verdicts(tmp_path):
     bad = subprocess.run(cli("reproduce", "--preset", "smoke", "--out", str(tmp_path / "b"), "--sigmas", "0.1,x"),
                          capture_output=True, text=True, timeout=120, env=env())
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: sigmas:") and "Traceback" not in bad.stderr
+
+
+def test_e1_estimator_rows_taken_from_e5_equal_a_fresh_tuning(run):
+    """E1 (first seed) reuses E5's tuned rows; they must equal tuning the estimators again on E1's prompts."""
+    from icl_heads.config import get_preset
+    from icl_heads.experiments.heads_sweep import E1_ESTIMATORS, estimator_rows
+
+    fresh = {(r["label"], int(r["n"])): r for r in estimator_rows(get_preset("smoke"), E1_ESTIMATORS)}
+    used = {(r["label"], int(r["n"])): r for r in rows(run / "seed0/e1/e1_heads.csv") if r["kind"] == "estimator"}
+    assert set(used) == set(fresh)
+    for key, r in used.items():
+        for col in ("risk_norm", "ci_low", "ci_high"):
+            assert float(r[col]) == pytest.approx(fresh[key][col], rel=1e-12, abs=1e-300), (key, col)
+        assert r["hparams"] == fresh[key]["hparams"]
