@@ -57,8 +57,8 @@ def train_separately(items: Sequence[tuple[Any, str | Path]], device: str = "cpu
                      progress: bool = True) -> dict[str, Any]:
     """Train each ``(TrainSpec, out)`` alone: one process per model on CPU, one after another on CUDA."""
     cores = os.cpu_count() or 1
-    # at most cores + 1 processes: 3 single-thread processes on 2 cores ran as fast in total as 2, but 7
-    # ran at 36 model-steps/s against 67 (measured on quick; docs/training.md), so more models queue
+    # at most cores + 1 processes: 7 concurrent quick trainings on 2 cores ran at 36 model-steps/s in
+    # total, 3 at ~47 (measured; docs/training.md), so more models queue
     n_proc = min(len(items), cores + 1) if workers is None else max(1, min(workers, len(items)))
     if device != "cpu":
         n_proc = 1
