@@ -15,7 +15,8 @@ On CPU the head counts train *concurrently*, one process per model with
 ``max(1, cores // models)`` torch threads each: on the 2-core machine two
 single-thread processes ran ~1.3x faster in total than one two-thread process
 (measured, ``docs/training.md``), and three processes on two cores finish
-together instead of leaving a core idle for the last model. On CUDA they train
+together instead of leaving a core idle for the last model; more than ``cores + 1``
+models queue (seven at once ran slower in total). On CUDA they train
 as one stack (``icl_heads.stacked``): the models are too small to fill a GPU,
 so the stack costs about what one model does. ``stacked=`` overrides either.
 """
