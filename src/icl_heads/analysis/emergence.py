@@ -23,12 +23,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..config import Preset
+from ..config import Preset, TaskConfig
 from ..evaluation import predict
 from ..io import read_csv, write_csv, write_json, write_provenance
 from ..metrics import squared_errors
-from ..tasks import fixed_prompts
-from .heads import assess_heads, control_policy, default_policy, load_for_analysis, paired_ratio, prune_gates
+from ..tasks import Prompts, fixed_prompts
+from .heads import (assess_heads, control_policy, default_policy, load_for_analysis, paired_ratio, prune_gates,
+                    resolve_preset)
 
 SNAPSHOT_DIR = "snapshots"
 LEARNING = 0.9  # a snapshot counts as "learning started" once its risk at n = d is below this (zero predictor: 1)
@@ -41,12 +42,10 @@ def snapshot_dirs(ckpt: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def snapshot_rows(model: Any, pre: Preset, step: int, n_prompts: int, seed: int,
+def snapshot_rows(model: Any, task: TaskConfig, step: int, val: Prompts, test: Prompts, seed: int,
                   n_boot: int = 1000) -> list[dict[str, Any]]:
-    """E7 rows (one per layer) for one loaded snapshot."""
-    task, L = pre.task, model.cfg.n_layers
-    val = fixed_prompts(task, n_prompts, seed, "val")
-    test = fixed_prompts(task, n_prompts, seed, "test")
+    """E7 rows (one per layer) for one loaded snapshot: heads ranked on ``val``, pruning scored on ``test``."""
+    L = model.cfg.n_layers
     imp = assess_heads(model, val, task)
     conc = imp.concentration(n_boot=n_boot, seed=seed)
     policy = default_policy(L)
@@ -62,7 +61,7 @@ def snapshot_rows(model: Any, pre: Preset, step: int, n_prompts: int, seed: int,
                  top_share=c["top_share"], ci_low=c["ci_low"], ci_high=c["ci_high"],
                  share_minus_layer1=c["share_minus_layer1"],
                  pruned_ratio=pruned["ratio"], pruned_ci_low=pruned["ci_low"], pruned_ci_high=pruned["ci_high"],
-                 control_ratio=control["ratio"], risk_norm_at_d=risk_d, ablation="zero", n_prompts=n_prompts)
+                 control_ratio=control["ratio"], risk_norm_at_d=risk_d, ablation="zero", n_prompts=test.batch)
             for c in conc]
 
 
@@ -75,16 +74,18 @@ def run_e7(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
     snaps = snapshot_dirs(ckpt)
     if not snaps:
         raise ConfigError(f"snapshots: {ckpt} has no training snapshots (train with train.snapshots > 0)")
+    pre = resolve_preset(snaps[0][1], preset)  # every snapshot of a run shares its task and seed
+    seed = pre.seed if seed is None else seed
+    n = n_prompts or pre.eval.n_emergence
+    val, test = fixed_prompts(pre.task, n, seed, "val"), fixed_prompts(pre.task, n, seed, "test")
     rows: list[dict[str, Any]] = []
-    pre = None
     for step, path in snaps:
-        model, _, pre = load_for_analysis(path, preset, device)
-        seed_ = pre.seed if seed is None else seed
-        rows += snapshot_rows(model, pre, step, n_prompts or pre.eval.n_emergence, seed_, n_boot)
+        model, _, _ = load_for_analysis(path, pre, device)
+        rows += snapshot_rows(model, pre.task, step, val, test, seed, n_boot)
     write_csv(out / "emergence.csv", rows)
     write_json(out / "summary.json", {"checkpoint": str(ckpt), "steps": [s for s, _ in snaps],
                                       "trend": trend(rows)})
-    write_provenance(out, pre, pre.seed if seed is None else seed, experiment="E7", checkpoint=str(ckpt),
+    write_provenance(out, pre, seed, experiment="E7", checkpoint=str(ckpt),
                      snapshots=[str(p) for _, p in snaps], share_stream="val", ratio_stream="test")
     return rows
 
