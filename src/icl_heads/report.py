@@ -121,7 +121,8 @@ def claim_1b(e2: Path, ablation: str = "zero") -> Verdict:
     later = conc[1:]
     f = lambda r, k: float(r[k])  # noqa: E731
     numeric = lambda rows: [{k: _num(v) for k, v in r.items()} for r in rows]  # noqa: E731
-    checks = claim1_verdict(numeric(_of_kind(read_csv(e2 / "head_importance.csv"), ablation)), numeric(conc))
+    heads = numeric(_of_kind(read_csv(e2 / "head_importance.csv"), ablation))
+    checks = claim1_verdict(heads, numeric(conc))
     all_l1_matter = checks["all_layer1_heads_matter"]
     if checks["reproduces"]:
         v = REPRODUCED
@@ -135,7 +136,7 @@ def claim_1b(e2: Path, ablation: str = "zero") -> Verdict:
            f"[{f(r, 'share_minus_layer1_ci_low'):+.3f}, {f(r, 'share_minus_layer1_ci_high'):+.3f}]" for r in later]
     ev.append(f"every layer-1 head's importance CI above 0: {all_l1_matter}")
     ev.append(RULE_1B)
-    l1 = [float(r["importance"]) for r in _of_kind(read_csv(e2 / "head_importance.csv"), ablation) if r["layer"] == "1"]
+    l1 = [r["importance"] for r in heads if r["layer"] == 1]
     stats = [Stat("smallest layer-1 head importance", min(l1), 0.0, above=True)]
     for r in later:
         stats += [Stat(f"layer {r['layer']} top-head share", f(r, "top_share"), 0.5, above=True),
