@@ -151,7 +151,7 @@ def main() -> None:
     cfg = p.model_config_for(a.heads)
     models: dict[str, nn.Module] = {
         "ours (pair, MLP)": Transformer(cfg.model_copy(update={"mlp": True})),
-        "GPT2Model (interleaved, MLP)": GPT2Reference(p.task.d, n_ex, p.d_model, p.n_layers, a.heads),
+        "GPT2Model (interleaved, MLP)": GPT2Reference(p.task.d, n_ex, p.model.d_model, p.model.n_layers, a.heads),
     }
     if not cfg.mlp:
         models[f"ours ({a.preset} preset: attention-only)"] = Transformer(cfg)
@@ -166,7 +166,7 @@ def main() -> None:
             for _ in range(a.steps):
                 s()
             rates[k].append(a.steps / (time.perf_counter() - t))
-    print(f"preset={a.preset} d={p.task.d} n_max={p.task.n_max} D={p.d_model} L={p.n_layers} h={a.heads} "
+    print(f"preset={a.preset} d={p.task.d} n_max={p.task.n_max} D={p.model.d_model} L={p.model.n_layers} h={a.heads} "
           f"batch={a.batch} threads={a.threads}; median of {a.blocks} alternating blocks of {a.steps} steps")
     med = {k: statistics.median(v) for k, v in rates.items()}
     preds = {k: med[k] * a.batch * n_ex for k in med}  # every model predicts all n_max+1 prefixes per prompt

@@ -133,7 +133,7 @@ def test_no_tuned_estimator_blows_up(name, over, one_thread):
 def test_e1_depth_matched_rows_equal_direct_calls():
     """E1's gd_depth / pto_depth rows: T = n_layers - 1 and the risk of the direct call with the row's step."""
     preset = get_preset("smoke", **{"eval.n_val": 60, "eval.n_test": 80})
-    T = preset.n_layers - 1
+    T = preset.model.n_layers - 1
     rows = estimator_rows(preset, ["ridge"])
     assert {r["label"] for r in rows} == {"ridge", "gd_depth", "pto_depth"}
     assert all(r["kind"] == "estimator" for r in rows)

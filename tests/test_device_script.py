@@ -41,7 +41,7 @@ def test_device_script_dry_run_on_cpu(tmp_path: Path) -> None:
     wrapper = tmp_path / "py"
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{shim}" "$@"\n')
     wrapper.chmod(0o755)
-    tiny = "--set d_model=16 --set train.n_eval_prompts=16 --set train.snapshots=0 --set train.eval_every=1000"
+    tiny = "--set model.d_model=16 --set train.n_eval_prompts=16 --set train.snapshots=0 --set train.eval_every=1000"
     env = {**os.environ, "PYTHON": str(wrapper), "DEVICE": "cpu", "PAPER_STEPS": "7", "SWEEP_STEPS": "3",
            "SWEEP_LAYERS": "1", "SWEEP_MLP": "0,1", "SWEEP_HEADS": "1,2", "SWEEP_SEEDS": "1", "SWEEP_JOBS": "2",
            "ANALYSIS_JOBS": "2", "BOOT": "10", "OMP_NUM_THREADS": "1", "PAPER_SET": "--set eval.n_test=50",

@@ -337,7 +337,7 @@ def test_depth_matched_is_the_direct_call_with_the_validation_best_step(base, fn
     """gd_depth / pto_depth: exactly T = L - 1 steps, the step that minimises validation risk among the grid
     (computed here by direct calls), and test predictions equal to the direct call with that step."""
     preset = get_preset("smoke", **{"eval.n_val": 60, "eval.n_test": 80})
-    T = preset.n_layers - 1
+    T = preset.model.n_layers - 1
     val, test = E.eval_prompts(preset)
     tuned = E.depth_matched_predictions(preset, T, (val, test))[f"{base}_depth"]
     cands = [(c["step"], c.get("c", c.get("eta"))) for c in E.FAMILIES[base](preset.task, [T]).grid()]

@@ -252,8 +252,8 @@ def test_finetune_keeps_gated_heads_frozen_and_moves_the_rest():
 @pytest.fixture(scope="module")
 def hand_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "hand"
-    pre = Preset(name="hand", task=TASK, d_model=8, n_layers=2, heads=[2], attention="linear", mlp=False,
-                 pos_emb=False, train=dict(steps=1, batch_size=8, lr=1e-3), eval=dict(n_val=200, n_test=200))
+    pre = Preset(name="hand", task=TASK, model=dict(d_model=8, n_layers=2, attention="linear", mlp=False, pos_emb=False), heads=[2],
+                 train=dict(steps=1, batch_size=8, lr=1e-3), eval=dict(n_val=200, n_test=200))
     save_checkpoint(path, hand_model(), {"preset": pre.model_dump()})
     return path
 

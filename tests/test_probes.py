@@ -79,7 +79,7 @@ def test_probe_needs_enough_fit_prompts(sets):
 
 
 def test_cli_probe_full_pruned_and_compare(tmp_path):
-    pre = Preset(name="tiny", task=TASK, d_model=16, n_layers=2, heads=[1, 2],
+    pre = Preset(name="tiny", task=TASK, model=dict(d_model=16, n_layers=2), heads=[1, 2],
                  train=dict(steps=1, batch_size=8, lr=1e-3), eval=dict(n_val=120, n_test=120))
     for h in (1, 2):
         save_checkpoint(tmp_path / f"h{h}", small_model(heads=h, seed=h), {"preset": pre.model_dump()})
@@ -103,7 +103,7 @@ def test_probe_pruned_with_mean_and_resample_ablation(tmp_path):
     from icl_heads.analysis.ablation import make_ablations
     from icl_heads.evaluation import evaluate
 
-    pre = Preset(name="tiny", task=TASK, d_model=16, n_layers=2, heads=[2],
+    pre = Preset(name="tiny", task=TASK, model=dict(d_model=16, n_layers=2), heads=[2],
                  train=dict(steps=1, batch_size=8, lr=1e-3), eval=dict(n_val=40, n_test=40))
     m = small_model(heads=2, seed=3)
     save_checkpoint(tmp_path / "h2", m, {"preset": pre.model_dump()})

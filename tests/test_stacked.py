@@ -22,7 +22,7 @@ from icl_heads.training import TrainSpec, is_finished, snapshot_steps, train
 torch.set_num_threads(1)
 
 TINY = {"train.steps": 24, "train.warmup_steps": 4, "train.eval_every": 8, "train.checkpoint_every": 8,
-        "train.n_eval_prompts": 32, "train.batch_size": 16, "d_model": 16}
+        "train.n_eval_prompts": 32, "train.batch_size": 16, "model.d_model": 16}
 
 
 def tiny(**over: object):
@@ -139,8 +139,8 @@ def test_stack_resume_is_bit_identical_and_members_evaluate(tmp_path: Path) -> N
 
 def test_group_stacks_and_refusals(tmp_path: Path) -> None:
     a = members_for(tiny(), [1, 2], [0, 1], lambda s, h: tmp_path / f"a{s}{h}")
-    b = members_for(tiny(n_layers=3), [2], [0], lambda s, h: tmp_path / f"b{s}{h}")
-    c = members_for(tiny(mlp=False), [1], [0], lambda s, h: tmp_path / f"c{s}{h}")
+    b = members_for(tiny(**{"model.n_layers": 3}), [2], [0], lambda s, h: tmp_path / f"b{s}{h}")
+    c = members_for(tiny(**{"model.mlp": False}), [1], [0], lambda s, h: tmp_path / f"c{s}{h}")
     groups = group_stacks([a[0], b[0], a[1], c[0], a[2], a[3]])
     assert groups == [[a[0], a[1], a[2], a[3]], b, c]
     assert stack_dir_for(a, tmp_path) == stack_dir_for(list(a), tmp_path) != stack_dir_for(a[:2], tmp_path)
@@ -156,7 +156,7 @@ def test_group_stacks_and_refusals(tmp_path: Path) -> None:
 def test_train_members_groups_architectures_and_reuses(tmp_path: Path) -> None:
     p = tiny(**{"train.steps": 8})
     ms = members_for(p, [1, 2], [0], lambda s, h: tmp_path / "L2" / f"h{h}")
-    ms += members_for(tiny(**{"train.steps": 8}, n_layers=1), [2], [0], lambda s, h: tmp_path / "L1" / f"h{h}")
+    ms += members_for(tiny(**{"train.steps": 8, "model.n_layers": 1}), [2], [0], lambda s, h: tmp_path / "L1" / f"h{h}")
     info = train_members(ms, "cpu", stacked=True, progress=False)
     stacks = {v["stack"] for v in info["members"].values()}
     assert len(stacks) == 2 and all(Path(s).parent == tmp_path / "stacks" for s in stacks)

@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 def tiny(steps: int = 24, **train_over: object):
     """A smoke preset shrunk to run in about a second."""
     over = {"train.steps": steps, "train.warmup_steps": 4, "train.eval_every": 8, "train.checkpoint_every": 8,
-            "train.n_eval_prompts": 32, "train.batch_size": 16, "d_model": 16, "eval.n_test": 64, "eval.n_val": 64}
+            "train.n_eval_prompts": 32, "train.batch_size": 16, "model.d_model": 16, "eval.n_test": 64, "eval.n_val": 64}
     over.update({f"train.{k}": v for k, v in train_over.items()})
     return get_preset("smoke", **over)
 
@@ -102,7 +102,7 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path: Path) -> None:
 
 def _tiny_over(steps: int) -> dict[str, object]:
     return {"train.steps": steps, "train.warmup_steps": 4, "train.eval_every": 8, "train.checkpoint_every": 8,
-            "train.n_eval_prompts": 32, "train.batch_size": 16, "d_model": 16}
+            "train.n_eval_prompts": 32, "train.batch_size": 16, "model.d_model": 16}
 
 
 def test_resume_refuses_other_config_and_overwrite(tmp_path: Path) -> None:

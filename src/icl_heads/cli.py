@@ -28,6 +28,12 @@ def preset_option(f: Any) -> Any:
                         help=f"one of {', '.join(PRESET_NAMES)}")(f)
 
 
+def sets_option(f: Any) -> Any:
+    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                        help="override any preset field by dotted path, e.g. --set model.token_format=interleaved "
+                             "or --set train.steps=2000 (repeatable)")(f)
+
+
 class OutDir(click.Path):
     """``--out``: while the command line is parsed, the folder is created and test-written, then
     whatever this probe created is removed again (nothing is left behind if a later check fails).
@@ -60,9 +66,10 @@ def device_option(f: Any) -> Any:
     return click.option("--device", default="auto", show_default=True, help="cpu | cuda | auto")(f)
 
 
-def make_preset(name: str, seed: Optional[int] = None, **overrides: Any) -> Preset:
-    """The named preset with dotted-path overrides (``None`` values are ignored)."""
-    ov = {k: v for k, v in overrides.items() if v is not None}
+def make_preset(name: str, seed: Optional[int] = None, sets: tuple[str, ...] = (), **overrides: Any) -> Preset:
+    """The named preset with ``--set`` pairs, then dotted-path overrides (``None`` values are ignored)."""
+    ov = parse_sets(sets)
+    ov.update({k: v for k, v in overrides.items() if v is not None})
     if seed is not None:
         ov["seed"] = seed
     return get_preset(name, **ov)
@@ -90,10 +97,12 @@ def resolve_device(name: str) -> str:
 @click.option("--prompts", type=int, help="number of test prompts (eval.n_test)")
 @click.option("--seed", type=int, help="base seed")
 @click.option("--only", help="comma-separated estimator names (default: all)")
+@sets_option
 def estimators(preset: str, out: Path, d: Optional[int], s: Optional[int], sigma: Optional[float],
-               n_max: Optional[int], prompts: Optional[int], seed: Optional[int], only: Optional[str]) -> None:
+               n_max: Optional[int], prompts: Optional[int], seed: Optional[int], only: Optional[str],
+               sets: tuple[str, ...]) -> None:
     """E5: PtO vs GD, ridge, lasso, OLS and the Bayes floor; risk vs n and vs T."""
-    p = make_preset(preset, seed, **{"task.d": d, "task.s": s, "task.sigma": sigma, "task.n_max": n_max,
+    p = make_preset(preset, seed, sets, **{"task.d": d, "task.s": s, "task.sigma": sigma, "task.n_max": n_max,
                                      "eval.n_test": prompts})
     from .experiments.algorithms import run_e5
 
@@ -259,7 +268,7 @@ def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
 def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str], stacked: Optional[bool],
               any_t: bool, device: str, sets: tuple[str, ...], threads: int) -> None:
     """Run E5, E1-E4, E6 and E7 for a preset over seeds and write report.md/report.html into OUT."""
-    p = make_preset(preset, None, **parse_sets(sets))
+    p = make_preset(preset, None, sets)
     dev = resolve_device(device)
     if seeds is not None and seeds < 1:
         raise ConfigError(f"seeds: must be >= 1 (got {seeds})")
@@ -311,10 +320,11 @@ def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--steps", type=int, help="override train.steps")
 @click.option("--seed", type=int, help="base seed")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@sets_option
 def train_cmd(preset: str, heads: int, out: Path, resume: bool, device: str, steps: Optional[int],
-              seed: Optional[int], quiet: bool) -> None:
+              seed: Optional[int], quiet: bool, sets: tuple[str, ...]) -> None:
     """Train one model on fresh prompts; checkpoint (safetensors + JSON) in OUT."""
-    p = make_preset(preset, seed, **{"train.steps": steps})
+    p = make_preset(preset, seed, sets, **{"train.steps": steps})
     dev = resolve_device(device)
     from .training import TrainSpec, train
 
@@ -350,10 +360,11 @@ def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int]) -> None
 @click.option("--workers", type=int, help="training processes on CPU (default: one per head count)")
 @click.option("--stacked/--no-stacked", default=None,
               help="train the head counts as one stacked model (default: on CUDA only)")
+@sets_option
 def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed: Optional[int],
-                workers: Optional[int], stacked: Optional[bool]) -> None:
+                workers: Optional[int], stacked: Optional[bool], sets: tuple[str, ...]) -> None:
     """E1: one model per head count (same seed and budget) vs the estimators; e1_heads.csv/.png."""
-    p = make_preset(preset, seed, **{"train.steps": steps})
+    p = make_preset(preset, seed, sets, **{"train.steps": steps})
     if workers is not None and workers < 1:
         raise ConfigError(f"workers: must be >= 1 (got {workers})")
     dev = resolve_device(device)
@@ -388,7 +399,7 @@ def _int_list(name: str, text: str) -> list[int]:
 def sweep_arch(preset: str, out: Path, layers: str, mlps: str, heads: str, seeds: int, device: str,
                sets: tuple[str, ...], jobs: int, stacked: Optional[bool], table: bool) -> None:
     """Architecture sweep: L x MLP x heads x seeds into OUT/L{L}-mlp{0|1}/seed{k}/h{h}/ (stacked on CUDA)."""
-    p = make_preset(preset, None, **parse_sets(sets))
+    p = make_preset(preset, None, sets)
     Ls, ms, hs = _int_list("layers", layers), _int_list("mlp", mlps), _int_list("heads", heads)
     if min(Ls) < 1:
         raise ConfigError(f"layers: every depth must be >= 1 (got {layers!r})")

@@ -57,6 +57,30 @@ class ModelConfig(_Strict):
         return self
 
 
+class ArchConfig(_Strict):
+    """A preset's architecture: every :class:`ModelConfig` field except the task's sizes and the head count.
+
+    ``n_dims`` and ``n_max`` always come from the task and the head count from the
+    preset's ``heads`` list, so one preset describes the models of every head count
+    (``--set model.token_format=interleaved``, ``model.mlp=true``, ``model.n_layers=6``).
+    """
+
+    d_model: int = Field(ge=1)
+    n_layers: int = Field(ge=1)
+    attention: Literal["softmax", "linear"] = "softmax"
+    mlp: bool = True
+    pos_emb: bool = True
+    layer_norm: bool = True
+    token_format: Literal["pair", "interleaved"] = "pair"
+    mask: Literal["prefix", "full"] = "prefix"
+
+    @model_validator(mode="after")
+    def _format_mask(self) -> "ArchConfig":
+        if self.token_format == "interleaved" and self.mask != "prefix":
+            raise ValueError("mask: 'full' needs token_format='pair'")
+        return self
+
+
 class TrainConfig(_Strict):
     """AdamW + warm-up/cosine on fresh prompts every step."""
 
@@ -95,12 +119,8 @@ class Preset(_Strict):
     name: str
     task: TaskConfig
     sigmas: list[float] = Field(default_factory=list, description="extra noise levels swept by E5 on this preset")
-    d_model: int = Field(ge=1)
-    n_layers: int = Field(ge=1)
+    model: ArchConfig
     heads: list[int] = Field(min_length=1)
-    attention: Literal["softmax", "linear"] = "softmax"
-    mlp: bool = True
-    pos_emb: bool = True
     train: TrainConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
     seed: int = Field(default=0, ge=0)
@@ -109,35 +129,33 @@ class Preset(_Strict):
     @model_validator(mode="after")
     def _heads_ok(self) -> "Preset":
         for h in self.heads:
-            if h < 1 or self.d_model % h:
-                raise ValueError(f"heads: every head count must divide d_model={self.d_model} (got {h})")
+            if h < 1 or self.model.d_model % h:
+                raise ValueError(f"heads: every head count must divide model.d_model={self.model.d_model} (got {h})")
         return self
 
     def model_config_for(self, n_heads: int) -> ModelConfig:
-        return ModelConfig(
-            n_dims=self.task.d, n_max=self.task.n_max, d_model=self.d_model, n_layers=self.n_layers,
-            n_heads=n_heads, attention=self.attention, mlp=self.mlp, pos_emb=self.pos_emb,
-        )
+        """The full model config of this preset's model with ``n_heads`` heads."""
+        return ModelConfig(n_dims=self.task.d, n_max=self.task.n_max, n_heads=n_heads, **self.model.model_dump())
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
         task=dict(d=5, s=2, sigma=0.1, n_max=10),
-        d_model=32, n_layers=2, heads=[1, 2],
+        model=dict(d_model=32, n_layers=2), heads=[1, 2],
         train=dict(steps=300, batch_size=64, lr=3e-3, warmup_steps=30, eval_every=100,
                    n_eval_prompts=128, checkpoint_every=100, snapshots=4),
         eval=dict(n_val=200, n_test=400, pto_steps=[1, 5, 20, 100], n_emergence=200), seeds=2,
     ),
     "quick": dict(
         task=dict(d=10, s=2, sigma=0.1, n_max=20),
-        d_model=64, n_layers=3, heads=[1, 2, 4], mlp=False,  # attention-only: 2x the steps/s (docs/training.md)
+        model=dict(d_model=64, n_layers=3, mlp=False), heads=[1, 2, 4],  # attention-only: 2x the steps/s (docs/training.md)
         train=dict(steps=8000, batch_size=64, lr=4e-3, warmup_steps=200, eval_every=1000,
                    n_eval_prompts=512, checkpoint_every=1000, snapshots=8),
         eval=dict(n_val=1000, n_test=2000),
     ),
     "paper": dict(
         task=dict(d=20, s=3, sigma=0.1, n_max=40), sigmas=[0.0, 0.5],
-        d_model=256, n_layers=4, heads=[1, 2, 4, 8],
+        model=dict(d_model=256, n_layers=4), heads=[1, 2, 4, 8],
         train=dict(steps=50000, batch_size=128, lr=5e-4, warmup_steps=2000, eval_every=2000,
                    n_eval_prompts=1024, checkpoint_every=2000, curriculum=True, snapshots=8),
         eval=dict(n_val=1000, n_test=2000),  # as quick: CIs are ample at 2000, and E6's algorithm paths scale with it

@@ -293,8 +293,8 @@ def write_report(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float] 
 def build_document(out: Path, preset: Preset, seeds: int, verdicts: list[Verdict]) -> Document:
     t = preset.task
     doc = Document(f"icl-heads reproduction report — preset `{preset.name}`")
-    doc.para(f"Task: d={t.d}, s={t.s}, sigma={t.sigma}, tau={t.tau}, n_max={t.n_max}. Model: D={preset.d_model}, "
-             f"L={preset.n_layers}, heads {preset.heads}, {preset.attention} attention, MLP {preset.mlp}. "
+    doc.para(f"Task: d={t.d}, s={t.s}, sigma={t.sigma}, tau={t.tau}, n_max={t.n_max}. Model: D={preset.model.d_model}, "
+             f"L={preset.model.n_layers}, heads {preset.heads}, {preset.model.attention} attention, MLP {preset.model.mlp}, {preset.model.token_format} tokens. "
              f"Seeds: {[preset.seed + k for k in range(seeds)]}. Risks are normalised by s tau^2 (zero predictor = 1); "
              "bands are 95% over test prompts. The rules behind each verdict are in `icl_heads/report.py` and docs/report.md.")
     doc.heading("Verdicts")
@@ -333,7 +333,7 @@ def e1_depth_sentence(c1: dict[str, list[dict[str, float]]], preset: Preset) -> 
     parts = [f"at n = {n}, " + "; ".join(
         f"{m.removeprefix('transformer ')} is " + " and ".join(f"{cmp(at(c1[m], n), at(c1[b], n))} {b}" for b in base)
         for m in models) for n in ns]
-    return (f"Depth-matched baselines (GD and PtO with T = L - 1 = {preset.n_layers - 1} steps, the step tuned per n): "
+    return (f"Depth-matched baselines (GD and PtO with T = L - 1 = {preset.model.n_layers - 1} steps, the step tuned per n): "
             + "; ".join(parts) + " (lower / higher: disjoint 95% CIs; tied: overlapping CIs).")
 
 

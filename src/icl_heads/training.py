@@ -61,8 +61,8 @@ class TrainSpec:
 
     @classmethod
     def from_preset(cls, preset: Preset, n_heads: int) -> "TrainSpec":
-        if n_heads < 1 or preset.d_model % n_heads:
-            raise ConfigError(f"heads: must divide d_model={preset.d_model} (got {n_heads})")
+        if n_heads < 1 or preset.model.d_model % n_heads:
+            raise ConfigError(f"heads: must divide model.d_model={preset.model.d_model} (got {n_heads})")
         return cls(preset.task, preset.model_config_for(n_heads), preset.train, preset.seed, preset.name)
 
 

@@ -26,7 +26,9 @@ def arch_dir(out: str | Path, layers: int, mlp: bool, k: int, h: int) -> Path:
 
 
 def arch_preset(preset: Preset, layers: int, mlp: bool) -> Preset:
-    return validate(Preset, {**preset.model_dump(), "n_layers": layers, "mlp": mlp})
+    raw = preset.model_dump()
+    raw["model"].update(n_layers=layers, mlp=mlp)
+    return validate(Preset, raw)
 
 
 def arch_members(preset: Preset, out: str | Path, layers: Sequence[int], mlps: Sequence[bool],

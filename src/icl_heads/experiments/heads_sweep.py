@@ -115,7 +115,7 @@ def train_models(preset: Preset, out: str | Path, device: str = "cpu", heads: Se
 
 def depth_steps(preset: Preset) -> int | None:
     """T = L - 1 of the depth-matched baselines (None for a one-layer model: no step after preprocessing)."""
-    return preset.n_layers - 1 if preset.n_layers >= 2 else None
+    return preset.model.n_layers - 1 if preset.model.n_layers >= 2 else None
 
 
 def estimator_rows(preset: Preset, estimators: Sequence[str], depth_matched: bool = True,
