@@ -420,6 +420,11 @@ def sweep_arch(preset: str, out: Path, layers: str, mlps: str, heads: str, seeds
     click.echo(f"sweep of {s['models']} models written to {out} (training {s['train_wall_s']:.0f} s)")
 
 
+from .zoo_cli import zoo_group  # noqa: E402  (a sub-group in its own module)
+
+app.add_command(zoo_group)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app, turning every expected failure into one line on stderr."""
     try:

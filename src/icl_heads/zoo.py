@@ -1,0 +1,292 @@
+"""The model zoo: converged reference models shipped in the repository (``zoo/``, ``zoo/README.md``).
+
+A *configuration* is the ``quick`` task with one architecture and its training recipe
+(:data:`CONFIGS`): ``A`` paired tokens, attention-only (the quick model); ``B`` paired
+tokens with MLP (GPT-2 blocks); ``C`` interleaved tokens with MLP (Garg et al.'s
+format). Each model lives in ``zoo/<config>/seed{k}/h{h}/`` as a checkpoint without
+optimizer state (``model.safetensors`` + ``meta.json``); the largest-head model also
+keeps its log-spaced training snapshots (``snapshots/step*/``, for E7).
+``zoo/SHA256SUMS`` (``sha256sum -c`` format) lists every file; :func:`verify`
+checks them all.
+
+A model enters the zoo through :func:`export`, from a finished training folder
+made with the configuration's recipe (``icl-heads zoo train``); its meta records
+the recipe (``zoo.overrides``), the convergence check (:func:`convergence`), the
+machine and the wall time, so retraining it from scratch is one call
+(:func:`spec_of`) and reproduces it step for step on CPU (tested).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import META_FILE, MODEL_FILE, CheckpointError, load_meta, load_model
+from .config import ConfigError, ModelConfig, Preset, TaskConfig, TrainConfig, get_preset
+from .io import atomic_write_text, write_json
+
+ZOO_DIR = Path(__file__).resolve().parents[2] / "zoo"
+SUMS_FILE = "SHA256SUMS"
+CONVERGENCE_TOL = 0.03  # a run is converged when r@d and r@2d improve by < 3% over the last doubling of steps
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """One configuration of the factor study: preset overrides (architecture + recipe) and what to train."""
+
+    name: str
+    title: str
+    overrides: dict[str, Any]
+    seeds: tuple[int, ...]
+    heads: tuple[int, ...]
+    extra: tuple[tuple[int, int], ...] = ()  # (seed, h) trained besides seeds x heads (E1's h=2 curve)
+    base: str = "quick"  # the preset the overrides apply to (tests use smoke)
+
+    def preset(self, seed: int = 0) -> Preset:
+        return get_preset(self.base, **{**self.overrides, "seed": seed})
+
+    def members(self) -> list[tuple[int, int]]:
+        """Every ``(seed, h)`` of the configuration, largest head count first (slowest first)."""
+        pairs = {(k, h) for k in self.seeds for h in self.heads} | set(self.extra)
+        return sorted(pairs, key=lambda kh: (-kh[1], kh[0]))
+
+
+_SNAP = {"train.snapshots": 8, "train.eval_every": 1000, "train.checkpoint_every": 1000}
+CONFIGS: dict[str, ZooConfig] = {c.name: c for c in (
+    ZooConfig("A", "paired tokens, attention-only, L = 3",
+              {"model.mlp": False, "train.steps": 16000, "train.lr": 4e-3, **_SNAP},
+              seeds=(0, 1, 2, 3, 4), heads=(1, 4), extra=((0, 2),)),
+    ZooConfig("B", "paired tokens, MLP (GPT-2 blocks), L = 3",
+              {"model.mlp": True, "train.steps": 16000, "train.lr": 1e-3, **_SNAP},
+              seeds=(0, 1, 2), heads=(1, 4)),
+    ZooConfig("C", "interleaved tokens, MLP (Garg et al.), L = 3",
+              {"model.mlp": True, "model.token_format": "interleaved", "train.steps": 16000, "train.lr": 1e-3,
+               "train.curriculum": True, "train.curriculum_d": True, **_SNAP},
+              seeds=(0, 1, 2), heads=(1, 4)),
+)}
+
+
+def get_config(name: str) -> ZooConfig:
+    if name not in CONFIGS:
+        raise ConfigError(f"config: unknown zoo configuration {name!r} (choose from {', '.join(CONFIGS)})")
+    return CONFIGS[name]
+
+
+def model_path(config: str, seed: int, h: int, root: Path = ZOO_DIR) -> Path:
+    return Path(root) / config / f"seed{seed}" / f"h{h}"
+
+
+def available(config: str, root: Path = ZOO_DIR) -> list[tuple[int, int]]:
+    """The ``(seed, h)`` of ``config`` present in the zoo."""
+    base = Path(root) / config
+    out = []
+    for meta in sorted(base.glob(f"seed*/h*/{META_FILE}")):
+        out.append((int(meta.parent.parent.name[4:]), int(meta.parent.name[1:])))
+    return out
+
+
+def complete_seeds(config: ZooConfig, root: Path = ZOO_DIR) -> list[int]:
+    """Seeds of ``config`` whose every head count the claims need is in the zoo."""
+    have = set(available(config.name, root))
+    return [k for k in config.seeds if all((k, h) in have for h in config.heads)]
+
+
+# --------------------------------------------------------------------------- convergence
+
+def snapshot_errors(run: Path, step: int, test: Any, ns: list[int], scale: float) -> np.ndarray:
+    """Per-prompt normalised squared excess error ``(B, len(ns))`` of the snapshot at ``step``."""
+    from .training import snapshot_dir
+
+    model, _ = load_model(snapshot_dir(run, step) if step else run)
+    model.eval()
+    with torch.no_grad():
+        pred = model(test.x.float(), test.y.float())
+    return ((pred[:, ns] - test.f[:, ns].float()) ** 2 / scale).numpy()
+
+
+def convergence(run: Path, preset: Preset, tol: float = CONVERGENCE_TOL, n_boot: int = 2000) -> dict[str, Any]:
+    """The last-doubling test on the *test* prompts: risk at n = d/2, d, 2d of the snapshot at ``S/2``
+    and at ``S`` (the last two log-spaced snapshots), the relative improvement with a paired bootstrap
+    95% CI over prompts; converged when the improvement at n = d and at n = 2d is below ``tol``."""
+    from .tasks import fixed_prompts
+    from .training import marker_ns, snapshot_steps
+
+    task = preset.task
+    ns = marker_ns(task)
+    steps = snapshot_steps(preset.train)
+    if len(steps) < 2:
+        raise ConfigError("train.snapshots: the convergence test needs at least 2 snapshots")
+    test = fixed_prompts(task, preset.eval.n_test, preset.seed, "test")
+    scale = task.s * task.tau ** 2
+    half, full = (snapshot_errors(run, s, test, ns, scale) for s in steps[-2:])
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(full), size=(n_boot, len(full)))
+    out: dict[str, Any] = {"tol": tol, "from_step": steps[-2], "to_step": steps[-1], "n_test": len(full), "at": {}}
+    decisive = {min(task.d, task.n_max), min(2 * task.d, task.n_max)}
+    ok = True
+    for j, n in enumerate(ns):
+        imp = 1 - full[:, j].mean() / half[:, j].mean()
+        boots = 1 - full[idx, j].mean(1) / half[idx, j].mean(1)
+        se = full[:, j].std(ddof=1) / np.sqrt(len(full))
+        out["at"][str(n)] = {"risk": float(full[:, j].mean()), "ci": [float(full[:, j].mean() - 1.96 * se),
+                                                                       float(full[:, j].mean() + 1.96 * se)],
+                             "risk_half": float(half[:, j].mean()), "improvement": float(imp),
+                             "improvement_ci": [float(x) for x in np.quantile(boots, [0.025, 0.975])]}
+        if n in decisive:
+            ok = ok and bool(imp < tol)
+    out["converged"] = ok
+    return out
+
+
+# --------------------------------------------------------------------------- export, verify
+
+def export(run: Path, config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR,
+           snapshots: bool | None = None) -> Path:
+    """Copy a finished training run into the zoo (weights and meta, no optimizer state) and record
+    its recipe, convergence, machine and wall time in ``meta.json``; refreshes ``SHA256SUMS``."""
+    meta = load_meta(run)
+    if not meta.get("finished"):
+        raise CheckpointError(f"{run}: training has not finished")
+    preset = config.preset(seed)
+    dest = model_path(config.name, seed, h, root)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copyfile(Path(run) / MODEL_FILE, dest / MODEL_FILE)
+    keep_snaps = h == max(config.heads) if snapshots is None else snapshots
+    if keep_snaps and (Path(run) / "snapshots").is_dir():
+        shutil.copytree(Path(run) / "snapshots", dest / "snapshots")
+    meta["sha256"] = {MODEL_FILE: meta["sha256"][MODEL_FILE]}
+    meta["zoo"] = {"config": config.name, "title": config.title, "overrides": config.overrides, "seed": seed,
+                   "h": h, "convergence": convergence(Path(run), preset), "wall_s": meta.get("wall_s"),
+                   "machine": machine(), "threads": 1}
+    write_json(dest / META_FILE, meta)
+    write_sums(root)
+    return dest
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}".strip()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).rglob("*") if p.is_file() and p.name not in (SUMS_FILE, "README.md")
+                  and not p.name.startswith("."))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_sums(root: Path = ZOO_DIR) -> Path:
+    """``SHA256SUMS`` over every file of the zoo (paths relative to ``root``)."""
+    lines = [f"{_sha(p)}  {p.relative_to(root).as_posix()}" for p in _files(root)]
+    return atomic_write_text(Path(root) / SUMS_FILE, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def verify(root: Path = ZOO_DIR) -> int:
+    """Check every file against ``SHA256SUMS``; returns the number checked, raises on the first problem."""
+    root = Path(root)
+    sums = root / SUMS_FILE
+    if not sums.exists():
+        raise CheckpointError(f"{sums}: no checksum manifest")
+    listed: dict[str, str] = {}
+    for line in sums.read_text().splitlines():
+        digest, _, rel = line.partition("  ")
+        listed[rel] = digest
+    for rel, digest in listed.items():
+        path = root / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in {SUMS_FILE} but missing")
+        if _sha(path) != digest:
+            raise CheckpointError(f"{path}: checksum mismatch (corrupted or changed)")
+    extra = [p.relative_to(root).as_posix() for p in _files(root) if p.relative_to(root).as_posix() not in listed]
+    if extra:
+        raise CheckpointError(f"{root / extra[0]}: not listed in {SUMS_FILE}")
+    return len(listed)
+
+
+def listing(root: Path = ZOO_DIR) -> list[dict[str, Any]]:
+    """One row per zoo model: configuration, seed, h, steps, converged, risk at n = d/2, d, 2d."""
+    rows = []
+    for name in CONFIGS:
+        for seed, h in available(name, root):
+            meta = load_meta(model_path(name, seed, h, root))
+            conv = meta.get("zoo", {}).get("convergence", {})
+            row = {"config": name, "seed": seed, "h": h, "steps": meta.get("step"), "converged": conv.get("converged")}
+            row.update({f"r@{n}": v["risk"] for n, v in conv.get("at", {}).items()})
+            rows.append(row)
+    return rows
+
+
+def spec_of(path: Path) -> Any:
+    """The :class:`~icl_heads.training.TrainSpec` recorded in a zoo model's meta (to retrain it).
+
+    Bit-identical retraining also needs the recorded torch thread count (``meta["zoo"]["threads"]``,
+    1 for every zoo model): CPU matmuls split their sums differently with more threads."""
+    from .training import TrainSpec
+
+    meta = load_meta(path)
+    return TrainSpec(TaskConfig.model_validate(meta["task"]), ModelConfig.model_validate(meta["model_config"]),
+                     TrainConfig.model_validate(meta["train"]), int(meta["seed"]), meta.get("preset"))
+
+
+def config_json(config: ZooConfig) -> str:
+    return json.dumps(config.overrides, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- training the zoo
+
+def _train_member(config: ZooConfig, seed: int, h: int, work: str, threads: int) -> str:
+    """Worker: train (or resume) one member of a configuration into ``work``; progress lines to stdout."""
+    import time
+
+    from .training import train
+
+    torch.set_num_threads(threads)
+    tag = f"{config.name}/seed{seed}/h{h}"
+    run = Path(work) / config.name / f"seed{seed}" / f"h{h}"
+    t0 = time.perf_counter()
+
+    def show(row: dict[str, float]) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {tag} step {row['step']} wall {row['wall_s']:.0f}s "
+              + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("r@")), flush=True)
+
+    train(config.preset(seed), h, run, "cpu", resume=True, progress=False, on_eval=show)
+    print(f"{time.strftime('%H:%M:%S')} {tag} finished in {time.perf_counter() - t0:.0f}s", flush=True)
+    return str(run)
+
+
+def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_DIR,
+              on_export: Any = None) -> list[Path]:
+    """Train every missing member of ``configs``, ``jobs`` processes at once (one torch thread
+    each), exporting each model into the zoo as soon as it finishes; resumable."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    todo = [(c, k, h) for c in configs for k, h in c.members()
+            if not (model_path(c.name, k, h, root) / META_FILE).exists()]
+    done: list[Path] = []
+    with ProcessPoolExecutor(max(1, jobs), mp_context=get_context("spawn")) as ex:
+        futs = {ex.submit(_train_member, c, k, h, str(work), 1): (c, k, h) for c, k, h in todo}
+        for fut in as_completed(futs):
+            c, k, h = futs[fut]
+            dest = export(Path(fut.result()), c, k, h, root)
+            conv = load_meta(dest)["zoo"]["convergence"]
+            print(f"exported {dest} (converged={conv['converged']}; "
+                  + ", ".join(f"r@{m}={v['risk']:.4f} ({v['improvement']:+.1%})" for m, v in conv["at"].items())
+                  + ")", flush=True)
+            done.append(dest)
+            if on_export is not None:
+                on_export(dest)
+    return done

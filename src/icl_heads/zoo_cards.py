@@ -1,0 +1,87 @@
+"""``zoo/README.md``: one model card per configuration, every number read from the committed models.
+
+A card gives the recipe (the preset overrides), steps, wall time and machine of each
+model, the last-doubling convergence test, and the risk at n = d/2, d, 2d on the
+test prompts beside ridge, lasso, PtO (T = L - 1 and tuned T) and Bayes on the
+same prompts (seed 0's test prompts; the estimators are tuned per n on its
+validation prompts, as in E5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from .checkpoint import load_meta
+from .io import atomic_write_text
+from .training import marker_ns
+from .zoo import CONFIGS, SUMS_FILE, ZooConfig, available, model_path
+
+BASELINES = ("ridge", "lasso", "pto_depth", "pto", "bayes")
+
+
+def baseline_risks(config: ZooConfig) -> dict[str, dict[int, float]]:
+    """Normalised risk of the baselines at the marker n's on the configuration's seed-0 test prompts."""
+    from .estimators import estimator_table
+
+    preset = config.preset(0)
+    rows = estimator_table(preset, ["ridge", "lasso", "pto", "bayes"], depth_steps=preset.model.n_layers - 1)
+    ns = marker_ns(preset.task)
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if int(r["n"]) in ns:
+            out.setdefault(r["estimator"], {})[int(r["n"])] = float(r["risk_norm"])
+    return out
+
+
+def _model_rows(config: ZooConfig, root: Path, ns: list[int]) -> list[list[str]]:
+    rows = []
+    for seed, h in available(config.name, root):
+        meta = load_meta(model_path(config.name, seed, h, root))
+        z = meta["zoo"]
+        conv = z["convergence"]
+        risk = [f"{conv['at'][str(n)]['risk']:.4f} ({conv['at'][str(n)]['improvement']:+.1%})" for n in ns]
+        wall = f"{z['wall_s'] / 60:.1f} min" if z.get("wall_s") else "?"
+        rows.append([f"seed{seed}/h{h}", str(meta["step"]), wall, "yes" if conv["converged"] else "**no (cap)**", *risk])
+    return rows
+
+
+def card(config: ZooConfig, root: Path, baselines: dict[str, dict[int, float]] | None = None) -> str:
+    preset = config.preset(0)
+    t, m = preset.task, preset.model
+    ns = marker_ns(t)
+    lines = [f"## {config.name}: {config.title}", "",
+             f"Task: quick (d={t.d}, s={t.s}, n_max={t.n_max}, sigma={t.sigma}). Model: D={m.d_model}, L={m.n_layers}, "
+             f"{m.attention} attention, MLP {m.mlp}, {m.token_format} tokens, LayerNorm {m.layer_norm}.",
+             f"Recipe (overrides of the quick preset): `{config.overrides}`; batch {preset.train.batch_size}, "
+             f"AdamW, warm-up {preset.train.warmup_steps} steps then cosine to {preset.train.min_lr_frac} x lr.",
+             f"Members: seeds {list(config.seeds)} x heads {list(config.heads)}"
+             + (f", plus {list(config.extra)}" if config.extra else "") + ".", ""]
+    machines = {load_meta(model_path(config.name, k, h, root))["zoo"]["machine"] for k, h in available(config.name, root)}
+    if machines:
+        lines += [f"Trained on: {', '.join(sorted(machines))} (one torch thread per model).", ""]
+    head = ["model", "steps", "wall", "converged", *[f"r@{n} (last doubling)" for n in ns]]
+    rows = _model_rows(config, root, ns)
+    if not rows:
+        return "\n".join(lines + ["No model of this configuration is in the zoo yet.", ""])
+    if baselines:
+        for b in BASELINES:
+            if b in baselines:
+                rows.append([f"*{b}*", "", "", "", *[f"{baselines[b].get(n, float('nan')):.4f}" for n in ns]])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines + [""])
+
+
+def write_cards(root: Path, with_baselines: bool = True) -> Path:
+    """Write ``root/README.md`` from the models under ``root``."""
+    parts = ["# The model zoo", "",
+             "Reference models of the factor study (issue 14): the quick task under three configurations, "
+             "trained with the recipes below. Each model is `CONFIG/seed{k}/h{h}/` (safetensors + meta.json, no "
+             "optimizer state); the h=4 models keep their log-spaced snapshots (E7). "
+             f"`{SUMS_FILE}` lists every file's SHA-256: `icl-heads zoo verify` checks them. "
+             "A model is *converged* when its test-prompt risk at n = d and at n = 2d improved by less than 3% over "
+             "the last doubling of steps (the percentage in brackets; 2000 test prompts). "
+             "`icl-heads zoo train` trains what is missing; `icl-heads zoo cards` rewrites this file.", ""]
+    for config in CONFIGS.values():
+        base = baseline_risks(config) if with_baselines and available(config.name, root) else None
+        parts.append(card(config, root, base))
+    return atomic_write_text(Path(root) / "README.md", "\n".join(parts))

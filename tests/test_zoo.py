@@ -1,0 +1,143 @@
+"""The model zoo: export, checksums, verify, listing, cards, retraining from the recorded recipe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icl_heads.checkpoint import CheckpointError, load_meta, load_model
+from icl_heads.cli import main
+from icl_heads.training import snapshot_dir, snapshot_steps, train
+from icl_heads.zoo import (CONFIGS, ZOO_DIR, ZooConfig, available, export, listing, model_path, spec_of, train_zoo,
+                           verify, write_sums)
+from icl_heads.zoo_cards import card
+
+TINY = ZooConfig("T", "tiny smoke configuration",
+                 {"model.d_model": 16, "train.steps": 40, "train.snapshots": 4, "train.eval_every": 20,
+                  "train.checkpoint_every": 20, "train.n_eval_prompts": 32, "eval.n_test": 64, "eval.n_val": 64,
+                  "train.batch_size": 16},
+                 seeds=(0,), heads=(1, 2), base="smoke")
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    work = tmp_path_factory.mktemp("work")
+    done = train_zoo([TINY], work, jobs=2, root=root)
+    assert len(done) == 2
+    return root, work
+
+
+def test_export_layout_meta_and_snapshots(tiny_zoo):
+    root, work = tiny_zoo
+    assert sorted(available("T", root)) == [(0, 1), (0, 2)]
+    h2, h1 = model_path("T", 0, 2, root), model_path("T", 0, 1, root)
+    assert not (h2 / "state.safetensors").exists()  # no optimizer state in the zoo
+    assert (h2 / "snapshots").is_dir() and not (h1 / "snapshots").exists()  # snapshots for the largest h only
+    meta = load_meta(h2)
+    assert set(meta["sha256"]) == {"model.safetensors"}
+    z = meta["zoo"]
+    assert z["config"] == "T" and z["overrides"] == TINY.overrides and z["machine"]
+    conv = z["convergence"]
+    assert conv["from_step"], conv["to_step"] == snapshot_steps(TINY.preset().train)[-2:]
+    assert set(conv["at"]) == {"2", "5", "10"} and isinstance(conv["converged"], bool)
+    # the zoo copy predicts exactly what the training run does
+    a, _ = load_model(h2)
+    b, _ = load_model(work / "T" / "seed0" / "h2")
+    x = torch.randn(3, 11, 5)
+    y = torch.randn(3, 11)
+    assert torch.equal(a(x, y), b(x, y))
+
+
+def test_convergence_numbers_are_the_test_prompt_risk(tiny_zoo):
+    """risk at n in meta equals evaluate() of the final model on the seed's test prompts."""
+    from icl_heads.evaluation import evaluate
+    from icl_heads.tasks import fixed_prompts
+
+    root, _ = tiny_zoo
+    path = model_path("T", 0, 2, root)
+    model, meta = load_model(path)
+    p = TINY.preset(0)
+    curve = evaluate(model, fixed_prompts(p.task, p.eval.n_test, p.seed, "test"), p.task)
+    for n, v in meta["zoo"]["convergence"]["at"].items():
+        assert v["risk"] == pytest.approx(float(curve.risk_norm[int(n)]), rel=1e-5)
+
+
+def test_verify_catches_a_flipped_byte(tiny_zoo, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo[0], root)
+    assert verify(root) > 4
+    main(["zoo", "verify", "--root", str(root)])
+    assert "zoo ok" in capsys.readouterr().out
+    f = model_path("T", 0, 2, root) / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as e:
+        main(["zoo", "verify", "--root", str(root)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "checksum mismatch" in err and "h2/model.safetensors" in err
+    write_sums(root)  # a new manifest accepts it; an unlisted file is refused
+    (root / "T" / "stray.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="not listed"):
+        verify(root)
+
+
+def test_retrained_for_k_steps_matches_its_snapshot(tiny_zoo, tmp_path):
+    """Training again from scratch with the recorded recipe reproduces the zoo's snapshot at K on CPU."""
+    root, _ = tiny_zoo
+    path = model_path("T", 0, 2, root)
+    spec = spec_of(path)
+    torch.set_num_threads(load_meta(path)["zoo"]["threads"])
+    k = snapshot_steps(spec.train)[1]
+    r = train(spec, None, tmp_path / "again", "cpu", progress=False, stop_at=k)
+    snap, _ = load_model(snapshot_dir(path, k))
+    for (name, a), (_, b) in zip(r.model.state_dict().items(), snap.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_listing_and_cards(tiny_zoo):
+    root, _ = tiny_zoo
+    rows = listing(root)  # only the shipped configurations are listed; T is a test configuration
+    assert rows == [] or {r["config"] for r in rows} <= set(CONFIGS)
+    text = card(TINY, root, baselines={"ridge": {2: 0.5, 5: 0.2, 10: 0.1}})
+    assert "seed0/h2" in text and "seed0/h1" in text and "*ridge*" in text and "0.2000" in text
+
+
+@pytest.mark.skipif(not (ZOO_DIR / "SHA256SUMS").exists(), reason="the repository's zoo has no manifest yet")
+def test_repository_zoo_verifies():
+    assert verify(ZOO_DIR) >= 1
+
+
+def test_repository_zoo_model_retrains_to_its_first_snapshot(tmp_path):
+    """The same check on a committed zoo model (its first snapshot: a few seconds of training)."""
+    have = [(c, k, h) for c in CONFIGS for k, h in available(c) if (model_path(c, k, h) / "snapshots").is_dir()]
+    if not have:
+        pytest.skip("no zoo model with snapshots committed yet")
+    c, k, h = sorted(have, key=lambda t: (t[0] != "A", t))[0]
+    path = model_path(c, k, h)
+    spec = spec_of(path)
+    torch.set_num_threads(load_meta(path)["zoo"]["threads"])
+    step = snapshot_steps(spec.train)[0]
+    r = train(spec, None, tmp_path / "again", "cpu", progress=False, stop_at=step)
+    snap, _ = load_model(snapshot_dir(path, step))
+    assert all(torch.equal(a, b) for a, b in zip(r.model.state_dict().values(), snap.state_dict().values()))
+
+
+def test_set_model_fields_reach_the_trained_model(tmp_path):
+    """``--set model.token_format=interleaved`` (and model.mlp, model.n_layers) on train reach the checkpoint."""
+    out = tmp_path / "m"
+    main(["train", "--preset", "smoke", "--heads", "2", "--out", str(out), "--quiet", "--steps", "3",
+          "--set", "model.token_format=interleaved", "--set", "model.mlp=false", "--set", "model.n_layers=1",
+          "--set", "train.snapshots=0", "--set", "train.n_eval_prompts=8"])
+    model, meta = load_model(out)
+    assert model.cfg.token_format == "interleaved" and not model.cfg.mlp and model.cfg.n_layers == 1
+    assert meta["model_config"]["token_format"] == "interleaved"
+    import json
+
+    assert json.loads((out / "config.json").read_text())["config"]["model"]["token_format"] == "interleaved"
+    lay = model.layout(11)[0]
+    assert lay.token_type.numel() == 2 * 11 - 1  # x and y tokens interleaved
