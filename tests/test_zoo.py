@@ -141,3 +141,32 @@ def test_set_model_fields_reach_the_trained_model(tmp_path):
     assert json.loads((out / "config.json").read_text())["config"]["model"]["token_format"] == "interleaved"
     lay = model.layout(11)[0]
     assert lay.token_type.numel() == 2 * 11 - 1  # x and y tokens interleaved
+
+
+def test_reproduce_on_the_zoo_analyses_its_models_without_training(tiny_zoo, tmp_path):
+    """The main job's zoo mode: E1-E7 on the zoo's checkpoints (no training stage), one report per
+    configuration, and the factor table naming the configuration's verdicts."""
+    from icl_heads.io import read_json
+    from icl_heads.zoo_reproduce import reproduce_zoo
+
+    root, _ = tiny_zoo
+    out = tmp_path / "run"
+    report = reproduce_zoo(out, [TINY], root=root, any_t=False)
+    assert report == out / "report.md" and "| claim | T |" in report.read_text()
+    man = read_json(out / "T" / "manifest.json")
+    assert "train" not in man["stage_wall_s"] and man["models"]["seed0/h2"] == str(model_path("T", 0, 2, root))
+    assert not (out / "T" / "seed0" / "e1" / "models").exists()  # nothing trained
+    table = read_json(out / "factor_table.json")
+    verdicts = read_json(out / "T" / "verdicts.json")
+    assert {r["claim"] for r in table} == {v["claim"] for v in verdicts}
+    assert (out / "e5" / "stage.json").exists()
+
+
+def test_export_refuses_a_run_of_another_recipe(tiny_zoo, tmp_path):
+    from icl_heads.config import ConfigError
+
+    _, work = tiny_zoo
+    other = ZooConfig("T", "same name, other lr", {**TINY.overrides, "train.lr": 1e-4}, seeds=(0,), heads=(1, 2),
+                      base="smoke")
+    with pytest.raises(ConfigError, match="recipe"):
+        export(work / "T" / "seed0" / "h2", other, 0, 2, tmp_path / "zoo")

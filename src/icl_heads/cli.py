@@ -265,9 +265,16 @@ def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
               help="override any preset field by dotted path, e.g. --set train.steps=2000 (repeatable)")
 @click.option("--threads", default=1, show_default=True, type=int,
               help="torch threads for the estimator and analysis stages (training runs one process per model)")
+@click.option("--train", "train_all", is_flag=True,
+              help="quick: train every zoo configuration's models from scratch into OUT instead of analysing the "
+                   "zoo's (hours on a CPU)")
 def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str], stacked: Optional[bool],
-              any_t: bool, device: str, sets: tuple[str, ...], threads: int) -> None:
-    """Run E5, E1-E4, E6 and E7 for a preset over seeds and write report.md/report.html into OUT."""
+              any_t: bool, device: str, sets: tuple[str, ...], threads: int, train_all: bool) -> None:
+    """Run E5, E1-E4, E6 and E7 for a preset over seeds and write report.md/report.html into OUT.
+
+    On the quick preset with no --set/--seeds/--sigmas, the models are the zoo's (every
+    configuration, every complete seed; zoo/README.md); --train trains them here instead.
+    """
     p = make_preset(preset, None, sets)
     dev = resolve_device(device)
     if seeds is not None and seeds < 1:
@@ -280,6 +287,18 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
     from .reproduce import reproduce as run
 
     torch.set_num_threads(threads)
+    if preset == "quick" and not (sets or seeds or levels):
+        from .zoo import CONFIGS, ZOO_DIR, complete_seeds
+        from .zoo_reproduce import reproduce_zoo
+
+        if train_all or any(complete_seeds(c) for c in CONFIGS.values()):
+            report = reproduce_zoo(out, train=train_all, device=dev, any_t=any_t)
+            click.echo(f"done: factor report at {report}; one report per configuration under {out}/<config>/")
+            return
+        click.echo(f"note: {ZOO_DIR} holds no complete seed yet; training the quick preset's models in this run",
+                   err=True)
+    elif train_all and preset != "quick":
+        raise ConfigError("train: --train selects the zoo's configurations and needs --preset quick")
     report = run(p, out, seeds=seeds, device=dev, sigmas=levels, stacked=stacked, any_t=any_t)
     click.echo(f"done: report at {report} (and {report.with_suffix('.html')})")
 

@@ -100,10 +100,11 @@ ABLATIONS = ("zero", "mean", "resample")  # E2 and E3 measure heads all three wa
 SEED_STAGES = ("e1", "e2", "e3", "e4", "e6", "e7")
 
 
-def stage_names(seeds: int, sigma_prefixes: Sequence[str] = ("",)) -> list[str]:
+def stage_names(seeds: int, sigma_prefixes: Sequence[str] = ("",), train: bool = True) -> list[str]:
     names = ["e5"]
     for sp in sigma_prefixes:
-        names.append(f"{sp}train")
+        if train:
+            names.append(f"{sp}train")
         for k in range(seeds):
             names += [f"{sp}seed{k}/{s}" for s in SEED_STAGES]
     return names + ["report"]
@@ -121,7 +122,8 @@ def check_folder(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float])
 
 
 def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str = "cpu",
-              sigmas: Sequence[float] | None = None, stacked: bool | None = None, any_t: bool = True) -> Path:
+              sigmas: Sequence[float] | None = None, stacked: bool | None = None, any_t: bool = True,
+              models: Callable[[int, int], Path] | None = None) -> Path:
     """Run every experiment for ``preset`` into ``out`` and write ``report.md``/``report.html``.
 
     ``seeds`` training seeds (default ``preset.seeds``); ``sigmas``: noise levels for the
@@ -129,6 +131,8 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
     under ``sigma{value}/``); ``stacked``: train each noise level's models as one stacked model
     (default: on CUDA only, where it is faster; ``docs/training.md``); ``any_t=False`` skips E6's
     final-output-vs-any-T context (no verdict reads it; minutes on the paper preset's CPU side).
+    ``models(k, h)``: the finished checkpoint of seed index ``k`` with ``h`` heads (the zoo's) to
+    analyse instead of training (then there is no training stage and one noise level).
     """
     from .analysis.emergence import run_e7
     from .analysis.heads import default_policy, run_e2, run_e3
@@ -148,21 +152,29 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_folder(out, preset, seeds, sigmas)
-    runner = StageRunner(out, preset, stage_names(seeds, [sigma_dir(preset, x) for x in sigmas]))
+    if models is not None and len(sigmas) > 1:
+        raise ConfigError("sigmas: the zoo's models are trained at the preset's sigma only; pass --train")
+    runner = StageRunner(out, preset, stage_names(seeds, [sigma_dir(preset, x) for x in sigmas],
+                                                  train=models is None))
     runner.run("e5", out / "e5", lambda d: run_e5(preset, d), fields=E5_FIELDS)
     for sigma in sigmas:
         sp = sigma_dir(preset, sigma)
         ps = preset if not sp else preset.model_copy(update={"task": preset.task.model_copy(update={"sigma": sigma})})
         per_seed = [ps.model_copy(update={"seed": ps.seed + k, "heads": seed_heads(ps, k)}) for k in range(seeds)]
         dirs = [out / f"{sp}seed{k}" / "e1" for k in range(seeds)]
-        runner.run(f"{sp}train", out / f"{sp}train", lambda d: train_seeds(per_seed, dirs, device, stacked, d / "stacks"))
+        if models is None:
+            runner.run(f"{sp}train", out / f"{sp}train",
+                       lambda d: train_seeds(per_seed, dirs, device, stacked, d / "stacks"))
         for k, pk in enumerate(per_seed):
             sd = out / f"{sp}seed{k}"
             # E5 ran on the first seed's prompts at the preset's own sigma: E1 reuses its estimator rows there
             e5_csv = out / "e5" / "e5_risk.csv" if k == 0 and not sp else None
+            given = None if models is None else {h: models(k, h) for h in pk.heads}
             runner.run(f"{sp}seed{k}/e1", sd / "e1",
-                       lambda d: run_e1(pk, d, device, estimators=E1_ESTIMATORS if k == 0 else None, e5_csv=e5_csv))
-            multi, single = model_dir(sd / "e1", max(pk.heads)), model_dir(sd / "e1", min(pk.heads))
+                       lambda d: run_e1(pk, d, device, estimators=E1_ESTIMATORS if k == 0 else None, e5_csv=e5_csv,
+                                        models=given))
+            where = (lambda h: given[h]) if given else (lambda h: model_dir(sd / "e1", h))
+            multi, single = where(max(pk.heads)), where(min(pk.heads))
             common = dict(preset=pk, seed=pk.seed, device=device)
             runner.run(f"{sp}seed{k}/e2", sd / "e2", lambda d: run_e2(multi, d, ablations=ABLATIONS, **common))
             runner.run(f"{sp}seed{k}/e3", sd / "e3", lambda d: run_e3(multi, d, ablations=ABLATIONS, **common))
@@ -176,7 +188,9 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
     t = time.perf_counter()
     manifest = {"preset": preset.model_dump(), "seeds": [preset.seed + k for k in range(seeds)], "sigmas": sigmas,
                 "heads_per_seed": {str(preset.seed + k): seed_heads(preset, k) for k in range(seeds)},
-                "device": device, "stage_wall_s": runner.wall, "environment": environment()}
+                "device": device, "stage_wall_s": runner.wall, "environment": environment(),
+                "models": "trained in this run" if models is None else
+                {f"seed{k}/h{h}": str(models(k, h)) for k in range(seeds) for h in seed_heads(preset, k)}}
     write_json(out / "manifest.json", manifest)
     report = write_report(out, preset, seeds, sigmas)
     manifest["stage_wall_s"]["report"] = time.perf_counter() - t

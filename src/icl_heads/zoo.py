@@ -54,9 +54,10 @@ class ZooConfig:
         return get_preset(self.base, **{**self.overrides, "seed": seed})
 
     def members(self) -> list[tuple[int, int]]:
-        """Every ``(seed, h)`` of the configuration, largest head count first (slowest first)."""
+        """Every ``(seed, h)`` of the configuration, seed by seed (so seeds complete in order), and
+        within a seed the largest head count first (the slowest)."""
         pairs = {(k, h) for k in self.seeds for h in self.heads} | set(self.extra)
-        return sorted(pairs, key=lambda kh: (-kh[1], kh[0]))
+        return sorted(pairs, key=lambda kh: (kh[0], -kh[1]))
 
 
 _SNAP = {"train.snapshots": 8, "train.eval_every": 1000, "train.checkpoint_every": 1000}
@@ -156,6 +157,14 @@ def export(run: Path, config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR
     if not meta.get("finished"):
         raise CheckpointError(f"{run}: training has not finished")
     preset = config.preset(seed)
+    want = {"train": preset.train.model_dump(), "task": preset.task.model_dump(), "seed": seed,
+            "model_config": preset.model_config_for(h).model_dump()}
+    for key, value in want.items():
+        got = meta.get(key)
+        if key == "train" and isinstance(got, dict):
+            got = TrainConfig.model_validate(got).model_dump()
+        if got != value:
+            raise ConfigError(f"{key}: {run} was not trained with configuration {config.name}'s recipe")
     dest = model_path(config.name, seed, h, root)
     if dest.exists():
         shutil.rmtree(dest)

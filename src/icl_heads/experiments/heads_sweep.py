@@ -162,10 +162,12 @@ def train_seeds(presets: Sequence[Preset], outs: Sequence[str | Path], device: s
 
 def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | None = None,
            estimators: Sequence[str] | None = E1_ESTIMATORS, stacked: bool | None = None,
-           depth_matched: bool = True, e5_csv: str | Path | None = None) -> dict[str, Any]:
+           depth_matched: bool = True, e5_csv: str | Path | None = None,
+           models: dict[int, Path] | None = None) -> dict[str, Any]:
     """Train/reuse the models, evaluate them and the estimators, write CSV, PNG, summary JSON.
 
     ``e5_csv``: reuse E5's tuned estimator rows (same task, eval sizes and seed; see :func:`estimator_rows`).
+    ``models``: finished checkpoints per head count (e.g. the zoo's) to evaluate instead of training.
     """
     from ..checkpoint import load_model
     from ..evaluation import evaluate
@@ -178,7 +180,11 @@ def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | 
     out.mkdir(parents=True, exist_ok=True)
     write_provenance(out, preset, preset.seed, experiment="E1 heads sweep", device=device)
     t0 = time.perf_counter()
-    info = train_models(preset, out, device, workers=workers, stacked=stacked)
+    if models is None:
+        info = train_models(preset, out, device, workers=workers, stacked=stacked)
+    else:
+        info = {h: {"path": str(models[h]), "reused": True, "source": "given"} for h in preset.heads}
+    paths = {h: Path(info[h]["path"]) for h in preset.heads}
     train_wall = time.perf_counter() - t0
 
     test = fixed_prompts(preset.task, preset.eval.n_test, preset.seed, "test")
@@ -187,7 +193,7 @@ def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | 
     styles: dict[str, dict[str, Any]] = {}
     trained: dict[int, dict[str, Any]] = {}
     for h in preset.heads:
-        model, meta = load_model(model_dir(out, h), device)
+        model, meta = load_model(paths[h], device)
         label = f"transformer h={h}"
         r = [dict(kind="model", **x) for x in evaluate(model, test, preset.task).rows(label=label) if x["n"] >= 1]
         rows += r

@@ -1,0 +1,112 @@
+"""The main job on the zoo: E1-E7 on every configuration's models, one report per configuration,
+and the factor table (configuration x claim) that says which factor produces the paper's pattern.
+
+``OUT/<config>/`` is an ordinary ``reproduce`` folder of that configuration (its
+``report.md``, ``verdicts.json``, seed folders); ``OUT/e5`` is shared (one task) and
+copied into each configuration's folder, where its fingerprint lets ``reproduce``
+reuse it. ``OUT/report.md`` holds the factor table and links the per-configuration
+reports. With ``train=True`` every configuration's models are trained from scratch
+into its folder with the configuration's recipe instead of read from the zoo.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ConfigError
+from .io import atomic_write_text, read_json, write_json
+from .reproduce import reproduce
+from .zoo import CONFIGS, ZOO_DIR, ZooConfig, complete_seeds, model_path
+
+
+def zoo_preset(config: ZooConfig):
+    """The configuration's preset with the head counts its seed 0 has (E1's curve) as ``heads``."""
+    heads = sorted(set(config.heads) | {h for k, h in config.extra if k == config.seeds[0]})
+    return config.preset(config.seeds[0]).model_copy(update={"heads": heads})
+
+
+def leading_seeds(config: ZooConfig, root: Path) -> int:
+    """How many of the configuration's seeds, in order, are complete in the zoo (seed folders are indices)."""
+    have, n = set(complete_seeds(config, root)), 0
+    for k in config.seeds:
+        if k not in have:
+            break
+        n += 1
+    return n
+
+
+def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: bool = False, device: str = "cpu",
+                  root: Path = ZOO_DIR, any_t: bool = True) -> Path:
+    """Run the main job over the zoo's configurations into ``out``; returns ``out/report.md``."""
+    out = Path(out)
+    configs = list(CONFIGS.values()) if configs is None else list(configs)
+    mode = {"source": "trained" if train else "zoo", "configs": [c.name for c in configs]}
+    mode_file = out / "zoo_run.json"
+    if mode_file.exists() and read_json(mode_file).get("source") != mode["source"]:
+        raise ConfigError(f"out: {out} holds a run with models {read_json(mode_file)['source']}; use a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(mode_file, mode)
+    done: dict[str, dict[str, Any]] = {}
+    for c in configs:
+        seeds = len(c.seeds) if train else leading_seeds(c, root)
+        if seeds == 0:
+            print(f"[zoo] {c.name}: no complete seed in {root / c.name} yet, skipped", file=sys.stderr, flush=True)
+            done[c.name] = {"seeds": 0}
+            continue
+        folder = out / c.name
+        shared = out / "e5"
+        if shared.is_dir() and not (folder / "e5").exists():
+            shutil.copytree(shared, folder / "e5")
+        print(f"[zoo] {c.name}: {c.title}, {seeds} seeds", file=sys.stderr, flush=True)
+        models = None if train else (lambda k, h, c=c: model_path(c.name, c.seeds[k], h, root))
+        report = reproduce(zoo_preset(c), folder, seeds=seeds, device=device, models=models, any_t=any_t)
+        if not shared.exists():
+            shutil.copytree(folder / "e5", shared)
+        done[c.name] = {"seeds": seeds, "report": str(report.relative_to(out))}
+    if not any(v["seeds"] for v in done.values()):
+        raise ConfigError(f"zoo: {root} holds no complete seed of {', '.join(mode['configs'])}; "
+                          "train them (icl-heads zoo train) or pass --train")
+    return write_factor_report(out, configs, done)
+
+
+def factor_rows(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (claim, configuration): the verdict over seeds and its key statistic per seed."""
+    rows = []
+    for c in configs:
+        if not done[c.name]["seeds"]:
+            continue
+        for v in read_json(out / c.name / "verdicts.json"):
+            per = v.get("per_seed", [])
+            stat = (v.get("stats") or [{}])[0]
+            name = stat.get("name", "")
+            rows.append({"claim": v["claim"], "config": c.name, "verdict": v["verdict"], "statistic": name,
+                         "per_seed": [ps.get("stats", {}).get(name) for ps in per]})
+    return rows
+
+
+def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[str, Any]]) -> Path:
+    rows = factor_rows(out, configs, done)
+    write_json(out / "factor_table.json", rows)
+    names = [c.name for c in configs if done[c.name]["seeds"]]
+    claims = list(dict.fromkeys(r["claim"] for r in rows))
+    cell = {(r["claim"], r["config"]): r for r in rows}
+    lines = ["# icl-heads: the factor study on the zoo", "",
+             "Configurations (quick task, h = 4 analysed, h = 1 as the single-head reference): "
+             + "; ".join(f"**{c.name}** {c.title} ({done[c.name]['seeds']} seeds)" for c in configs) + ".", "",
+             "Each cell: the verdict over seeds, then the claim's key statistic for every seed.", "",
+             "| claim | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for claim in claims:
+        cells = []
+        for n in names:
+            r = cell.get((claim, n))
+            cells.append("–" if r is None else f"{r['verdict']}: {r['statistic']} "
+                         + " / ".join("?" if x is None else f"{x:.3g}" for x in r["per_seed"]))
+        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    lines += ["", "Per configuration: " + ", ".join(f"[{n}]({done[n]['report']})" for n in names) + "."]
+    missing = [c.name for c in configs if not done[c.name]["seeds"]]
+    if missing:
+        lines += ["", f"Not analysed (no complete seed in the zoo yet): {', '.join(missing)}."]
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
