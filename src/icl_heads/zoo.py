@@ -277,25 +277,44 @@ def _train_member(config: ZooConfig, seed: int, h: int, work: str, threads: int)
 
 
 def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_DIR,
-              on_export: Any = None) -> list[Path]:
-    """Train every missing member of ``configs``, ``jobs`` processes at once (one torch thread
-    each), exporting each model into the zoo as soon as it finishes; resumable."""
+              on_export: Any = None, device: str = "cpu", stacked: bool = False) -> list[Path]:
+    """Train every missing member of ``configs`` and export each into the zoo; resumable.
+
+    On CPU: ``jobs`` processes at once (one torch thread each), each model exported as soon as it
+    finishes. ``stacked`` (the GPU path): every member in stacks (``icl_heads.stacked``, one per
+    architecture and recipe), exported when the stacks are done.
+    """
+    todo = [(c, k, h) for c in configs for k, h in c.members()
+            if not (model_path(c.name, k, h, root) / META_FILE).exists()]
+    runs = {(c.name, k, h): Path(work) / c.name / f"seed{k}" / f"h{h}" for c, k, h in todo}
+    done: list[Path] = []
+
+    def land(c: ZooConfig, k: int, h: int) -> None:
+        dest = export(runs[(c.name, k, h)], c, k, h, root)
+        conv = load_meta(dest)["zoo"]["convergence"]
+        print(f"exported {dest} (converged={conv['converged']}; "
+              + ", ".join(f"r@{m}={v['risk']:.4f} ({v['improvement']:+.1%})" for m, v in conv["at"].items())
+              + ")", flush=True)
+        done.append(dest)
+        if on_export is not None:
+            on_export(dest)
+
+    if stacked:
+        from .stacked import Member, train_members
+        from .training import TrainSpec
+
+        members = [Member(TrainSpec.from_preset(c.preset(k), h), runs[(c.name, k, h)]) for c, k, h in todo]
+        if members:
+            train_members(members, device, stacked=True, stack_root=Path(work) / "stacks")
+        for c, k, h in todo:
+            land(c, k, h)
+        return done
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
-    todo = [(c, k, h) for c in configs for k, h in c.members()
-            if not (model_path(c.name, k, h, root) / META_FILE).exists()]
-    done: list[Path] = []
     with ProcessPoolExecutor(max(1, jobs), mp_context=get_context("spawn")) as ex:
         futs = {ex.submit(_train_member, c, k, h, str(work), 1): (c, k, h) for c, k, h in todo}
         for fut in as_completed(futs):
-            c, k, h = futs[fut]
-            dest = export(Path(fut.result()), c, k, h, root)
-            conv = load_meta(dest)["zoo"]["convergence"]
-            print(f"exported {dest} (converged={conv['converged']}; "
-                  + ", ".join(f"r@{m}={v['risk']:.4f} ({v['improvement']:+.1%})" for m, v in conv["at"].items())
-                  + ")", flush=True)
-            done.append(dest)
-            if on_export is not None:
-                on_export(dest)
+            fut.result()
+            land(*futs[fut])
     return done

@@ -56,12 +56,25 @@ def verify_cmd(root: Optional[Path]) -> None:
               help="resumable training folders (with optimizer state)")
 @click.option("--jobs", type=int, default=2, show_default=True, help="training processes (one per core)")
 @click.option("--commit/--no-commit", default=False, help="git-commit each model as it lands")
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
+@click.option("--stacked", is_flag=True, help="train all members as stacks (the GPU path)")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override every configuration's recipe (dry runs; recorded in each model's meta)")
 @root_option
-def train_cmd(configs: str, work: Path, jobs: int, commit: bool, root: Optional[Path]) -> None:
+def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, stacked: bool,
+              sets: tuple[str, ...], root: Optional[Path]) -> None:
     """Train every zoo model not yet in the zoo with its configuration's recipe (resumable)."""
+    from dataclasses import replace
+
+    from .cli import parse_sets, resolve_device
     from .zoo import get_config, train_zoo
 
+    extra = parse_sets(sets)
     chosen = [get_config(c.strip()) for c in configs.split(",") if c.strip()]
+    chosen = [replace(c, overrides={**c.overrides, **extra}) for c in chosen] if extra else chosen
+    for c in chosen:
+        c.preset(0)  # validates the overrides before any work
+    device = resolve_device(device)
     if jobs < 1:
         raise ConfigError(f"jobs: must be >= 1 (got {jobs})")
     zroot = _root(root)
@@ -73,7 +86,7 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, root: Optional[
             subprocess.run(["git", "commit", "-q", "-m", f"zoo: {rel}", "--", str(rel), str(zroot / "SHA256SUMS")],
                            cwd=zroot.parent)
 
-    done = train_zoo(chosen, work, jobs, zroot, git_commit if commit else None)
+    done = train_zoo(chosen, work, jobs, zroot, git_commit if commit else None, device, stacked)
     click.echo(f"{len(done)} models exported into {zroot}")
 
 
