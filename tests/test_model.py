@@ -154,3 +154,58 @@ def test_interleaved_format_tokens() -> None:
         assert (t[2 * k + 1, :D] == 0).all() and t[2 * k + 1, D] == y[0, k]
     assert layout(cfg, 3).query_index.tolist() == [0, 2, 4]
 
+
+
+def test_attention_patterns_on_request_match_sdpa_and_the_mask():
+    """patterns=True takes the explicit softmax path: same predictions as SDPA, rows summing to 1 over
+    the keys the mask allows and 0 elsewhere; an explicit reference recomputes layer 0's pattern."""
+    import math
+
+    from icl_heads.config import ModelConfig
+    from icl_heads.model import Transformer, act_name
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_dims=4, n_max=6, d_model=16, n_layers=2, n_heads=2, mlp=True)
+    m = Transformer(cfg).eval()
+    x, y = torch.randn(3, 7, 4, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)  # float64 is cast
+    with torch.no_grad():
+        base, plain = m.run_with_cache(x, y)
+        pred, cache = m.run_with_cache(x, y, patterns=True)
+    assert act_name("pattern", 1) not in plain
+    torch.testing.assert_close(pred, base, rtol=1e-5, atol=1e-6)
+    lay, mask = m.layout(7)
+    T = lay.token_type.numel()
+    for l in range(2):
+        p = cache[act_name("pattern", l)]
+        assert p.shape == (3, 2, T, T)
+        torch.testing.assert_close(p.sum(-1), torch.ones(3, 2, T))
+        assert (p[:, :, ~mask] == 0).all()
+    # reference for layer 0 from the cached embedding, by hand
+    h = m.blocks[0].ln_1(cache["embed"])
+    q, k, _ = m.blocks[0].attn.qkv(h).split(16, dim=-1)
+    q, k = (t.view(3, T, 2, 8).transpose(1, 2) for t in (q, k))
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    ref = torch.where(mask, s, torch.full_like(s, -1e30)).softmax(-1)
+    torch.testing.assert_close(cache[act_name("pattern", 0)], ref)
+
+
+def test_activation_names_and_shapes_are_pinned():
+    from icl_heads.config import ModelConfig
+    from icl_heads.model import Transformer, act_name
+
+    cfg = ModelConfig(n_dims=3, n_max=5, d_model=8, n_layers=2, n_heads=2, mlp=False)
+    m = Transformer(cfg)
+    x, y = torch.randn(2, 6, 3), torch.randn(2, 6)
+    _, cache = m.run_with_cache(x, y, patterns=True)
+    T = 2 * 6 - 1
+    want = {"embed": (2, T, 8), "ln_final": (2, 6, 8)}
+    for l in range(2):
+        want.update({act_name("head_out", l): (2, T, 2, 4), act_name("pattern", l): (2, 2, T, T),
+                     act_name("resid_mid", l): (2, T, 8), act_name("resid_post", l): (2, T, 8)})
+    assert {k: tuple(v.shape) for k, v in cache.items()} == want
+    _, few = m.run_with_cache(x, y, names=["embed", act_name("resid_post", 1)])
+    assert list(few) == ["embed", "blocks.1.resid_post"]
+    with pytest.raises(KeyError, match="no activation"):
+        m.run_with_cache(x, y, names=["blocks.9.resid_post"])
+    with pytest.raises(ValueError, match="unknown activation point"):
+        act_name("queries", 0)

@@ -23,7 +23,9 @@ Read it top to bottom:
   mean or resample ablation (``analysis.ablation``) with the same gates.
 * **Cache** (:meth:`Transformer.run_with_cache`): named internals, e.g.
   ``blocks.0.attn.head_out`` ``(B, T, h, d_head)`` and ``blocks.0.resid_post``
-  ``(B, T, D)``, in the spirit of TransformerLens, without editing the model.
+  ``(B, T, D)``, in the spirit of TransformerLens, without editing the model; names come from
+  :func:`act_name`, and ``patterns=True`` adds each layer's attention pattern
+  ``blocks.{l}.attn.pattern`` ``(B, h, T, T)`` (explicit softmax path, only when asked).
 
 Linear attention is ``(q . k) v`` summed over the visible keys and divided by
 their number (an average, as in the GD-as-attention literature); a query never
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +109,37 @@ def attention_mask(cfg: ModelConfig, lay: Layout) -> torch.Tensor:
     return mask
 
 
+PATTERNS_KEY = "__patterns__"  # a cache holding this key (any non-None value) asks for attention patterns
+
+
+def explicit_softmax_pattern(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention weights ``(B, h, T, T)`` as SDPA computes them (scale ``1/sqrt(d_head)``, masked
+    keys get weight 0); used only when a pattern is asked for, SDPA otherwise."""
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def act_name(point: str, layer: int | None = None) -> str:
+    """Name of an activation point in :meth:`Transformer.run_with_cache` (TransformerLens style).
+
+    ``embed`` ``(B, T, D)`` and ``ln_final`` ``(B, Q, D)`` take no layer; per layer ``l``:
+    ``head_out`` ``(B, T, h, d_head)`` (after gates and head values, what the output projection
+    sees), ``pattern`` ``(B, h, T, T)`` (softmax attention only, on request), ``resid_mid`` and
+    ``resid_post`` ``(B, T, D)``.
+    """
+    if point in ("embed", "ln_final"):
+        if layer is not None:
+            raise ValueError(f"act_name: {point} has no layer")
+        return point
+    if layer is None:
+        raise ValueError(f"act_name: {point} needs a layer")
+    if point in ("head_out", "pattern"):
+        return f"blocks.{layer}.attn.{point}"
+    if point in ("resid_mid", "resid_post"):
+        return f"blocks.{layer}.{point}"
+    raise ValueError(f"act_name: unknown activation point {point!r}")
+
+
 def gate_heads(out: torch.Tensor, gates: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
     """Head outputs ``out (B, T, H, d_head)`` with gates ``(H,)`` or ``(B, H)`` applied:
     ``g * out + (1 - g) * values`` (``values`` broadcastable to ``out``; None = zeros)."""
@@ -132,6 +166,10 @@ class Attention(nn.Module):
         if self.linear:
             scores = (q @ k.transpose(-1, -2)) * mask
             out = scores @ v / mask.sum(-1, keepdim=True).clamp(min=1)
+        elif cache is not None and cache.get(PATTERNS_KEY) is not None:  # explicit path: the pattern is asked for
+            pattern = explicit_softmax_pattern(q, k, mask)
+            cache[f"{name}.pattern"] = pattern  # (B, h, T, T): query row, key column
+            out = pattern @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2)  # (B, T, H, d_head)
@@ -211,17 +249,30 @@ class Transformer(nn.Module):
         return self._run(x, y, head_gates, None, head_values)
 
     def run_with_cache(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None = None,
-                       head_values: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Predictions and a dict of named activations (``embed``, ``blocks.{l}.attn.head_out``, ...).
+                       head_values: torch.Tensor | None = None, names: list[str] | None = None,
+                       patterns: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Predictions and a dict of named activations (:func:`act_name`: ``embed``,
+        ``blocks.{l}.attn.head_out``, ``blocks.{l}.resid_post``, ...).
 
-        ``head_out`` is what the output projection sees, i.e. after gates and head values."""
-        cache: dict[str, torch.Tensor] = {}
-        return self._run(x, y, head_gates, cache, head_values), cache
+        ``head_out`` is what the output projection sees, i.e. after gates and head values.
+        ``patterns=True`` adds ``blocks.{l}.attn.pattern`` ``(B, h, T, T)`` (softmax attention; computed
+        by the explicit path, equal to SDPA's to float rounding). ``names`` keeps only those entries.
+        """
+        cache: dict[str, Any] = {PATTERNS_KEY: True} if patterns else {}
+        pred = self._run(x, y, head_gates, cache, head_values)
+        cache.pop(PATTERNS_KEY, None)
+        if names is not None:
+            missing = [n for n in names if n not in cache]
+            if missing:
+                raise KeyError(f"run_with_cache: no activation {missing[0]!r} (have {', '.join(cache)})")
+            cache = {n: cache[n] for n in names}
+        return pred, cache
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None,
              cache: dict[str, torch.Tensor] | None, head_values: torch.Tensor | None = None) -> torch.Tensor:
         lay, mask = self.layout(x.shape[1], x.device)
-        h = self.read_in(tokens(self.cfg, x, y))
+        dtype = self.read_in.weight.dtype  # prompts may come as float64 (fixed_prompts); the model decides
+        h = self.read_in(tokens(self.cfg, x.to(dtype), y.to(dtype)))
         if self.pos_emb is not None:
             h = h + self.pos_emb(lay.position) + self.type_emb(lay.token_type)
         if cache is not None:
