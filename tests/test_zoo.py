@@ -170,3 +170,19 @@ def test_export_refuses_a_run_of_another_recipe(tiny_zoo, tmp_path):
                       base="smoke")
     with pytest.raises(ConfigError, match="recipe"):
         export(work / "T" / "seed0" / "h2", other, 0, 2, tmp_path / "zoo")
+
+
+def test_high_level_load_gives_model_task_and_float32_prompts(tiny_zoo):
+    import icl_heads
+    from icl_heads.evaluation import evaluate
+    from icl_heads.tasks import fixed_prompts
+
+    root, _ = tiny_zoo
+    run = icl_heads.load(model_path("T", 0, 2, root))
+    x, y, f = run.prompts(64)
+    assert x.dtype == torch.float32 and run.task.d == 5 and run.seed == 0
+    with torch.no_grad():
+        pred, cache = run.model.run_with_cache(x, y, patterns=True)
+    ref = evaluate(run.model, fixed_prompts(run.task, 64, 0, "test"), run.task).risk_norm
+    assert torch.allclose(run.risk(pred, f).double(), torch.as_tensor(ref, dtype=torch.float64), rtol=1e-4)
+    assert "blocks.0.attn.pattern" in cache
