@@ -186,3 +186,12 @@ def test_high_level_load_gives_model_task_and_float32_prompts(tiny_zoo):
     ref = evaluate(run.model, fixed_prompts(run.task, 64, 0, "test"), run.task).risk_norm
     assert torch.allclose(run.risk(pred, f).double(), torch.as_tensor(ref, dtype=torch.float64), rtol=1e-4)
     assert "blocks.0.attn.pattern" in cache
+
+
+def test_emergence_command_runs_e7_on_the_snapshots(tiny_zoo, tmp_path, capsys):
+    root, _ = tiny_zoo
+    out = tmp_path / "e7"
+    main(["emergence", str(model_path("T", 0, 2, root)), "--out", str(out), "--prompts", "40"])
+    text = capsys.readouterr().out
+    assert "E7 steps" in text and "pruned/full" in text
+    assert (out / "emergence.csv").exists() and (out / "summary.json").exists()

@@ -439,6 +439,25 @@ def sweep_arch(preset: str, out: Path, layers: str, mlps: str, heads: str, seeds
     click.echo(f"sweep of {s['models']} models written to {out} (training {s['train_wall_s']:.0f} s)")
 
 
+@app.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@_analysis_options
+def emergence(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int],
+              device: str) -> None:
+    """E7: head assessment and the pruning test on every training snapshot of CKPT (train.snapshots > 0)."""
+    _check_analysis_args(preset, prompts, seed)
+    dev = resolve_device(device)
+    from .analysis.emergence import run_e7
+    from .io import read_json
+
+    run_e7(ckpt, out, preset=preset, n_prompts=prompts, seed=seed, device=dev)
+    t = read_json(out / "summary.json")["trend"]
+    click.echo(f"E7 steps {t['from_step']} -> {t['to_step']}: top-head shares {t['first']['shares']} -> "
+               f"{t['last']['shares']} (1b {t['claim_1b']}); pruned/full {t['first']['pruned_ratio']:.3g} -> "
+               f"{t['last']['pruned_ratio']:.3g} (2a {t['claim_2a']})")
+    click.echo(f"E7 written to {out}")
+
+
 from .zoo_cli import zoo_group  # noqa: E402  (a sub-group in its own module)
 
 app.add_command(zoo_group)
