@@ -54,10 +54,10 @@ class ZooConfig:
         return get_preset(self.base, **{**self.overrides, "seed": seed})
 
     def members(self) -> list[tuple[int, int]]:
-        """Every ``(seed, h)`` of the configuration, seed by seed (so seeds complete in order), and
-        within a seed the largest head count first (the slowest)."""
+        """Every ``(seed, h)`` of the configuration, seed by seed (so seeds complete in order); within a
+        seed the head counts the claims need first, largest (slowest) first, then the extras."""
         pairs = {(k, h) for k in self.seeds for h in self.heads} | set(self.extra)
-        return sorted(pairs, key=lambda kh: (kh[0], -kh[1]))
+        return sorted(pairs, key=lambda kh: (kh[0], kh[1] not in self.heads, -kh[1]))
 
 
 _SNAP = {"train.snapshots": 8, "train.eval_every": 1000, "train.checkpoint_every": 1000}

@@ -19,13 +19,15 @@ from typing import Any, Sequence
 from .config import ConfigError
 from .io import atomic_write_text, read_json, write_json
 from .reproduce import reproduce
-from .zoo import CONFIGS, ZOO_DIR, ZooConfig, complete_seeds, model_path
+from .zoo import CONFIGS, ZOO_DIR, ZooConfig, available, complete_seeds, model_path
 
 
-def zoo_preset(config: ZooConfig):
-    """The configuration's preset with the head counts its seed 0 has (E1's curve) as ``heads``."""
-    heads = sorted(set(config.heads) | {h for k, h in config.extra if k == config.seeds[0]})
-    return config.preset(config.seeds[0]).model_copy(update={"heads": heads})
+def zoo_preset(config: ZooConfig, root: Path | None = None):
+    """The configuration's preset with the head counts its first seed has as ``heads`` (E1's curve:
+    the claims' head counts plus the extras, e.g. h = 2, that are in the zoo at ``root``)."""
+    k0 = config.seeds[0]
+    extra = {h for k, h in config.extra if k == k0 and (root is None or (k, h) in set(available(config.name, root)))}
+    return config.preset(k0).model_copy(update={"heads": sorted(set(config.heads) | extra)})
 
 
 def leading_seeds(config: ZooConfig, root: Path) -> int:
@@ -62,7 +64,7 @@ def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: 
             shutil.copytree(shared, folder / "e5")
         print(f"[zoo] {c.name}: {c.title}, {seeds} seeds", file=sys.stderr, flush=True)
         models = None if train else (lambda k, h, c=c: model_path(c.name, c.seeds[k], h, root))
-        report = reproduce(zoo_preset(c), folder, seeds=seeds, device=device, models=models, any_t=any_t)
+        report = reproduce(zoo_preset(c, None if train else root), folder, seeds=seeds, device=device, models=models, any_t=any_t)
         if not shared.exists():
             shutil.copytree(folder / "e5", shared)
         done[c.name] = {"seeds": seeds, "report": str(report.relative_to(out))}
