@@ -38,8 +38,8 @@ class Loaded:
         return p.x.to(dtype), p.y.to(dtype), p.f.to(dtype)
 
     def risk(self, pred: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """Normalised excess risk per context length: ``mean_b (pred - f)^2 / (s tau^2)``."""
-        return ((pred - f) ** 2).mean(0) / (self.task.s * self.task.tau ** 2)
+        """Normalised excess risk per context length: ``mean_b (pred - f)^2 / (s tau^2)`` (no gradient)."""
+        return ((pred.detach() - f) ** 2).mean(0) / (self.task.s * self.task.tau ** 2)
 
 
 def load(path: str | Path, device: str = "cpu") -> Loaded:
