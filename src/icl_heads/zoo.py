@@ -35,6 +35,7 @@ from .io import atomic_write_text, write_json
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "zoo"
 SUMS_FILE = "SHA256SUMS"
+CPU_CLOCK = "cpu_clock.json"  # CPU seconds of a training run (time_to_quality.py and zoo train write it)
 CONVERGENCE_TOL = 0.03  # a run is converged when r@d and r@2d improve by < 3% over the last doubling of steps
 
 
@@ -176,6 +177,8 @@ def export(run: Path, config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR
     meta["sha256"] = {MODEL_FILE: meta["sha256"][MODEL_FILE]}
     meta["zoo"] = {"config": config.name, "title": config.title, "overrides": config.overrides, "seed": seed,
                    "h": h, "convergence": convergence(Path(run), preset), "wall_s": meta.get("wall_s"),
+                   "cpu_s": json.loads((Path(run) / CPU_CLOCK).read_text())["cpu_s"]
+                   if (Path(run) / CPU_CLOCK).exists() else None,
                    "machine": machine(), "threads": 1}
     write_json(dest / META_FILE, meta)
     write_sums(root)
@@ -271,7 +274,14 @@ def _train_member(config: ZooConfig, seed: int, h: int, work: str, threads: int)
         print(f"{time.strftime('%H:%M:%S')} {tag} step {row['step']} wall {row['wall_s']:.0f}s "
               + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("r@")), flush=True)
 
-    train(config.preset(seed), h, run, "cpu", resume=True, progress=False, on_eval=show)
+    clock = run / CPU_CLOCK
+    cpu0 = json.loads(clock.read_text())["cpu_s"] if clock.exists() else 0.0
+    c0 = time.process_time()
+    try:
+        train(config.preset(seed), h, run, "cpu", resume=True, progress=False, on_eval=show)
+    finally:  # CPU seconds add up over resumed calls (the wall clock of a niced job says little)
+        run.mkdir(parents=True, exist_ok=True)
+        write_json(clock, {"cpu_s": cpu0 + time.process_time() - c0})
     print(f"{time.strftime('%H:%M:%S')} {tag} finished in {time.perf_counter() - t0:.0f}s", flush=True)
     return str(run)
 

@@ -40,6 +40,8 @@ def _model_rows(config: ZooConfig, root: Path, ns: list[int]) -> list[list[str]]
         conv = z["convergence"]
         risk = [f"{conv['at'][str(n)]['risk']:.4f} ({conv['at'][str(n)]['improvement']:+.1%})" for n in ns]
         wall = f"{z['wall_s'] / 60:.1f} min" if z.get("wall_s") else "?"
+        if z.get("cpu_s"):
+            wall += f" ({z['cpu_s'] / 60:.1f} CPU min)"
         rows.append([f"seed{seed}/h{h}", str(meta["step"]), wall, "yes" if conv["converged"] else "**no (cap)**", *risk])
     return rows
 
@@ -58,7 +60,7 @@ def card(config: ZooConfig, root: Path, baselines: dict[str, dict[int, float]] |
     machines = {load_meta(model_path(config.name, k, h, root))["zoo"]["machine"] for k, h in available(config.name, root)}
     if machines:
         lines += [f"Trained on: {', '.join(sorted(machines))} (one torch thread per model).", ""]
-    head = ["model", "steps", "wall", "converged", *[f"r@{n} (last doubling)" for n in ns]]
+    head = ["model", "steps", "wall (CPU time)", "converged", *[f"r@{n} (last doubling)" for n in ns]]
     rows = _model_rows(config, root, ns)
     if not rows:
         return "\n".join(lines + ["No model of this configuration is in the zoo yet.", ""])
