@@ -195,3 +195,13 @@ def test_emergence_command_runs_e7_on_the_snapshots(tiny_zoo, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "E7 steps" in text and "pruned/full" in text
     assert (out / "emergence.csv").exists() and (out / "summary.json").exists()
+
+
+def test_factor_sentence_names_the_factor_that_moves_a_verdict():
+    from icl_heads.zoo_reproduce import factor_sentence
+
+    s = factor_sentence("1b", {"A": "not reproduced", "B": "reproduced", "C": "reproduced"})
+    assert "adding the MLP (A -> B) changes the verdict" in s and "reproduced in B, C" in s
+    s = factor_sentence("2a", {"A": "not reproduced", "B": "not reproduced", "C": "inconclusive"})
+    assert "leaves it unchanged" in s and "interleaving" not in s
+    assert "one configuration only" in factor_sentence("3", {"A": "reproduced"})

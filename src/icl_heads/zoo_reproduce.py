@@ -89,6 +89,26 @@ def factor_rows(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[st
     return rows
 
 
+# pairs of configurations that differ in exactly one factor
+FACTORS = {("A", "B"): "adding the MLP (A -> B)", ("B", "C"): "interleaving the tokens (B -> C)"}
+
+
+def factor_sentence(claim: str, verdicts: dict[str, str]) -> str:
+    """One sentence per claim: where it reproduced, and which single-factor change moves the verdict."""
+    by = {v: [c for c, x in verdicts.items() if x == v] for v in ("reproduced", "not reproduced", "inconclusive")}
+    parts = [f"{v} in {', '.join(cs)}" for v, cs in by.items() if cs]
+    moved = [f for (a, b), f in FACTORS.items() if a in verdicts and b in verdicts and verdicts[a] != verdicts[b]
+             and "inconclusive" not in (verdicts[a], verdicts[b])]
+    same = [f for (a, b), f in FACTORS.items() if a in verdicts and b in verdicts and verdicts[a] == verdicts[b]]
+    if moved:
+        tail = f"; {' and '.join(moved)} changes the verdict"
+    elif same:
+        tail = f"; {' and '.join(same)} leaves it unchanged"
+    else:
+        tail = "; no single-factor comparison is decided" if len(verdicts) > 1 else "; one configuration only"
+    return f"**{claim}**: " + "; ".join(parts) + tail + "."
+
+
 def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[str, Any]]) -> Path:
     rows = factor_rows(out, configs, done)
     write_json(out / "factor_table.json", rows)
@@ -107,6 +127,9 @@ def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str,
             cells.append("–" if r is None else f"{r['verdict']}: {r['statistic']} "
                          + " / ".join("?" if x is None else f"{x:.3g}" for x in r["per_seed"]))
         lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    lines += ["", "What it decides, one sentence per claim:", ""]
+    lines += [f"* {factor_sentence(claim, {n: cell[(claim, n)]['verdict'] for n in names if (claim, n) in cell})}"
+              for claim in claims]
     lines += ["", "Per configuration: " + ", ".join(f"[{n}]({done[n]['report']})" for n in names) + "."]
     missing = [c.name for c in configs if not done[c.name]["seeds"]]
     if missing:
