@@ -193,3 +193,26 @@ def test_e1_train_models_stacked_on_request(tmp_path: Path) -> None:
         meta = load_model(model_dir(tmp_path, h))[1]
         assert meta["finished"] and meta["model_config"]["n_heads"] == h
     assert all(train_models(p, tmp_path, "cpu", stacked=True)[h]["reused"] for h in p.heads)
+
+
+@pytest.mark.parametrize("over", [
+    {"model.token_format": "interleaved", "model.mlp": True},  # zoo configuration C
+    {"model.mlp": False},  # configurations A
+    {"model.attention": "linear"},
+    {"model.layer_norm": False},
+    {"model.pos_emb": False, "model.mlp": False},
+    {"model.token_format": "interleaved", "model.attention": "linear", "model.layer_norm": False},
+])
+def test_stacked_forward_equals_each_member_for_every_option(over: dict) -> None:
+    p = tiny(**over)
+    members = members_for(p, [1, 2], [0, 1], lambda s, h: Path(f"s{s}h{h}"))
+    models = []
+    for m in members:
+        torch.manual_seed(stream_seed(m.spec.seed, "init"))
+        models.append(Transformer(m.spec.model))
+    stack = StackedTransformer(models)
+    prompts = [sample_prompts(p.task, 8, generator(i, "train")) for i in range(len(members))]
+    x, y = torch.stack([q.x for q in prompts]), torch.stack([q.y for q in prompts])
+    pred = stack(x, y)
+    for i, (m, q) in enumerate(zip(models, prompts)):
+        torch.testing.assert_close(pred[i], m(q.x, q.y))
