@@ -53,6 +53,7 @@ from sklearn.metrics import r2_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ..claims.keys import ModelKey
 from ..config import ConfigError, Preset, TaskConfig
 from ..evaluation import batches_with_cache
 from ..io import write_csv, write_json, write_provenance
@@ -501,7 +502,8 @@ def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = N
     labels: list[str] = []
     cache: PathCache = {}
     for path, m in models:
-        label = f"h{m.cfg.n_heads}" + ("" if f"h{m.cfg.n_heads}" not in labels else f"_{len(labels)}")
+        base = ModelKey(m.cfg.n_heads).e6_label
+        label = base + ("" if base not in labels else f"_{len(labels)}")
         labels.append(label)
         for k, v in analyse_model(m, pre.task, probe, val, test, label, cache=cache, with_any_t=with_any_t).items():
             if k == "detail":
