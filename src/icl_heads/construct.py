@@ -153,14 +153,15 @@ def _gd_layer(attn: torch.nn.Module, slots: Slots, eta: float, a: float) -> None
 
 
 def spread_gd_transformer(d: int, n_steps: int, eta: float, heads: int, n_max: int = 64,
-                          mask: str = "full") -> Transformer:
+                          mask: str = "full", b: float = 1.0) -> Transformer:
     """The negative control of claims 1b and 2a: one effective head in layer 1, ``heads`` in each later layer.
 
     Layer 1 has one working head (``q = k = x``, ``v = y``), which writes the single feature
     ``f(x_i) = <r, x_i>``; its other heads have zero weights and gate 0. Every later layer runs one
     GD step on ``z = [x, f]`` with the kernel ``z_i . z_m`` split over ``heads`` heads by contiguous
     coordinate groups of ``z``, so each head carries part of the step and no single head suffices.
-    The whole model is grouped PtO with one group and ``a = 1`` (``estimators.pto_groups``).
+    ``b`` weights ``f`` in the kernel (``z = [x, b f]``). With ``b = 1`` the whole model is grouped
+    PtO with one group and ``a = 1`` (``estimators.pto_groups``).
     """
     if not 1 <= heads <= d + 1:
         raise ConfigError(f"heads: must be in 1..d+1={d + 1} (got {heads})")
@@ -186,8 +187,7 @@ def spread_gd_transformer(d: int, n_steps: int, eta: float, heads: int, n_max: i
             for k, g in enumerate(groups):
                 base = k * d_head
                 for c, j in enumerate(g):
-                    Wq[base + c, j] = 1.0
-                    Wk[base + c, j] = 1.0
+                    Wq[base + c, j] = Wk[base + c, j] = b if j in slots.f else 1.0
                 Wv[base, slots.y], Wv[base, slots.p] = eta, -eta
                 model.blocks[l].attn.proj.weight[slots.p, base] = 1.0
         model.head_gates.fill_(1.0)

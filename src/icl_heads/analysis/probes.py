@@ -28,7 +28,7 @@ from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ..claims.keys import AblationKind, ModelKey, Variant
+from ..claims.keys import AblationKind, ModelKey, Variant, in_context_n_min
 from ..config import ConfigError, Preset, TaskConfig
 from ..io import write_csv, write_json, write_provenance
 from ..evaluation import batches_with_cache
@@ -170,7 +170,8 @@ def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare:
     if prune is not None:
         policy = default_policy(model.cfg.n_layers) if prune == "default" else prune
         abls = make_ablations(model, kinds, pre.task, n, seed)
-        imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()))
+        imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()),
+                                  n_min=in_context_n_min(pre.task.d))  # ranked as E3 ranks them
         for kind, abl in abls.items():
             label = ModelKey(model.cfg.n_heads, Variant.PRUNED, AblationKind(kind)).e4_label
             runs.append((label, model, prune_gates(imps[kind], policy), abl.repaired(seed + 1).values(n), abl.values(n),
