@@ -696,15 +696,15 @@ def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset:
             errs[name] = squared_errors(predict(models[name], test, head_gates=gt, head_values=test_v), test.f)
             probe[name] = final_probe_errors(models[name], fit, test, gt, fit_v, test_v)
             probe_ln[name] = final_probe_errors(models[name], fit, test, gt, fit_v, test_v, after_ln=True)
-        for readout, e in (("model", errs), ("probe", probe), ("probe_ln", probe_ln)):
-            four = {k: e[k] for k in ("full", "pruned", "control")} | ({"single": single[readout]} if single else {})
-            claim_rows += claim2a_stats(four, n_from, n_boot, seed, ablation=kind, readout=readout)
             label = name if len(kinds) == 1 else f"{name} [{kind}]"
             c = curve_from_errors(errs[name], pre.task).rows(
                 model=name, ablation=kind, n_heads=model.cfg.n_heads,
                 policy={"pruned": policy, "control": control}[name.removesuffix("+ft")])
             rows += c
             curves[label] = c
+        for readout, e in (("model", errs), ("probe", probe), ("probe_ln", probe_ln)):
+            four = {k: e[k] for k in ("full", "pruned", "control")} | ({"single": single[readout]} if single else {})
+            claim_rows += claim2a_stats(four, n_from, n_boot, seed, ablation=kind, readout=readout)
         ratios = {k: paired_ratio(e, full_err, n_min, n_boot, seed) for k, e in errs.items() if k != "full"}
         pratios = {k: paired_ratio(e, full_probe, n_min, n_boot, seed) for k, e in probe.items() if k != "full"}
         by_kind[kind] = dict(
