@@ -194,11 +194,14 @@ def _e6_section(doc: Document, e6: Path) -> None:
     for png in sorted(e6.glob("e6b_agreement_*.png")):
         doc.figure(png, f"E6b, model {png.stem.split('_')[-1]}: agreement of each layer's probe with PtO and GD "
                         "after l-1 steps, per n.")
-    r2 = read_json(e6 / "e6_summary.json").get("e6a_mean_r2", {})
-    targets = ("pto_prefix", "pto_full", "yx", "x")
+    summ = read_json(e6 / "e6_summary.json")
+    r2, dirs = summ.get("e6a_mean_r2", {}), summ.get("e6a_directions", {})
+    targets = ("pto_prefix", "pto_prefix_groups", "pto_full", "yx", "x")
     keys = sorted({k.rsplit("/", 1)[0] for k in r2})
-    doc.table(["model / source"] + [f"R^2 {t}" for t in targets],
-              [[k] + [r2.get(f"{k}/{t}", float("nan")) for t in targets] for k in keys])
+    doc.table(["model / source"] + [f"R^2 {t}" for t in targets] + ["directions of diag(r) x with R^2 >= "
+                                                                   f"{summ.get('e6a_direction_r2_cutoff', 0.5):g}"],
+              [[k] + [r2.get(f"{k}/{t}", float("nan")) for t in targets] + [dirs.get(f"{k}/pto_prefix", float("nan"))]
+               for k in keys])
     rows = [r for r in read_csv(e6 / "e6b_verdict.csv") if r["eta_fit"] == "match"]
     doc.table(["model", "readout", "layer", "n", "rel. err to PtO", "rel. err to GD", "GD - PtO 95% CI", "closer to"],
               [[r["model"], r["readout"], r["layer"], r["n_range"], float(r["pto_rel_err"]), float(r["gd_rel_err"]),
