@@ -180,7 +180,7 @@ def across_seeds(per_seed: Sequence[Verdict], seeds: Sequence[int]) -> Verdict:
     evidence.append("per-seed verdicts: " + ", ".join(f"seed {s} {o}" for s, o in zip(seeds, own)))
     rows = [{"seed": s, "verdict": v.verdict, "evidence": v.evidence, "stats": {x.name: x.value for x in v.stats}}
             for s, v in zip(seeds, per_seed)]
-    return Verdict(per_seed[0].claim, verdict, evidence, [s.stat for s in sums], rows, dict(per_seed[0].numbers))
+    return Verdict(per_seed[0].claim, verdict, evidence, [s.stat for s in sums], rows)
 
 
 def decide(holds: Sequence[bool], fails: Sequence[bool], own: Sequence[str]) -> str:
