@@ -209,3 +209,19 @@ def test_full_mask_models_are_assessed_per_prefix():
     sub = Prompts(p.x[:, :n + 1], p.y[:, :n + 1], p.w, p.f[:, n:n + 1])
     want = ((m(sub.x, sub.y)[:, 0].double() - sub.f[:, 0].double()) ** 2).detach().numpy()
     assert imp.base_err[:, n] == pytest.approx(want, rel=1e-6)
+
+
+def test_effective_heads_by_n_on_hand_built_importances():
+    """Per n: at n = 3 layer 1's three heads matter equally (N_eff 3), at n = 4 only head 2 (N_eff 1)."""
+    P, N = 10, 5
+    base = np.ones((P, N))
+    abl = np.ones((2, 3, P, N))
+    abl[0, :, :, 3] += 1.0
+    abl[0, 1, :, 4] += 2.0
+    abl[1, 0] += 1.0
+    keep = np.full((2, 3, P, N), 2.0)
+    rows = HeadImportance(base, abl, keep, np.ones((2, 3)), 1.0, n_min=3).effective_heads_by_n()
+    at = {(r["layer"], r["n"]): r for r in rows}
+    assert at[(1, 3)]["n_eff"] == pytest.approx(3.0) and at[(1, 4)]["n_eff"] == pytest.approx(1.0)
+    assert at[(1, 4)]["top_head"] == 2 and at[(2, 3)]["n_eff"] == pytest.approx(1.0)
+    assert at[(2, 4)]["keep_top_ratio"] == pytest.approx(2.0) and min(n for _, n in at) == 3

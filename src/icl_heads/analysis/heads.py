@@ -171,6 +171,23 @@ class HeadImportance:
                                   ci_low=lo, ci_high=hi, n_from=n_from, n_heads=h, n_layers=L))
         return layers, model
 
+    def effective_heads_by_n(self) -> list[dict[str, Any]]:
+        """Per (layer, n): N_eff of the importance shares at that n and the keep-top ratio (top head by the
+        importance at that n), point estimates; the per-n view beside :meth:`claim1b_stats`' pooled one."""
+        L, h = self.shape
+        base, abl, keep = self.base_err.mean(0), self.ablate_err.mean(-2), self.keep_err.mean(-2)  # (N,), (L, h, N)
+        imp = np.moveaxis(abl - base, -1, 0)  # (N, L, h)
+        neff = effective_heads(imp)  # (N, L)
+        top = imp.argmax(-1)  # (N, L)
+        rows = []
+        for n in range(self.n_min, base.size):
+            for l in range(L):
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    ratio = keep[l, top[n, l], n] / base[n]
+                rows.append(dict(ablation=self.ablation, layer=l + 1, n=n, n_heads=h, n_eff=float(neff[n, l]),
+                                 top_head=int(top[n, l]) + 1, keep_top_ratio=float(ratio)))
+        return rows
+
     def rows_by_n(self, task: TaskConfig) -> list[dict[str, Any]]:
         """Tidy rows per (layer, head, n): base, ablated and keep-only risk, deltas with 95% CIs."""
         L, h = self.shape
@@ -609,14 +626,14 @@ def run_e2(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
     prompts = fixed_prompts(pre.task, n, seed, "test")
     abls = make_ablations(model, kinds, pre.task, n, seed)
     imps = assess_heads_kinds(model, prompts, pre.task, list(abls.values()))
-    by_kind, rows, rows_n, concs, eff, c1b = {}, [], [], [], [], []
+    by_kind, rows, rows_n, concs, eff, c1b, eff_n = {}, [], [], [], [], [], []
     n_from = in_context_n_min(pre.task.d)
     for kind, imp in imps.items():
         conc = imp.concentration(n_boot=n_boot, seed=seed)
         r = imp.rows()
         rows, rows_n, concs = rows + r, rows_n + imp.rows_by_n(pre.task), concs + conc
         layer_rows, model_rows = imp.claim1b_stats(n_from, n_boot, seed)
-        eff, c1b = eff + layer_rows, c1b + model_rows
+        eff, c1b, eff_n = eff + layer_rows, c1b + model_rows, eff_n + imp.effective_heads_by_n()
         base = curve_from_errors(imp.base_err, pre.task)
         by_kind[kind] = dict(claim1=claim1_verdict(r, conc), base_risk_norm_mean=float(base.risk_norm[imp.n_min:].mean()),
                              importance=imp.score(ABLATE).tolist(), keep_importance=imp.score(KEEP).tolist(),
@@ -625,6 +642,9 @@ def run_e2(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
     write_csv(out / "head_importance_by_n.csv", rows_n)
     write_csv(out / "concentration.csv", concs)
     write_csv(out / "effective_heads.csv", eff)
+    write_csv(out / "effective_heads_by_n.csv", eff_n)
+    plot_effective_heads(eff_n, out / "effective_heads.png", n_from,
+                         title=f"E2 effective heads per n, {model_label(model)} ({ckpt})")
     if c1b:
         write_csv(out / "claim1b.csv", c1b)
     plot_importance(imps, out / "head_importance.png", title=f"E2 head importance, {model_label(model)} ({ckpt})")
@@ -768,6 +788,38 @@ def plot_importance(imps: HeadImportance | dict[str, HeadImportance], path: str 
         for ax, (name, val, cmap) in zip(axes[:, j], panels):
             _heatmap(fig, ax, val, cmap, f"{kind} ablation\n{name}")
     fig.suptitle(title + f" (normalised excess risk, mean over n >= {first.n_min})", fontsize=9)
+    fig.tight_layout()
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_effective_heads(rows: list[dict[str, Any]], path: str | Path, n_from: int, title: str) -> Path:
+    """N_eff (left) and keep-top ratio (right) vs n, one line per layer, one row of panels per ablation kind;
+    a dotted line marks n = d/2, where the claims' regime starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import save_figure
+
+    kinds = list(dict.fromkeys(r["ablation"] for r in rows))
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(9, 3 * len(kinds)), squeeze=False)
+    for i, kind in enumerate(kinds):
+        sel = [r for r in rows if r["ablation"] == kind]
+        for layer in sorted({r["layer"] for r in sel}):
+            rs = sorted((r for r in sel if r["layer"] == layer), key=lambda r: r["n"])
+            for ax, col in zip(axes[i], ("n_eff", "keep_top_ratio")):
+                ax.plot([r["n"] for r in rs], [r[col] for r in rs], "o-", ms=3, label=f"layer {layer}")
+        for ax, name in zip(axes[i], ("effective number of heads", "keep-top ratio (top head alone / model)")):
+            ax.axvline(n_from, ls=":", color="k", lw=0.8)
+            ax.set_title(f"{kind} ablation: {name}", fontsize=9)
+            ax.set_xlabel("context length n")
+            ax.grid(True, alpha=0.3)
+        axes[i, 1].set_yscale("log")
+        axes[i, 0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out = save_figure(fig, path)
     plt.close(fig)
