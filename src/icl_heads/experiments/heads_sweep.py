@@ -189,7 +189,7 @@ def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | 
     trained: dict[int, dict[str, Any]] = {}
     for h in preset.heads:
         model, meta = load_model(model_dir(out, h), device)
-        label = ModelKey(h).e1_label
+        label = f"transformer h={h}"
         r = [dict(kind="model", **x) for x in evaluate(model, test, preset.task).rows(label=label) if x["n"] >= 1]
         rows += r
         curves[label], styles[label] = r, {"lw": 2.2}
