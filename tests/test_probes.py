@@ -86,7 +86,7 @@ def test_cli_probe_full_pruned_and_compare(tmp_path):
     main(["probe", str(tmp_path / "h2"), "--prune", "default", "--compare", str(tmp_path / "h1"),
           "--out", str(tmp_path / "e4")])
     rows = read_csv(tmp_path / "e4" / "probes.csv")
-    assert {r["model"] for r in rows} == {"h=2 full", "h=2 pruned", "h=1"}
+    assert {r["model"] for r in rows} == {"h=2 full", "h=2 pruned", "h=1 full"}
     assert {r["layer"] for r in rows} == {"embed", "1", "2", "model output"}
     s = read_json(tmp_path / "e4" / "summary.json")
     assert s["prune_policy"] == "1:all,2:top1"

@@ -151,7 +151,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         model=dict(d_model=64, n_layers=3, mlp=False), heads=[1, 2, 4],  # attention-only: 2x the steps/s (docs/training.md)
         train=dict(steps=8000, batch_size=64, lr=4e-3, warmup_steps=200, eval_every=1000,
                    n_eval_prompts=512, checkpoint_every=1000, snapshots=8),
-        eval=dict(n_val=1000, n_test=2000),
+        eval=dict(n_val=1000, n_test=2000), seeds=5,  # SPEC: claims decided over 5 seeds (docs/report.md, power)
     ),
     "paper": dict(
         task=dict(d=20, s=3, sigma=0.1, n_max=40), sigmas=[0.0, 0.5],

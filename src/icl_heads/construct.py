@@ -66,14 +66,16 @@ class Slots:
 
 
 def pto_transformer(d: int, n_steps: int, eta: float | Sequence[float], groups: int | None = None,
-                    a: float = 0.0, n_max: int = 64) -> Transformer:
+                    a: float = 0.0, n_max: int = 64, mask: str = "full") -> Transformer:
     """A float64 :class:`Transformer` with ``n_steps + 1`` layers computing (grouped) PtO.
 
     ``eta`` is one fixed step size or one per step; ``groups`` is the number of
     layer-1 heads ``h`` (default ``d``: plain PtO); ``a`` weights the raw ``x`` in
     the GD features ``[a x, f(x)]`` (SPEC's grouped PtO; ``a = 0`` for PtO).
     ``n_max`` only fills the config field (there is no positional embedding, so
-    any prompt length works).
+    any prompt length works). ``mask="prefix"`` puts the same weights under the all-prefixes
+    mask of trained models (each token then averages over the examples it sees, so it is
+    PtO-like rather than exact PtO), which lets E2/E3 analyse it as they analyse trained models.
     """
     h = d if groups is None else groups
     if d < 1:
@@ -94,7 +96,7 @@ def pto_transformer(d: int, n_steps: int, eta: float | Sequence[float], groups: 
     m = h + (d if a != 0 else 0)  # GD feature width
     d_head = max(m, max(len(g) for g in coordinate_groups(d, h)), math.ceil((slots.p + 1) / h))
     cfg = ModelConfig(n_dims=d, n_max=n_max, d_model=h * d_head, n_layers=n_steps + 1, n_heads=h,
-                      attention="linear", mlp=False, pos_emb=False, layer_norm=False, mask="full")
+                      attention="linear", mlp=False, pos_emb=False, layer_norm=False, mask=mask)
     model = Transformer(cfg).double()
     with torch.no_grad():
         for p in model.parameters():
@@ -147,4 +149,48 @@ def _gd_layer(attn: torch.nn.Module, slots: Slots, eta: float, a: float) -> None
     Wv[0, slots.y] = eta
     Wv[0, slots.p] = -eta
     attn.proj.weight[slots.p, 0] = 1.0
+
+
+
+def spread_gd_transformer(d: int, n_steps: int, eta: float, heads: int, n_max: int = 64,
+                          mask: str = "full", b: float = 1.0) -> Transformer:
+    """The negative control of claims 1b and 2a: one effective head in layer 1, ``heads`` in each later layer.
+
+    Layer 1 has one working head (``q = k = x``, ``v = y``), which writes the single feature
+    ``f(x_i) = <r, x_i>``; its other heads have zero weights and gate 0. Every later layer runs one
+    GD step on ``z = [x, f]`` with the kernel ``z_i . z_m`` split over ``heads`` heads by contiguous
+    coordinate groups of ``z``, so each head carries part of the step and no single head suffices.
+    ``b`` weights ``f`` in the kernel (``z = [x, b f]``). With ``b = 1`` the whole model is grouped
+    PtO with one group and ``a = 1`` (``estimators.pto_groups``).
+    """
+    if not 1 <= heads <= d + 1:
+        raise ConfigError(f"heads: must be in 1..d+1={d + 1} (got {heads})")
+    if n_steps < 1:
+        raise ConfigError(f"n_steps: must be >= 1 (got {n_steps})")
+    slots = Slots(d, 1)
+    z = slots.x + slots.f
+    groups = [[z[int(j)] for j in g] for g in coordinate_groups(len(z), heads)]
+    d_head = max(d, max(len(g) for g in groups), math.ceil((slots.p + 1) / heads))
+    cfg = ModelConfig(n_dims=d, n_max=n_max, d_model=heads * d_head, n_layers=n_steps + 1, n_heads=heads,
+                      attention="linear", mlp=False, pos_emb=False, layer_norm=False, mask=mask)
+    model = Transformer(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for j in slots.x:
+            model.read_in.weight[j, j] = 1.0
+        model.read_in.weight[slots.y, d] = 1.0
+        model.read_out.weight[0, slots.p] = 1.0
+        _preprocess_layer(model.blocks[0].attn, slots, d_head)  # one group: head 0 computes <r, x>
+        for l in range(1, n_steps + 1):
+            Wq, Wk, Wv = _qkv(model.blocks[l].attn)
+            for k, g in enumerate(groups):
+                base = k * d_head
+                for c, j in enumerate(g):
+                    Wq[base + c, j] = Wk[base + c, j] = b if j in slots.f else 1.0
+                Wv[base, slots.y], Wv[base, slots.p] = eta, -eta
+                model.blocks[l].attn.proj.weight[slots.p, base] = 1.0
+        model.head_gates.fill_(1.0)
+        model.head_gates[0, 1:] = 0.0
+    return model
 

@@ -1,42 +1,8 @@
 """The reproduction report: verdicts computed from the experiments' CSVs, then one section per experiment.
 
-Verdict rules (all read from files on disk, so anyone can recompute them):
-
-* **Claim 1a, more heads help** (``e1_heads.csv``): at each n >= d/2 compare the
-  largest-head model with the single-head model by their 95% bands. Reproduced
-  if the multi-head band lies wholly below at >= half of those n and wholly
-  above at none; not reproduced if it lies above at more n than below.
-* **Claim 1b, layer 1 spread, later layers one head** (``e2/concentration.csv``,
-  ``e2/head_importance.csv``; the rule of ``analysis.heads.claim1_verdict``):
-  reproduced if every layer-1 head's importance CI is above 0, every later
-  layer's top-head share has CI low > 0.5, and the paired bootstrap CI of
-  (later share - layer-1 share) is above 0 for every later layer. Not reproduced
-  if some later layer's share CI high < 0.5 or its gap CI high < 0. One verdict
-  per ablation kind that E2 ran (zero, mean, resample).
-* **Claim 2a, pruning keeps the risk** (``e3/summary.json``, paired bootstrap
-  ratios): reproduced if pruned/full ratio CI high <= 1.25 and below the control's
-  (layer 1 cut to one head) CI low; not reproduced if pruned CI low > 1.25.
-  Judged twice per ablation kind, with the same rule: by the models' own read-out
-  (``risk_ratio_vs_full``) and by a ridge probe after the last layer, fitted per
-  model and gating (``probe_ratio_vs_full``), as the paper does.
-* **Claim 2b, single-head worse from layer 1 on** (``e4/probes.csv``): mean over
-  n >= 1 of the layer-1 probe risk, multi vs single head (band = mean of the
-  per-n half-widths, conservative); reproduced if single-head is above with
-  separated bands, not reproduced if below with separated bands.
-* **Claim 2c, later layers are GD steps on the preprocessed context**
-  (``e6/e6b_verdict.csv``): for the largest-head model, the model's own read-out
-  applied after each layer l >= 2 ("lens"), step sizes matched on validation
-  prompts, all n: reproduced if every layer is closer to PtO after l-1 steps than
-  to GD after l-1 steps (paired bootstrap CI of the difference excludes 0), not
-  reproduced if every layer is closer to GD, inconclusive otherwise.
-* **Claim 3, PtO beats GD and ridge** (``e5/e5_risk.csv``): reproduced if at some n
-  PtO's band lies wholly below both GD's and ridge's; the n where it wins and
-  where it loses are listed either way.
-
-Each rule also returns the statistics it thresholds (:class:`icl_heads.verdicts.Stat`); with
-several seeds :func:`icl_heads.verdicts.across_seeds` turns the per-seed verdicts into one
-(reproduced only if every seed reproduces and every statistic's 95% t-interval over seeds clears
-its threshold; one seed is never decided).
+The claim rules, their thresholds and the across-seed rule live in :mod:`icl_heads.claims`
+(``rules`` and ``across_seeds``; docs/report.md states each with its rationale); the names
+``claim_1a`` ... ``compute_verdicts`` are re-exported here for older imports.
 """
 
 from __future__ import annotations
@@ -50,232 +16,10 @@ import numpy as np
 from .config import Preset
 from .document import Document
 from .io import atomic_write_text, read_csv, read_json, write_json
-from .verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Stat, Verdict, across_seeds
-
-
-def curves(path: Path, key: str) -> dict[str, list[dict[str, float]]]:
-    """``label -> rows sorted by n`` from a tidy risk CSV (numeric fields as floats)."""
-    out: dict[str, list[dict[str, float]]] = {}
-    for r in read_csv(path):
-        row = {k: _num(v) for k, v in r.items() if k != key}
-        out.setdefault(r[key], []).append(row)
-    return {k: sorted(v, key=lambda r: r["n"]) for k, v in out.items()}
-
-
-def _num(v: str) -> Any:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return v
-
-
-def band_compare(a: list[dict[str, float]], b: list[dict[str, float]], n_min: float) -> tuple[list[int], list[int]]:
-    """n where a's 95% band lies wholly below b's, and n where wholly above (n >= n_min)."""
-    bn = {r["n"]: r for r in b}
-    below = [int(r["n"]) for r in a if r["n"] >= n_min and r["n"] in bn and r["ci_high"] < bn[r["n"]]["ci_low"]]
-    above = [int(r["n"]) for r in a if r["n"] >= n_min and r["n"] in bn and r["ci_low"] > bn[r["n"]]["ci_high"]]
-    return below, above
-
-
-def claim_1a(e1_csv: Path, preset: Preset) -> Verdict:
-    c = curves(e1_csv, "label")
-    hmax, hmin = f"transformer h={max(preset.heads)}", f"transformer h={min(preset.heads)}"
-    n_min = preset.task.d / 2
-    below, above = band_compare(c[hmax], c[hmin], n_min)
-    total = sum(1 for r in c[hmax] if r["n"] >= n_min)
-    if len(below) * 2 >= total and not above:
-        v = REPRODUCED
-    elif len(above) > len(below):
-        v = NOT_REPRODUCED
-    else:
-        v = INCONCLUSIVE
-    means = {lab: np.mean([r["risk_norm"] for r in rows if r["n"] >= n_min]) for lab, rows in c.items()
-             if lab.startswith("transformer")}
-    ev = [f"{hmax} band below {hmin} at {len(below)}/{total} n >= {n_min:g}, above at {len(above)}",
-          "mean normalised risk over n >= d/2: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())]
-    stats = [Stat(f"risk h={max(preset.heads)} / h={min(preset.heads)} (mean over n >= d/2)",
-                  float(means[hmax] / means[hmin]), 1.0, above=False)]
-    return Verdict("1a. more heads give lower excess risk", v, ev, stats)
-
-
-def ablation_kinds(folder: Path) -> list[str]:
-    """Ablation kinds an E2/E3 folder holds (``summary.json``; older runs: zero only)."""
-    return list(read_json(folder / "summary.json").get("ablations", ["zero"]))
-
-
-def _of_kind(rows: list[dict[str, str]], ablation: str) -> list[dict[str, str]]:
-    return [r for r in rows if r.get("ablation", "zero") == ablation]
-
-
-RULE_1B = ("rule: every layer-1 head's importance 95% CI > 0, every later layer's top-head share CI > 1/2 and "
-           "(share - layer-1 share) paired CI > 0 -> reproduced; some later share CI < 1/2 or gap CI < 0 -> not")
-RULE_2A = ("rule: pruned/full ratio CI high <= 1.25 and below the control's CI low -> reproduced; "
-           "pruned CI low > 1.25 -> not reproduced; else inconclusive")
-
-
-def claim_1b(e2: Path, ablation: str = "zero") -> Verdict:
-    """Claim 1b for one seed's E2 folder under one ablation kind."""
-    from .analysis.heads import claim1_verdict
-
-    conc = sorted(_of_kind(read_csv(e2 / "concentration.csv"), ablation), key=lambda r: int(r["layer"]))
-    later = conc[1:]
-    f = lambda r, k: float(r[k])  # noqa: E731
-    numeric = lambda rows: [{k: _num(v) for k, v in r.items()} for r in rows]  # noqa: E731
-    heads = numeric(_of_kind(read_csv(e2 / "head_importance.csv"), ablation))
-    checks = claim1_verdict(heads, numeric(conc))
-    all_l1_matter = checks["all_layer1_heads_matter"]
-    if checks["reproduces"]:
-        v = REPRODUCED
-    elif any(f(r, "ci_high") < 0.5 or f(r, "share_minus_layer1_ci_high") < 0 for r in later):
-        v = NOT_REPRODUCED
-    else:
-        v = INCONCLUSIVE
-    ev = [f"layer {r['layer']}: top-head share {f(r, 'top_share'):.3f} [{f(r, 'ci_low'):.3f}, {f(r, 'ci_high'):.3f}]"
-          f" (uniform {f(r, 'uniform_share'):.2f})" for r in conc]
-    ev += [f"layer {r['layer']} minus layer 1: {f(r, 'share_minus_layer1'):+.3f} "
-           f"[{f(r, 'share_minus_layer1_ci_low'):+.3f}, {f(r, 'share_minus_layer1_ci_high'):+.3f}]" for r in later]
-    ev.append(f"every layer-1 head's importance CI above 0: {all_l1_matter}")
-    ev.append(RULE_1B)
-    l1 = [r["importance"] for r in heads if r["layer"] == 1]
-    stats = [Stat("smallest layer-1 head importance", min(l1), 0.0, above=True)]
-    for r in later:
-        stats += [Stat(f"layer {r['layer']} top-head share", f(r, "top_share"), 0.5, above=True),
-                  Stat(f"layer {r['layer']} share minus layer 1", f(r, "share_minus_layer1"), 0.0, above=True)]
-    nums = dict(ablation=ablation, top_share=[f(r, "top_share") for r in conc],
-                top_share_ci=[[f(r, "ci_low"), f(r, "ci_high")] for r in conc],
-                layer1_importance_ci_low=checks["layer1_importance_ci_low"])
-    return Verdict(f"1b. all heads matter in layer 1; one head dominates each later layer ({ablation} ablation)",
-                   v, ev, stats, numbers=nums)
-
-
-def claims_1b(e2: Path) -> list[Verdict]:
-    """Claim 1b for every ablation kind in one seed's E2 folder."""
-    return [claim_1b(e2, k) for k in ablation_kinds(e2)]
-
-
-def claim_2a(e3: Path, ablation: str = "zero", readout: str = "model") -> Verdict:
-    """Claim 2a for one seed's E3 folder, one ablation kind, judged by the models' own read-out
-    (``readout="model"``) or by the ridge probe after the last layer (``readout="probe"``)."""
-    summ = read_json(e3 / "summary.json")
-    k = summ if ablation == ablation_kinds(e3)[0] else summ["by_ablation"][ablation]  # top level = first kind
-    s = k["risk_ratio_vs_full" if readout == "model" else "probe_ratio_vs_full"]
-    p, c = s["pruned"], s["control"]
-    if p["ci_high"] <= 1.25 and p["ci_high"] < c["ci_low"]:
-        v = REPRODUCED
-    elif p["ci_low"] > 1.25:
-        v = NOT_REPRODUCED
-    else:
-        v = INCONCLUSIVE
-    what = "risk" if readout == "model" else "last-layer probe risk"
-    ev = [f"pruned/full {what} ratio {p['ratio']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}]",
-          f"control (layer 1 cut to one head)/full {c['ratio']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]", RULE_2A]
-    how = "own read-out" if readout == "model" else "ridge probe after the last layer"
-    stats = [Stat(f"pruned/full {what}", p["ratio"], 1.25, above=False),
-             Stat("control/full minus pruned/full", c["ratio"] - p["ratio"], 0.0, above=True)]
-    return Verdict(f"2a. pruning later layers to their top head keeps the risk ({how}, {ablation} ablation)",
-                   v, ev, stats, numbers=dict(ablation=ablation, readout=readout, pruned=p, control=c))
-
-
-def claims_2a(e3: Path) -> list[Verdict]:
-    """Claim 2a for every ablation kind in one seed's E3 folder: own read-out, then probe (if E3 has it)."""
-    summ = read_json(e3 / "summary.json")
-    out = []
-    for i, k in enumerate(ablation_kinds(e3)):
-        out.append(claim_2a(e3, k, "model"))
-        if "probe_ratio_vs_full" in (summ if i == 0 else summ["by_ablation"][k]):
-            out.append(claim_2a(e3, k, "probe"))
-    return out
-
-
-def layer1_probe(e4_csv: Path, model: str) -> tuple[float, float]:
-    rows = [r for r in read_csv(e4_csv) if r["model"] == model and r["layer"] == "1" and int(r["n"]) >= 1]
-    mean = float(np.mean([float(r["risk_norm"]) for r in rows]))
-    half = float(np.mean([(float(r["ci_high"]) - float(r["ci_low"])) / 2 for r in rows]))
-    return mean, half
-
-
-def claim_2b(e4_csv: Path, multi: str, single: str) -> Verdict:
-    (m, mh), (s, sh) = layer1_probe(e4_csv, multi), layer1_probe(e4_csv, single)
-    v = REPRODUCED if s - sh > m + mh else NOT_REPRODUCED if s + sh < m - mh else INCONCLUSIVE
-    ev = [f"layer-1 probe risk (mean over n >= 1): {multi} {m:.4f} ± {mh:.4f}, {single} {s:.4f} ± {sh:.4f}"]
-    stats = [Stat("layer-1 probe risk, single head minus multi-head", s - m, 0.0, above=True)]
-    return Verdict("2b. a single-head model is worse from layer 1 on (probes)", v, ev, stats)
-
-
-def claim_2c(e6b_verdict_csv: Path, multi: str) -> Verdict:
-    """Later layers track PtO after l-1 steps better than GD after l-1 steps (E6b, the model's own read-out)."""
-    rows = [r for r in read_csv(e6b_verdict_csv) if r["model"] == multi and r["readout"] == "lens"
-            and r["eta_fit"] == "match" and r["n_range"] == "all"]
-    tracks = {r["tracks"] for r in rows}
-    v = REPRODUCED if tracks == {"pto"} else NOT_REPRODUCED if tracks == {"gd"} else INCONCLUSIVE
-    ev = [f"layer {r['layer']}: relative error to PtO {float(r['pto_rel_err']):.3f}, to GD {float(r['gd_rel_err']):.3f}, "
-          f"GD - PtO [{float(r['diff_ci_low']):+.3f}, {float(r['diff_ci_high']):+.3f}] -> {r['tracks']}" for r in rows]
-    stats = [Stat(f"layer {r['layer']}: relative error to GD minus to PtO",
-                  float(r["gd_rel_err"]) - float(r["pto_rel_err"]), 0.0, above=True) for r in rows]
-    return Verdict("2c. later layers track PtO steps better than GD steps (E6b)", v, ev, stats)
-
-
-def claim_3(e5_csv: Path) -> Verdict:
-    c = curves(e5_csv, "estimator")
-    pto, gd, ridge = c["pto"], c["gd"], c["ridge"]
-    below_gd, above_gd = band_compare(pto, gd, 1)
-    below_r, above_r = band_compare(pto, ridge, 1)
-    wins = sorted(set(below_gd) & set(below_r))
-    loses = sorted(set(above_gd) | set(above_r))
-    v = REPRODUCED if wins else NOT_REPRODUCED
-    by_n = {int(r["n"]): r["risk_norm"] for r in pto}
-    ratio = lambda other: {int(r["n"]): by_n[int(r["n"])] / r["risk_norm"] for r in other}  # noqa: E731
-    rg, rr = ratio(gd), ratio(ridge)
-    ev = [f"PtO band below both GD and ridge at n = {_ranges(wins) or 'none'}",
-          f"PtO band above GD or ridge at n = {_ranges(loses) or 'none'}"]
-    if wins:
-        best = min(wins, key=lambda n: rr[n])
-        ev.append(f"largest win at n = {best}: PtO/ridge {rr[best]:.2f}, PtO/GD {rg[best]:.2f}")
-    return Verdict("3. PtO has lower excess risk than GD and ridge", v, ev)
-
-
-def _ranges(ns: list[int]) -> str:
-    out, start = [], None
-    for i, n in enumerate(ns):
-        if start is None:
-            start = n
-        if i + 1 == len(ns) or ns[i + 1] != n + 1:
-            out.append(f"{start}" if start == n else f"{start}-{n}")
-            start = None
-    return ", ".join(out)
-
-
-def seed_verdicts(sd: Path, preset: Preset) -> list[Verdict]:
-    """The per-seed rules on one seed's folder (``seed{k}/``)."""
-    hmax, hmin = max(preset.heads), min(preset.heads)
-    return [
-        claim_1a(sd / "e1" / "e1_heads.csv", preset),
-        *claims_1b(sd / "e2"),
-        *claims_2a(sd / "e3"),
-        claim_2b(sd / "e4" / "probes.csv", f"h={hmax} full", f"h={hmin}"),
-        claim_2c(sd / "e6" / "e6b_verdict.csv", f"h{hmax}"),
-    ]
-
-
-def compute_verdicts(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float] = ()) -> list[Verdict]:
-    """Per-claim verdicts for a finished ``reproduce`` folder, decided across seeds (``verdicts.across_seeds``).
-
-    With several noise levels every trained-model claim appears once per level, its name
-    carrying the sigma.
-    """
-    from .reproduce import sigma_dir
-
-    seed_ids = [preset.seed + k for k in range(seeds)]
-    merged = []
-    for sigma in (sigmas or [preset.task.sigma]):
-        sp = sigma_dir(preset, sigma)
-        per_seed = [seed_verdicts(out / f"{sp}seed{k}", preset) for k in range(seeds)]
-        for i in range(len(per_seed[0])):
-            v = across_seeds([ps[i] for ps in per_seed], seed_ids)
-            if len(sigmas) > 1:
-                v.claim += f" [sigma={sigma:g}]"
-            merged.append(v)
-    return merged + [claim_3(out / "e5" / "e5_risk.csv")]
+from .claims.across_seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Stat, Verdict, across_seeds  # noqa: F401
+from .claims.rules import (RULE_1B, RULE_2A, ablation_kinds, band_compare, claim_1a, claim_1b,  # noqa: F401  re-exports
+                           claim_2a, claim_2b, claim_2c, claim_3, claims_1b, claims_2a, compute_verdicts, curves,
+                           layer1_probe, seed_verdicts)
 
 
 def write_report(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float] = ()) -> Path:
@@ -450,11 +194,14 @@ def _e6_section(doc: Document, e6: Path) -> None:
     for png in sorted(e6.glob("e6b_agreement_*.png")):
         doc.figure(png, f"E6b, model {png.stem.split('_')[-1]}: agreement of each layer's probe with PtO and GD "
                         "after l-1 steps, per n.")
-    r2 = read_json(e6 / "e6_summary.json").get("e6a_mean_r2", {})
-    targets = ("pto_prefix", "pto_full", "yx", "x")
+    summ = read_json(e6 / "e6_summary.json")
+    r2, dirs = summ.get("e6a_mean_r2", {}), summ.get("e6a_directions", {})
+    targets = ("pto_prefix", "pto_prefix_groups", "pto_full", "yx", "x")
     keys = sorted({k.rsplit("/", 1)[0] for k in r2})
-    doc.table(["model / source"] + [f"R^2 {t}" for t in targets],
-              [[k] + [r2.get(f"{k}/{t}", float("nan")) for t in targets] for k in keys])
+    doc.table(["model / source"] + [f"R^2 {t}" for t in targets] + ["directions of diag(r) x with R^2 >= "
+                                                                   f"{summ.get('e6a_direction_r2_cutoff', 0.5):g}"],
+              [[k] + [r2.get(f"{k}/{t}", float("nan")) for t in targets] + [dirs.get(f"{k}/pto_prefix", float("nan"))]
+               for k in keys])
     rows = [r for r in read_csv(e6 / "e6b_verdict.csv") if r["eta_fit"] == "match"]
     doc.table(["model", "readout", "layer", "n", "rel. err to PtO", "rel. err to GD", "GD - PtO 95% CI", "closer to"],
               [[r["model"], r["readout"], r["layer"], r["n_range"], float(r["pto_rel_err"]), float(r["gd_rel_err"]),

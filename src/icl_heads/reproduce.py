@@ -177,7 +177,8 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
             multi, single = where(max(pk.heads)), where(min(pk.heads))
             common = dict(preset=pk, seed=pk.seed, device=device)
             runner.run(f"{sp}seed{k}/e2", sd / "e2", lambda d: run_e2(multi, d, ablations=ABLATIONS, **common))
-            runner.run(f"{sp}seed{k}/e3", sd / "e3", lambda d: run_e3(multi, d, ablations=ABLATIONS, **common))
+            runner.run(f"{sp}seed{k}/e3", sd / "e3", lambda d: run_e3(multi, d, ablations=ABLATIONS,
+                                                                       single_ckpt=single, **common))
             runner.run(f"{sp}seed{k}/e4", sd / "e4", lambda d: run_e4(multi, d, prune=default_policy(pk.model.n_layers),
                                                                        compare=[single], **common))
             first = k == 0  # E6c and the any-T context are model-independent or verdict-free: first seed only

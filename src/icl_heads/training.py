@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_meta, load_model, load_tensors, save_checkpoint, STATE_FILE
+from .claims.keys import ModelKey
 from .config import ConfigError, ModelConfig, Preset, TaskConfig, TrainConfig
 from .evaluation import evaluate
 from .io import write_csv, write_provenance
@@ -384,7 +385,7 @@ def evaluate_checkpoint(ckpt: str | Path, out: str | Path, device: str = "cpu",
     if n_test < 2:
         raise ConfigError(f"prompts: need at least 2 test prompts for a confidence band (got {n_test})")
     out = Path(out)
-    label = f"transformer h={model.cfg.n_heads}"
+    label = ModelKey(model.cfg.n_heads).e1_label
     rows = [r for r in evaluate(model, fixed_prompts(task, n_test, seed, "test"), task).rows(label=label)]
     write_csv(out / "risk.csv", rows)
     risk_vs_n({label: rows}, out / "risk.png", f"{label}, step {meta.get('step')} (d={task.d}, s={task.s})")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_meta, load_model
+from ..claims.keys import in_context_n_min
 from ..config import ConfigError, Preset, TaskConfig, get_preset, validate
 from ..evaluation import predict
 from ..io import write_csv, write_json, write_provenance
@@ -122,6 +123,71 @@ class HeadImportance:
                              share_minus_layer1_ci_low=float(glo), share_minus_layer1_ci_high=float(ghi)))
         return rows
 
+    def claim1b_stats(self, n_from: int, n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Claim 1b's statistics over context lengths ``n >= n_from``, with paired bootstrap CIs over prompts.
+
+        Per layer (first list): the effective number of heads ``N_eff = 1 / sum_k p_k^2`` of the
+        importance shares ``p_k`` (1 = one head, h = all equal) and the *keep-top ratio*: the risk
+        with only the layer's top head kept, divided by the model's risk (1 = the top head alone is
+        sufficient). Per model (second list): the within-model contrasts the rule thresholds,
+        ``N_eff(1) - max_{l>1} N_eff(l)``, ``keep_top(1) / max_{l>1} keep_top(l)`` and
+        ``max_{l>1} keep_top(l)``. One prompt resample serves every layer and statistic (paired).
+        The top head is ranked by importance over the same n.
+        """
+        L, h = self.shape
+        P = self.n_prompts
+        cut = lambda e: e[..., n_from:].mean(-1)  # noqa: E731  per-prompt mean over n >= n_from
+        base, abl, keep = cut(self.base_err), cut(self.ablate_err), cut(self.keep_err)  # (P,), (L, h, P) x2
+        counts = np.random.default_rng(seed).multinomial(P, np.full(P, 1 / P), size=n_boot)
+        stats = {}
+        for name, w in (("point", np.ones((1, P))), ("boot", counts)):
+            stats[name] = (w @ base / P, abl @ w.T / P, keep @ w.T / P)  # (B,), (L, h, B), (L, h, B)
+        b0, a0, _ = stats["point"]
+        top = np.argmax(a0[..., 0] - b0[0], axis=1)  # (L,) ties: lower index
+        out = {}
+        for name, (b, a, k) in stats.items():
+            neff = effective_heads(np.moveaxis(a - b, -1, 0))  # (B, L)
+            ratio = k[np.arange(L), top] / b  # (L, B)
+            out[name] = (neff, ratio.T)  # (B, L) each
+        a_lo, a_hi = (1 - level) / 2, (1 + level) / 2
+        ci = lambda v: [float(x) for x in np.nanquantile(v, [a_lo, a_hi])] if np.isfinite(v).any() else [np.nan] * 2  # noqa: E731
+        layers = []
+        for l in range(L):
+            layers.append(dict(ablation=self.ablation, layer=l + 1, n_heads=h, n_from=n_from, top_head=int(top[l]) + 1,
+                               n_eff=float(out["point"][0][0, l]), **_ci_cols("n_eff", ci(out["boot"][0][:, l])),
+                               keep_top_ratio=float(out["point"][1][0, l]),
+                               **_ci_cols("keep_top_ratio", ci(out["boot"][1][:, l]))))
+        model = []
+        if L > 1:
+            for name in ("point", "boot"):
+                neff, ratio = out[name]
+                out[name] = dict(neff_contrast=neff[:, 0] - neff[:, 1:].max(1),
+                                 keep_top_contrast=ratio[:, 0] / ratio[:, 1:].max(1),
+                                 later_keep_top=ratio[:, 1:].max(1))
+            for stat in out["point"]:
+                lo, hi = ci(out["boot"][stat])
+                model.append(dict(ablation=self.ablation, statistic=stat, value=float(out["point"][stat][0]),
+                                  ci_low=lo, ci_high=hi, n_from=n_from, n_heads=h, n_layers=L))
+        return layers, model
+
+    def effective_heads_by_n(self) -> list[dict[str, Any]]:
+        """Per (layer, n): N_eff of the importance shares at that n and the keep-top ratio (top head by the
+        importance at that n), point estimates; the per-n view beside :meth:`claim1b_stats`' pooled one."""
+        L, h = self.shape
+        base, abl, keep = self.base_err.mean(0), self.ablate_err.mean(-2), self.keep_err.mean(-2)  # (N,), (L, h, N)
+        imp = np.moveaxis(abl - base, -1, 0)  # (N, L, h)
+        neff = effective_heads(imp)  # (N, L)
+        top = imp.argmax(-1)  # (N, L)
+        rows = []
+        for n in range(self.n_min, base.size):
+            for l in range(L):
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    ratio = keep[l, top[n, l], n] / base[n]
+                rows.append(dict(ablation=self.ablation, layer=l + 1, n=n, n_heads=h, n_eff=float(neff[n, l]),
+                                 top_head=int(top[n, l]) + 1, keep_top_ratio=float(ratio)))
+        return rows
+
     def rows_by_n(self, task: TaskConfig) -> list[dict[str, Any]]:
         """Tidy rows per (layer, head, n): base, ablated and keep-only risk, deltas with 95% CIs."""
         L, h = self.shape
@@ -181,6 +247,22 @@ def per_layer_share(score: np.ndarray) -> np.ndarray:
         return np.where(tot > 0, pos / tot, np.nan)
 
 
+def _ci_cols(name: str, ci: list[float]) -> dict[str, float]:
+    return {f"{name}_ci_low": ci[0], f"{name}_ci_high": ci[1]}
+
+
+def effective_heads(score: np.ndarray) -> np.ndarray:
+    """Effective number of heads ``1 / sum_k p_k^2`` of each layer's importance shares (last axis = heads).
+
+    1 when one head carries all the (positive) importance, h when all heads carry the same; NaN
+    when no head has positive importance. It counts heads, unlike the top-head share, which
+    lets (0.55, 0.15, 0.15, 0.15) pass as "one head" although N_eff = 2.7 of 4.
+    """
+    p = per_layer_share(score)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 1.0 / (p ** 2).sum(-1)
+
+
 def top_share(score: np.ndarray) -> np.ndarray:
     """Share of the top head in each layer's positive importance (last axis = heads; NaN if none)."""
     return per_layer_share(score).max(-1)
@@ -215,8 +297,19 @@ def assess_heads_kinds(model: Transformer, prompts: Prompts, task: TaskConfig, a
                        gates: torch.Tensor | None = None, batch_rows: int = 2048,
                        n_min: int = 1) -> dict[str, HeadImportance]:
     """:func:`assess_heads` for several ablation kinds; the base pass (and the residual stream
-    entering each layer) is computed once when the base gates are all 1, as it is then the same."""
+    entering each layer) is computed once when the base gates are all 1, as it is then the same.
+    A full-mask model (E6c's constructions) predicts one query per pass: it is run once per
+    context length on the prompts' prefixes (:func:`prefix_prompts`), so the errors are ``(P, N)`` too."""
     _check_prompts(model, prompts)
+    if model.cfg.mask == "full":
+        return _assess_per_prefix(model, prompts, task, ablations, gates, batch_rows, n_min)
+    return _assess(model, prompts, task, ablations, gates, batch_rows, n_min)
+
+
+@torch.no_grad()
+def _assess(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: Sequence[Ablation],
+            gates: torch.Tensor | None, batch_rows: int, n_min: int) -> dict[str, HeadImportance]:
+    """The batched passes of :func:`assess_heads_kinds` (one query per context length, or one in all)."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -227,6 +320,7 @@ def assess_heads_kinds(model: Transformer, prompts: Prompts, task: TaskConfig, a
     settings = [gate_settings(base_gates, l) for l in range(L)]  # each (2h, L, h)
     shared_base = bool((base_gates == 1).all())  # no head is off in the base: values do not matter there
     P, N = prompts.f.shape
+    n_examples = prompts.x.shape[1]
     K = len(ablations)
     preds = torch.empty(K, 1 + 2 * L * h, P, N, dtype=torch.float64)
     chunk = max(1, batch_rows // (2 * h))
@@ -247,7 +341,7 @@ def assess_heads_kinds(model: Transformer, prompts: Prompts, task: TaskConfig, a
                 v = None if vals is None else vals[..., l:, :, :, :]
                 if v is not None and v.dim() == 5:  # per prompt: setting-major like rep
                     v = v.repeat(A, 1, 1, 1, 1)
-                out = _run_from(model, rep, l, g, N, v).view(A, b, N).double().cpu()
+                out = _run_from(model, rep, l, g, n_examples, v).view(A, b, N).double().cpu()
                 preds[a, 1 + 2 * l * h: 1 + 2 * (l + 1) * h, i:i + b] = out
     model.train(was_training)
     result = {}
@@ -257,6 +351,35 @@ def assess_heads_kinds(model: Transformer, prompts: Prompts, task: TaskConfig, a
         result[abl.kind] = HeadImportance(err[0], per_layer[:, 0], per_layer[:, 1], base_gates.cpu().numpy(),
                                           task.s * task.tau ** 2, n_min, abl.kind)
     return result
+
+
+def prefix_prompts(prompts: Prompts, n: int) -> Prompts:
+    """The first ``n + 1`` examples with the target of the last only: what a full-mask model predicts from ``n``."""
+    return Prompts(prompts.x[:, :n + 1], prompts.y[:, :n + 1], prompts.w, prompts.f[:, n:n + 1])
+
+
+def prefix_errors(model: Transformer, prompts: Prompts, gates: torch.Tensor | None = None) -> np.ndarray:
+    """Per-prompt squared errors ``(P, N)`` at every context length, for prefix- and full-mask models alike."""
+    if model.cfg.mask != "full":
+        return squared_errors(predict(model, prompts, head_gates=gates), prompts.f)
+    subs = [prefix_prompts(prompts, n) for n in range(prompts.f.shape[1])]
+    return np.concatenate([squared_errors(predict(model, p, head_gates=gates), p.f) for p in subs], axis=-1)
+
+
+def _assess_per_prefix(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: Sequence[Ablation],
+                       gates: torch.Tensor | None, batch_rows: int, n_min: int) -> dict[str, HeadImportance]:
+    """:func:`assess_heads_kinds` for a full-mask model: one pass per context length, errors stacked along n."""
+    per_n = []
+    for n in range(prompts.f.shape[1]):
+        sub = prefix_prompts(prompts, n)
+        _check_prompts(model, sub)
+        per_n.append(_assess(model, sub, task, ablations, gates, batch_rows, n_min))
+    out = {}
+    for kind, first in per_n[0].items():
+        cat = lambda attr: np.concatenate([r[kind].__dict__[attr] for r in per_n], axis=-1)  # noqa: E731
+        out[kind] = HeadImportance(cat("base_err"), cat("ablate_err"), cat("keep_err"), first.base_gates,
+                                   first.norm, n_min, kind)
+    return out
 
 
 def _run_from(model: Transformer, h: torch.Tensor, layer: int, gates: torch.Tensor, n_examples: int,
@@ -382,6 +505,49 @@ def paired_ratio(num_err: np.ndarray, den_err: np.ndarray, n_min: int = 1, n_boo
     return dict(ratio=float(a.mean() / b.mean()), ci_low=float(lo), ci_high=float(hi))
 
 
+def claim2a_stats(errs: dict[str, np.ndarray], n_from: int, n_boot: int = 1000, seed: int = 0,
+                  level: float = 0.95, **labels: Any) -> list[dict[str, Any]]:
+    """Claim 2a's statistics per context length ``n >= n_from`` and pooled over those n.
+
+    ``errs`` holds per-prompt squared errors ``(P, N)`` on the same test prompts for ``full``,
+    ``pruned``, ``control`` and, optionally, ``single`` (the same seed's h = 1 model). Statistics:
+    ``pruned_over_full``, ``control_over_pruned``, and with ``single``: ``single_over_full`` (the
+    multi-head advantage) and ``fraction_lost = (pruned - full) / (single - full)``, the share of
+    that advantage pruning gives back (0: none, 1: all of it). One prompt resample serves every
+    model, n and statistic (paired percentile bootstrap). Rows: ``n`` is an integer or ``"pooled"``.
+    """
+    P, N = errs["full"].shape
+    counts = np.random.default_rng(seed).multinomial(P, np.full(P, 1 / P), size=n_boot)
+    cols = {"pooled": lambda e: e[:, n_from:].mean(-1, keepdims=True)}
+    rows: list[dict[str, Any]] = []
+    for n_key, cut in [("pooled", cols["pooled"])] + [(n, (lambda e, n=n: e[:, n:n + 1])) for n in range(n_from, N)]:
+        m = {k: (cut(e).mean(0), counts @ cut(e) / P) for k, e in errs.items()}  # point (1,), boot (B, 1)
+        for stat, fn in _2A_STATS.items():
+            if stat in ("single_over_full", "fraction_lost") and "single" not in m:
+                continue
+            point, boot = fn(*(m[k][0] for k in ("full", "pruned", "control", "single") if k in m)), \
+                fn(*(m[k][1] for k in ("full", "pruned", "control", "single") if k in m))
+            with np.errstate(invalid="ignore"):
+                lo, hi = (np.nanquantile(boot, [(1 - level) / 2, (1 + level) / 2]) if np.isfinite(boot).any()
+                          else (np.nan, np.nan))
+            rows.append(dict(**labels, n=n_key, statistic=stat, value=float(point[0]), ci_low=float(lo),
+                             ci_high=float(hi), n_from=n_from))
+    return rows
+
+
+def _frac(full: np.ndarray, pruned: np.ndarray, control: np.ndarray, single: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pruned - full) / (single - full)
+
+
+_2A_STATS = {
+    "pruned_over_full": lambda full, pruned, *rest: pruned / full,
+    "control_over_pruned": lambda full, pruned, control, *rest: control / pruned,
+    "single_over_full": lambda full, pruned, control, single: single / full,
+    "fraction_lost": _frac,
+}
+
+
 # --------------------------------------------------------------------------- runners (CLI, reproduce)
 
 def resolve_preset(ckpt: str | Path, preset: Preset | str | None) -> Preset:
@@ -460,11 +626,14 @@ def run_e2(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
     prompts = fixed_prompts(pre.task, n, seed, "test")
     abls = make_ablations(model, kinds, pre.task, n, seed)
     imps = assess_heads_kinds(model, prompts, pre.task, list(abls.values()))
-    by_kind, rows, rows_n, concs = {}, [], [], []
+    by_kind, rows, rows_n, concs, eff, c1b, eff_n = {}, [], [], [], [], [], []
+    n_from = in_context_n_min(pre.task.d)
     for kind, imp in imps.items():
         conc = imp.concentration(n_boot=n_boot, seed=seed)
         r = imp.rows()
         rows, rows_n, concs = rows + r, rows_n + imp.rows_by_n(pre.task), concs + conc
+        layer_rows, model_rows = imp.claim1b_stats(n_from, n_boot, seed)
+        eff, c1b, eff_n = eff + layer_rows, c1b + model_rows, eff_n + imp.effective_heads_by_n()
         base = curve_from_errors(imp.base_err, pre.task)
         by_kind[kind] = dict(claim1=claim1_verdict(r, conc), base_risk_norm_mean=float(base.risk_norm[imp.n_min:].mean()),
                              importance=imp.score(ABLATE).tolist(), keep_importance=imp.score(KEEP).tolist(),
@@ -472,6 +641,12 @@ def run_e2(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
     write_csv(out / "head_importance.csv", rows)
     write_csv(out / "head_importance_by_n.csv", rows_n)
     write_csv(out / "concentration.csv", concs)
+    write_csv(out / "effective_heads.csv", eff)
+    write_csv(out / "effective_heads_by_n.csv", eff_n)
+    plot_effective_heads(eff_n, out / "effective_heads.png", n_from,
+                         title=f"E2 effective heads per n, {model_label(model)} ({ckpt})")
+    if c1b:
+        write_csv(out / "claim1b.csv", c1b)
     plot_importance(imps, out / "head_importance.png", title=f"E2 head importance, {model_label(model)} ({ckpt})")
     summary = dict(**by_kind[kinds[0]], checkpoint=str(ckpt), n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads,
                    n_prompts=prompts.batch, n_min=1, ablations=list(kinds), reference_stream=REFERENCE_STREAM,
@@ -484,11 +659,16 @@ def run_e2(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
 
 def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset: Preset | str | None = None,
            finetune_steps: int = 0, n_prompts: int | None = None, seed: int | None = None,
-           device: str = "cpu", n_boot: int = 1000, ablations: str | Sequence[str] = ("zero",)) -> dict[str, Any]:
+           device: str = "cpu", n_boot: int = 1000, ablations: str | Sequence[str] = ("zero",),
+           single_ckpt: str | Path | None = None) -> dict[str, Any]:
     """E3: heads ranked on "val" prompts, full vs pruned vs control compared on "test" prompts.
 
-    Judged twice: by each model's own read-out (``risk_ratio_vs_full``) and by a ridge probe after
-    the last layer fitted per model and gating on "probe" prompts (``probe_ratio_vs_full``).
+    Judged by each model's own read-out (``risk_ratio_vs_full``) and by a ridge probe after
+    the last layer fitted per model and gating on "probe" prompts (``probe_ratio_vs_full``),
+    before and after the final LayerNorm. ``claim2a.csv`` holds claim 2a's statistics per n in
+    the in-context regime and pooled (:func:`claim2a_stats`); with ``single_ckpt`` (the same
+    seed's h = 1 model, scored on the same prompts) also the fraction of the multi-head advantage
+    that pruning loses.
     For every kind in ``ablations`` heads are ranked and pruned heads ablated that way;
     ``summary.json`` holds the first kind at top level and every kind under ``by_ablation``.
     """
@@ -506,12 +686,18 @@ def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset:
     n = n_prompts or pre.eval.n_test
     test, fit = fixed_prompts(pre.task, n, seed, "test"), fixed_prompts(pre.task, n, seed, "probe")
     abls = make_ablations(model, kinds, pre.task, n, seed)
-    imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()))
+    # heads ranked by importance in the in-context regime n >= d/2 (small n would dominate the mean)
+    imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()),
+                              n_min=in_context_n_min(pre.task.d))
     norm = pre.task.s * pre.task.tau ** 2
     n_min = 1
     full_gates = imps[kinds[0]].base_gates
     full_err = squared_errors(predict(model, test, head_gates=torch.as_tensor(full_gates)), test.f)
     full_probe = final_probe_errors(model, fit, test, torch.as_tensor(full_gates))
+    full_probe_ln = final_probe_errors(model, fit, test, torch.as_tensor(full_gates), after_ln=True)
+    single = _single_errors(single_ckpt, pre, fit, test, device)
+    n_from = in_context_n_min(pre.task.d)
+    claim_rows: list[dict[str, Any]] = []
     rows = curve_from_errors(full_err, pre.task).rows(model="full", ablation="none", n_heads=model.cfg.n_heads, policy="")
     curves = {"full": rows[:]}
     by_kind = {}
@@ -524,17 +710,21 @@ def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset:
                                                 pre.train.batch_size, lr=pre.train.lr * 0.1, seed=seed, ablation=abl)
                 gates[f"{name}+ft"] = gates[name]
         test_v, fit_v = abl.values(n), abl.repaired(seed + 1).values(n)
-        errs, probe = {"full": full_err}, {"full": full_probe}
+        errs, probe, probe_ln = {"full": full_err}, {"full": full_probe}, {"full": full_probe_ln}
         for name, g in gates.items():
             gt = torch.as_tensor(g)
             errs[name] = squared_errors(predict(models[name], test, head_gates=gt, head_values=test_v), test.f)
             probe[name] = final_probe_errors(models[name], fit, test, gt, fit_v, test_v)
+            probe_ln[name] = final_probe_errors(models[name], fit, test, gt, fit_v, test_v, after_ln=True)
             label = name if len(kinds) == 1 else f"{name} [{kind}]"
             c = curve_from_errors(errs[name], pre.task).rows(
                 model=name, ablation=kind, n_heads=model.cfg.n_heads,
                 policy={"pruned": policy, "control": control}[name.removesuffix("+ft")])
             rows += c
             curves[label] = c
+        for readout, e in (("model", errs), ("probe", probe), ("probe_ln", probe_ln)):
+            four = {k: e[k] for k in ("full", "pruned", "control")} | ({"single": single[readout]} if single else {})
+            claim_rows += claim2a_stats(four, n_from, n_boot, seed, ablation=kind, readout=readout)
         ratios = {k: paired_ratio(e, full_err, n_min, n_boot, seed) for k, e in errs.items() if k != "full"}
         pratios = {k: paired_ratio(e, full_probe, n_min, n_boot, seed) for k, e in probe.items() if k != "full"}
         by_kind[kind] = dict(
@@ -547,18 +737,32 @@ def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset:
             risk_norm_mean={k: float(v[:, n_min:].mean() / norm) for k, v in errs.items()},
             probe_risk_norm_mean={k: float(v[:, n_min:].mean() / norm) for k, v in probe.items()})
     write_csv(out / "pruning.csv", rows)
+    write_csv(out / "claim2a.csv", claim_rows)
     risk_vs_n(curves, out / "pruning.png", f"E3 pruning, {model_label(model)}: full vs {policy} vs control {control}"
               + ("" if kinds == ("zero",) else f" ({', '.join(kinds)} ablation)"))
     summary = dict(checkpoint=str(ckpt), policy=policy, control=control, finetune_steps=finetune_steps,
                    **by_kind[kinds[0]], n_prompts=n, n_min=n_min, ablations=list(kinds),
                    reference_stream=REFERENCE_STREAM, probe="one RidgeCV per n on the residual stream after the last "
                    "layer, standardised features, fitted per model and gating on 'probe', scored on 'test'",
+                   single_checkpoint=None if single_ckpt is None else str(single_ckpt), claim2a_n_from=n_from,
                    by_ablation=by_kind)
     write_json(out / "summary.json", summary)
     write_provenance(out, pre, seed, experiment="E3", checkpoint=str(ckpt), policy=policy, control=control,
                      finetune_steps=finetune_steps, rank_stream="val", eval_stream="test", probe_fit_stream="probe",
                      ablations=list(kinds), reference_stream=REFERENCE_STREAM)
     return summary
+
+
+def _single_errors(ckpt: str | Path | None, pre: Preset, fit: Prompts, test: Prompts,
+                   device: str) -> dict[str, np.ndarray] | None:
+    """The single-head model's errors on the same test prompts: own read-out, probes before/after the final LN."""
+    from .probes import final_probe_errors
+
+    if ckpt is None:
+        return None
+    m, _, _ = load_for_analysis(ckpt, pre, device)
+    return dict(model=squared_errors(predict(m, test), test.f), probe=final_probe_errors(m, fit, test),
+                probe_ln=final_probe_errors(m, fit, test, after_ln=True))
 
 
 def plot_importance(imps: HeadImportance | dict[str, HeadImportance], path: str | Path, title: str) -> Path:
@@ -584,6 +788,38 @@ def plot_importance(imps: HeadImportance | dict[str, HeadImportance], path: str 
         for ax, (name, val, cmap) in zip(axes[:, j], panels):
             _heatmap(fig, ax, val, cmap, f"{kind} ablation\n{name}")
     fig.suptitle(title + f" (normalised excess risk, mean over n >= {first.n_min})", fontsize=9)
+    fig.tight_layout()
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_effective_heads(rows: list[dict[str, Any]], path: str | Path, n_from: int, title: str) -> Path:
+    """N_eff (left) and keep-top ratio (right) vs n, one line per layer, one row of panels per ablation kind;
+    a dotted line marks n = d/2, where the claims' regime starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import save_figure
+
+    kinds = list(dict.fromkeys(r["ablation"] for r in rows))
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(9, 3 * len(kinds)), squeeze=False)
+    for i, kind in enumerate(kinds):
+        sel = [r for r in rows if r["ablation"] == kind]
+        for layer in sorted({r["layer"] for r in sel}):
+            rs = sorted((r for r in sel if r["layer"] == layer), key=lambda r: r["n"])
+            for ax, col in zip(axes[i], ("n_eff", "keep_top_ratio")):
+                ax.plot([r["n"] for r in rs], [r[col] for r in rs], "o-", ms=3, label=f"layer {layer}")
+        for ax, name in zip(axes[i], ("effective number of heads", "keep-top ratio (top head alone / model)")):
+            ax.axvline(n_from, ls=":", color="k", lw=0.8)
+            ax.set_title(f"{kind} ablation: {name}", fontsize=9)
+            ax.set_xlabel("context length n")
+            ax.grid(True, alpha=0.3)
+        axes[i, 1].set_yscale("log")
+        axes[i, 0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out = save_figure(fig, path)
     plt.close(fig)

@@ -53,7 +53,9 @@ from sklearn.metrics import r2_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ..claims.keys import ModelKey
 from ..config import ConfigError, Preset, TaskConfig
+from ..estimators import RIDGE_LAMBDAS, SCALE_FREE_CS, group_slices
 from ..evaluation import batches_with_cache
 from ..io import write_csv, write_json, write_provenance
 from ..model import Transformer
@@ -94,6 +96,29 @@ ALGORITHMS = {a.name: a for a in (
     Algorithm("gd_scale_free", "gd", "scale_free", tuple(C_GRID)),
     Algorithm("gd_fixed", "gd", "fixed", tuple(ETA_GRID)),
 )}
+
+
+GD_MANY_T = 100
+BASELINES = {  # name -> (step rule, grid): competent estimators beside PtO(l-1) and GD(l-1) in E6b
+    "ridge": ("lambda", tuple(RIDGE_LAMBDAS)),  # E5's grids
+    "gd_many": ("scale_free", tuple(SCALE_FREE_CS)),  # T = GD_MANY_T steps
+}
+
+
+def baseline_paths(task: TaskConfig, prompts: Prompts, cache: PathCache | None = None) -> dict[str, np.ndarray]:
+    """``name -> (len(grid), B, N)`` predictions of ridge (over lambda) and of GD with ``GD_MANY_T`` steps."""
+    from ..estimators import FAMILIES
+
+    key = (id(prompts), "baselines")
+    if cache is not None and key in cache:
+        return cache[key]
+    x, y, w = prompts.x.double(), prompts.y.double(), prompts.w.double()
+    out = {"ridge": FAMILIES["ridge"](task, [1]).predict(x, y, w, [{"lambda": l} for l in BASELINES["ridge"][1]]).numpy(),
+           "gd_many": FAMILIES["gd"](task, [GD_MANY_T]).predict(
+               x, y, w, [{"step": "scale_free", "c": c, "T": GD_MANY_T} for c in BASELINES["gd_many"][1]]).numpy()}
+    if cache is not None:
+        cache[key] = out
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,26 +172,58 @@ def _decoder(X: np.ndarray, Y: np.ndarray) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
-def feature_targets(x: np.ndarray, y: np.ndarray, ctx_pos: np.ndarray) -> dict[str, np.ndarray]:
-    """E6a targets ``(B, C, d)`` at the context examples ``ctx_pos`` (see the module docstring)."""
+def feature_targets(x: np.ndarray, y: np.ndarray, ctx_pos: np.ndarray, heads: int | None = None) -> dict[str, np.ndarray]:
+    """E6a targets ``(B, C, d)`` at the context examples ``ctx_pos`` (see the module docstring).
+
+    With ``heads = h < d`` also the h-group PtO features ``f_k = sum_{j in G_k} r_j x_j``
+    (``(B, C, h)``, contiguous groups as in ``estimators.pto_groups``): what h heads can compute,
+    so a model with h < d heads is not asked for ``diag(r) x``, which it cannot represent.
+    """
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     xc, yc = x[:, ctx_pos], y[:, ctx_pos]
     yx = yc[..., None] * xc
     r_prefix = np.cumsum(yx, axis=1) / np.arange(1, len(ctx_pos) + 1)[None, :, None]
     r_full = yx.mean(axis=1, keepdims=True)
-    return {"pto_prefix": r_prefix * xc, "pto_full": r_full * xc, "yx": yx, "x": xc}
+    out = {"pto_prefix": r_prefix * xc, "pto_full": r_full * xc, "yx": yx, "x": xc}
+    if heads is not None and heads < x.shape[-1]:
+        groups = group_slices(x.shape[-1], heads)
+        for k in ("pto_prefix", "pto_full"):
+            out[f"{k}_groups"] = np.stack([out[k][..., g].sum(-1) for g in groups], axis=-1)
+    return out
+
+
+DIRECTION_R2 = 0.5  # a preprocessed direction counts as carried by layer 1 if decodable with R^2 >= 0.5
+
+
+def decodable_directions(truth: np.ndarray, pred: np.ndarray, cutoff: float = DIRECTION_R2) -> tuple[int, np.ndarray]:
+    """How many independent directions of a multi-output target are decodable with R^2 >= ``cutoff``.
+
+    For a direction u of the target space, ``R^2(u) = 1 - u'Eu / u'Su`` with S the target covariance
+    and E the residual covariance; the generalised eigenvalues of (E, S) give the R^2 of a complete
+    set of S-orthogonal directions, best first. The count is the rank of the decodable subspace.
+    """
+    from scipy.linalg import eigh
+
+    t = truth - truth.mean(0)
+    e = (truth - pred) - (truth - pred).mean(0)
+    S, E = t.T @ t / len(t), e.T @ e / len(e)
+    lam = eigh(E, S + 1e-12 * np.trace(S) * np.eye(S.shape[0]), eigvals_only=True)
+    r2 = np.sort(1 - lam)[::-1]
+    return int((r2 >= cutoff).sum()), r2
 
 
 def preprocessing_readout(probe_acts: Activations, probe: Prompts, test_acts: Activations, test: Prompts,
-                          **labels: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """E6a rows: R^2 per (source, target, feature) incl. ``feature="mean"``, and per context position."""
-    t_fit = feature_targets(probe.x.numpy(), probe.y.numpy(), probe_acts.ctx_pos)
-    t_test = feature_targets(test.x.numpy(), test.y.numpy(), test_acts.ctx_pos)
+                          heads: int | None = None, **labels: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """E6a rows: R^2 per (source, target, feature) incl. ``feature="mean"``, per context position, and
+    ``feature="directions"`` (``r2`` = the number of decodable directions, :func:`decodable_directions`,
+    for the d-dimensional ``pto_*`` targets). ``heads``: add the h-group targets (:func:`feature_targets`)."""
+    t_fit = feature_targets(probe.x.numpy(), probe.y.numpy(), probe_acts.ctx_pos, heads)
+    t_test = feature_targets(test.x.numpy(), test.y.numpy(), test_acts.ctx_pos, heads)
     rows, by_pos = [], []
     for src in SOURCES:
         A_fit, A_test = probe_acts.context[src], test_acts.context[src]
         B, C, D = A_test.shape
-        for tgt in FEATURE_TARGETS:
+        for tgt in t_fit:
             d = t_fit[tgt].shape[-1]
             dec = _decoder(A_fit.reshape(-1, D), t_fit[tgt].reshape(-1, d))
             pred = dec.predict(A_test.reshape(-1, D)).reshape(B, C, d)
@@ -178,6 +235,9 @@ def preprocessing_readout(probe_acts: Activations, probe: Prompts, test_acts: Ac
                                  alpha=float(alphas[j])))
             rows.append(dict(labels, source=src, target=tgt, feature="mean", r2=float(r2.mean()),
                              alpha=float("nan")))
+            if tgt in ("pto_prefix", "pto_full"):
+                k, _ = decodable_directions(truth.reshape(-1, d), pred.reshape(-1, d))
+                rows.append(dict(labels, source=src, target=tgt, feature="directions", r2=float(k), alpha=float("nan")))
             for c in range(C):
                 r2c = r2_score(truth[:, c], pred[:, c], multioutput="raw_values")
                 by_pos.append(dict(labels, source=src, target=tgt, position=int(test_acts.ctx_pos[c]),
@@ -245,8 +305,12 @@ def optimisation_readout(task: TaskConfig, val: Prompts, test: Prompts, val_acts
                          test_acts: Activations, val_reads: dict[str, np.ndarray], test_reads: dict[str, np.ndarray],
                          algorithms: Sequence[Algorithm] | None = None, n_min: int = 1,
                          detail: dict[tuple, tuple[np.ndarray, np.ndarray]] | None = None,
-                         cache: PathCache | None = None, **labels: Any) -> list[dict[str, Any]]:
+                         cache: PathCache | None = None, baselines: bool = True,
+                         **labels: Any) -> list[dict[str, Any]]:
     """E6b rows: for layers ``l >= 2``, each readout vs each algorithm after ``l - 1`` steps, per n.
+
+    With ``baselines``, also vs the competent alternatives of :data:`BASELINES` (ridge, and GD with
+    many steps), the same at every layer, so "closer to PtO(l-1)" can be read against them.
 
     ``detail``, if given, receives per-prompt ``(readout - alg)^2`` and ``readout^2`` arrays
     ``(B, n values)`` and the n values, keyed by ``(model, readout, layer, algorithm, eta_fit)``,
@@ -262,13 +326,17 @@ def optimisation_readout(task: TaskConfig, val: Prompts, test: Prompts, val_acts
     paths_val = {k: v[..., cols] for k, v in algorithm_paths(task, val, steps, algorithms, cache).items()}
     paths_test = {k: v[..., cols] for k, v in algorithm_paths(task, test, steps, algorithms, cache).items()}
     f_val, f_test = val.f.double().numpy()[:, cols], test.f.double().numpy()[:, cols]
+    base_val = {k: v[..., cols] for k, v in baseline_paths(task, val, cache).items()} if baselines else {}
+    base_test = {k: v[..., cols] for k, v in baseline_paths(task, test, cache).items()} if baselines else {}
     rows = []
     for ro in READOUTS:
         for l in range(2, L + 1):
             t = l - 1
             r_val, r_test = val_reads[ro][l - 1], test_reads[ro][l - 1]  # (B, Q)
-            for alg in algorithms:
-                a_val, a_test = paths_val[alg.name][:, t - 1], paths_test[alg.name][:, t - 1]  # (E, B, Q)
+            compared = [(alg.name, alg.kind, alg.step, alg.grid, paths_val[alg.name][:, t - 1],
+                         paths_test[alg.name][:, t - 1]) for alg in algorithms]  # (E, B, Q) each
+            compared += [(b, "baseline", BASELINES[b][0], BASELINES[b][1], base_val[b], base_test[b]) for b in base_val]
+            for name, kind, rule, grid, a_val, a_test in compared:
                 with np.errstate(over="ignore", invalid="ignore"):
                     crit = {"risk": _nan_to_inf(((a_val - f_val[None]) ** 2).mean(1)),
                             "match": _nan_to_inf(((a_val - r_val[None]) ** 2).mean(1))}  # (E, Q)
@@ -277,16 +345,16 @@ def optimisation_readout(task: TaskConfig, val: Prompts, test: Prompts, val_acts
                     if detail is not None:
                         keep = test_acts.q_n >= n_min
                         a_best = a_test[best, :, np.arange(len(best))].T  # (B, Q)
-                        detail[(labels.get("model"), ro, l, alg.name, fit)] = (
+                        detail[(labels.get("model"), ro, l, name, fit)] = (
                             ((r_test - a_best) ** 2)[:, keep], (r_test**2)[:, keep], test_acts.q_n[keep])
                     for q, n in enumerate(test_acts.q_n):
                         if n < n_min:
                             continue
                         a, r, f = a_test[best[q], :, q], r_test[:, q], f_test[:, q]
                         diff = float(((r - a) ** 2).mean())
-                        rows.append(dict(labels, readout=ro, layer=l, steps=t, algorithm=alg.name, kind=alg.kind,
-                                         eta_fit=fit, n=int(n), step_rule=alg.step,
-                                         step_size=alg.grid[best[q]],
+                        rows.append(dict(labels, readout=ro, layer=l, steps=t, algorithm=name, kind=kind,
+                                         eta_fit=fit, n=int(n), step_rule=rule,
+                                         step_size=grid[best[q]],
                                          rel_err=diff / float((r**2).mean()) if (r**2).mean() > 0 else float("inf"),
                                          corr=_corr(r, a), disagree_norm=diff / norm,
                                          readout_risk_norm=float(((r - f) ** 2).mean()) / norm,
@@ -343,7 +411,7 @@ def verdicts(detail: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]], d: 
             if not cols.any():
                 continue
             err = {a: float(_rel_err(sq[:, cols], r2[:, cols])) for a, (sq, r2, _) in algs.items()}
-            best = {kind: min((a for a in err if ALGORITHMS.get(a, _kind_of(a)).kind == kind),
+            best = {kind: min((a for a in err if a not in BASELINES and ALGORITHMS.get(a, _kind_of(a)).kind == kind),
                               key=err.get, default=None) for kind in ("pto", "gd")}
             if best["pto"] is None or best["gd"] is None:
                 continue
@@ -364,8 +432,16 @@ def verdicts(detail: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]], d: 
             out.append(dict(model=model, readout=ro, layer=layer, eta_fit=fit, n_range=name,
                             best_pto=best["pto"], pto_rel_err=err[best["pto"]], best_gd=best["gd"],
                             gd_rel_err=err[best["gd"]], diff=diff, diff_ci_low=float(lo), diff_ci_high=float(hi),
-                            tracks=tracks))
+                            tracks=tracks, **_baseline_columns(err, best["pto"])))
     return out
+
+
+def _baseline_columns(err: dict[str, float], pto: str) -> dict[str, Any]:
+    """Relative error of each competent baseline present, and whether PtO(l-1) is closer than all of them."""
+    cols: dict[str, Any] = {f"{b}_rel_err": err[b] for b in BASELINES if b in err}
+    if cols:
+        cols["pto_closer_than_baselines"] = all(err[pto] < v for v in cols.values())
+    return cols
 
 
 def _kind_of(name: str) -> Algorithm:
@@ -456,7 +532,7 @@ def analyse_model(model: Transformer, task: TaskConfig, probe: Prompts, val: Pro
     Pass the same ``cache`` for every model scored on these prompts (see :func:`algorithm_paths`).
     """
     acts = {k: activations(model, p) for k, p in (("probe", probe), ("val", val), ("test", test))}
-    r2, r2_pos = preprocessing_readout(acts["probe"], probe, acts["test"], test, model=label)
+    r2, r2_pos = preprocessing_readout(acts["probe"], probe, acts["test"], test, heads=model.cfg.n_heads, model=label)
     val_reads, test_reads = readouts(acts["probe"], probe, [acts["val"], acts["test"]])
     detail: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
     agree = optimisation_readout(task, val, test, acts["val"], acts["test"], val_reads, test_reads,
@@ -501,7 +577,8 @@ def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = N
     labels: list[str] = []
     cache: PathCache = {}
     for path, m in models:
-        label = f"h{m.cfg.n_heads}" + ("" if f"h{m.cfg.n_heads}" not in labels else f"_{len(labels)}")
+        base = ModelKey(m.cfg.n_heads).e6_label
+        label = base + ("" if base not in labels else f"_{len(labels)}")
         labels.append(label)
         for k, v in analyse_model(m, pre.task, probe, val, test, label, cache=cache, with_any_t=with_any_t).items():
             if k == "detail":
@@ -523,6 +600,9 @@ def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = N
         checkpoints={lab: str(p) for lab, (p, _) in zip(labels, models)}, seed=seed, **sizes,
         e6a_mean_r2={f"{r['model']}/{r['source']}/{r['target']}": r["r2"]
                      for r in results["r2"] if r["feature"] == "mean"},
+        e6a_directions={f"{r['model']}/{r['source']}/{r['target']}": r["r2"]
+                        for r in results["r2"] if r["feature"] == "directions"},
+        e6a_direction_r2_cutoff=DIRECTION_R2,
         e6b_verdict=verdict,
         e6b_final_best_t={f"{m}/{a}": min((r for r in results["final_any_t"] if (r["model"], r["algorithm"]) == (m, a)),
                                           key=lambda r: r["mean_rel_err"])
@@ -593,11 +673,12 @@ def plot_e6b(rows: Sequence[dict[str, Any]], model: str, path: str | Path, reado
     layers = sorted({r["layer"] for r in sel})
     fig, axes = plt.subplots(2, max(1, len(layers)), figsize=(4.2 * max(1, len(layers)), 6.5), squeeze=False)
     for c, l in enumerate(layers):
-        for alg in ALGORITHMS:
+        for alg in [*ALGORITHMS, *BASELINES]:
             rs = sorted((r for r in sel if r["layer"] == l and r["algorithm"] == alg), key=lambda r: r["n"])
             if not rs:
                 continue
-            style = dict(ls="-" if alg.startswith("pto") else "--", marker="o" if "fixed" in alg else "s", ms=3)
+            style = dict(ls=":" if alg in BASELINES else "-" if alg.startswith("pto") else "--",
+                         marker="o" if "fixed" in alg else "s", ms=3)
             n = [r["n"] for r in rs]
             axes[0, c].plot(n, [r["rel_err"] for r in rs], label=alg, **style)
             axes[1, c].plot(n, [r["corr"] for r in rs], label=alg, **style)

@@ -28,6 +28,7 @@ from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ..claims.keys import AblationKind, ModelKey, Variant, in_context_n_min
 from ..config import ConfigError, Preset, TaskConfig
 from ..io import write_csv, write_json, write_provenance
 from ..evaluation import batches_with_cache
@@ -112,13 +113,27 @@ def probe_layers(model: Transformer, fit_prompts: Prompts, test_prompts: Prompts
 
 def final_probe_errors(model: Transformer, fit_prompts: Prompts, test_prompts: Prompts,
                        gates: torch.Tensor | None = None, fit_values: torch.Tensor | None = None,
-                       test_values: torch.Tensor | None = None, alphas: np.ndarray = ALPHAS) -> np.ndarray:
-    """Held-out squared errors ``(P_test, N)`` of the per-n probes after the last layer."""
+                       test_values: torch.Tensor | None = None, alphas: np.ndarray = ALPHAS,
+                       after_ln: bool = False) -> np.ndarray:
+    """Held-out squared errors ``(P_test, N)`` of the per-n probes after the last layer.
+
+    ``after_ln``: probe the residual stream after the final LayerNorm, the basis the model's
+    own read-out uses, instead of before it.
+    """
     _check_fit(fit_prompts)
     fit_s = query_states(model, fit_prompts, gates, values=fit_values, layers=[-1])
     test_s = query_states(model, test_prompts, gates, values=test_values, layers=[-1])
+    if after_ln:
+        fit_s, test_s = final_norm(model, fit_s), final_norm(model, test_s)
     pred, _ = probe_errors(fit_s, fit_prompts.f.double().numpy(), test_s, alphas)
     return squared_errors(torch.from_numpy(pred[0]), test_prompts.f)
+
+
+@torch.no_grad()
+def final_norm(model: Transformer, states: np.ndarray) -> np.ndarray:
+    """The model's final LayerNorm applied to residual states (float64 in and out)."""
+    p = next(model.parameters())
+    return model.ln_f(torch.from_numpy(states).to(p.device, p.dtype)).double().cpu().numpy()
 
 
 def _check_fit(fit_prompts: Prompts) -> None:
@@ -149,22 +164,23 @@ def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare:
     n = n_prompts or pre.eval.n_test
     fit, test = fixed_prompts(pre.task, n, seed, "probe"), fixed_prompts(pre.task, n, seed, "test")
     # (label, model, gates, fit values, test values, checkpoint)
-    runs: list[tuple[str, Transformer, Any, Any, Any, str]] = [(f"h={model.cfg.n_heads} full", model, None, None, None,
-                                                                str(ckpt))]
+    runs: list[tuple[str, Transformer, Any, Any, Any, str]] = [(ModelKey(model.cfg.n_heads).e4_label, model, None, None,
+                                                                None, str(ckpt))]
     policy = None
     if prune is not None:
         policy = default_policy(model.cfg.n_layers) if prune == "default" else prune
         abls = make_ablations(model, kinds, pre.task, n, seed)
-        imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()))
+        imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()),
+                                  n_min=in_context_n_min(pre.task.d))  # ranked as E3 ranks them
         for kind, abl in abls.items():
-            label = f"h={model.cfg.n_heads} pruned" + ("" if kind == "zero" else f" ({kind})")
+            label = ModelKey(model.cfg.n_heads, Variant.PRUNED, AblationKind(kind)).e4_label
             runs.append((label, model, prune_gates(imps[kind], policy), abl.repaired(seed + 1).values(n), abl.values(n),
                          str(ckpt)))
     for other in compare:
         m2, _, _ = load_for_analysis(other, pre, device)
         if m2.cfg.n_layers != model.cfg.n_layers:
             raise ConfigError(f"compare: {other} has {m2.cfg.n_layers} layers, {ckpt} has {model.cfg.n_layers}")
-        label = f"h={m2.cfg.n_heads}"
+        label = ModelKey(m2.cfg.n_heads).e4_label
         if any(label == r[0] for r in runs):
             label = f"{label} ({Path(other).name})"
         runs.append((label, m2, None, None, None, str(other)))

@@ -30,6 +30,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..claims.keys import ModelKey
 from ..config import Preset
 
 E1_ESTIMATORS = ("ols", "ridge", "lasso", "gd", "pto", "oracle_ls", "bayes")
@@ -231,7 +232,7 @@ def _summary(rows: list[dict[str, Any]], preset: Preset, ns: list[int]) -> dict[
             if (ref, d) in table:
                 out[f"below_{ref}_for_n_ge_d"] = {m: all(table[(m, n)] < table[(ref, n)] for n in big) for m in models}
     heads = sorted(preset.heads)
-    mean_big = {h: sum(table[(f"transformer h={h}", n)] for n in range(d, n_max + 1)) / (n_max - d + 1) for h in heads}
+    mean_big = {h: sum(table[(ModelKey(h).e1_label, n)] for n in range(d, n_max + 1)) / (n_max - d + 1) for h in heads}
     out["mean_risk_norm_n_ge_d"] = mean_big
     out["more_heads_not_worse"] = all(mean_big[b] <= mean_big[a] * 1.05 for a, b in zip(heads, heads[1:]))
     return out
