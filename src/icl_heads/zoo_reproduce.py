@@ -85,8 +85,27 @@ def factor_rows(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[st
             stat = (v.get("stats") or [{}])[0]
             name = stat.get("name", "")
             rows.append({"claim": v["claim"], "config": c.name, "verdict": v["verdict"], "statistic": name,
+                         "threshold": stat.get("threshold"), "above": stat.get("above"),
+                         "mean": stat.get("value"), "ci": stat.get("ci"), "pi": stat.get("pi"),
+                         "passes": stat.get("passes"),
                          "per_seed": [ps.get("stats", {}).get(name) for ps in per]})
     return rows
+
+
+def _cell(r: dict[str, Any]) -> str:
+    """``verdict: statistic (needs > t) seeds a / b / c; mean [CI], PI; k/K pass``."""
+    side = ">" if r.get("above") else "<"
+    text = f"**{r['verdict']}**: {r['statistic']}"
+    if r.get("threshold") is not None:
+        text += f" (needs {side} {r['threshold']:g})"
+    text += " seeds " + " / ".join("?" if x is None else f"{x:.3g}" for x in r["per_seed"])
+    if r.get("ci"):
+        text += f"; mean {r['mean']:.3g} [{r['ci'][0]:.3g}, {r['ci'][1]:.3g}]"
+    if r.get("pi"):
+        text += f", PI [{r['pi'][0]:.3g}, {r['pi'][1]:.3g}]"
+    if r.get("passes") is not None:
+        text += f"; {r['passes']}/{len(r['per_seed'])} pass"
+    return text
 
 
 # pairs of configurations that differ in exactly one factor
@@ -118,14 +137,15 @@ def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str,
     lines = ["# icl-heads: the factor study on the zoo", "",
              "Configurations (quick task, h = 4 analysed, h = 1 as the single-head reference): "
              + "; ".join(f"**{c.name}** {c.title} ({done[c.name]['seeds']} seeds)" for c in configs) + ".", "",
-             "Each cell: the verdict over seeds, then the claim's key statistic for every seed.", "",
+             "Each cell: the verdict over seeds, the claim's key statistic (and its threshold) for every seed, "
+             "the mean over seeds with its 95% interval and the prediction interval for a new seed (ratios on the "
+             "log scale, shares on the logit scale; docs/report.md), and how many seeds pass.", "",
              "| claim | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for claim in claims:
         cells = []
         for n in names:
             r = cell.get((claim, n))
-            cells.append("–" if r is None else f"{r['verdict']}: {r['statistic']} "
-                         + " / ".join("?" if x is None else f"{x:.3g}" for x in r["per_seed"]))
+            cells.append("–" if r is None else _cell(r))
         lines.append(f"| {claim} | " + " | ".join(cells) + " |")
     lines += ["", "What it decides, one sentence per claim:", ""]
     lines += [f"* {factor_sentence(claim, {n: cell[(claim, n)]['verdict'] for n in names if (claim, n) in cell})}"
