@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import ConfigError, Preset, validate
 from ..stacked import Member, group_stacks, members_for, stack_dir_for, train_members, train_stack
+from ..workers import process_pool
 
 
 def arch_dir(out: str | Path, layers: int, mlp: bool, k: int, h: int) -> Path:
@@ -72,7 +71,7 @@ def run_arch_sweep(preset: Preset, out: str | Path, layers: Sequence[int], mlps:
     if stacked and jobs > 1 and todo:
         groups = group_stacks(todo)
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(groups)))
-        with ProcessPoolExecutor(min(jobs, len(groups)), mp_context=get_context("spawn")) as ex:
+        with process_pool(min(jobs, len(groups))) as ex:
             futs = [ex.submit(_train_group, g, str(stack_dir_for(g, out / "stacks")), device, threads) for g in groups]
             for f in futs:
                 sdir, wall = f.result()

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import Preset
+from ..workers import process_pool
 
 E1_ESTIMATORS = ("ols", "ridge", "lasso", "gd", "pto", "oracle_ls", "bayes")
 # ols (blows up at n = d) and oracle_ls (not an estimator; blows up at n < s) stay in the CSV, off the figure
@@ -70,7 +69,7 @@ def train_separately(items: Sequence[tuple[Any, str | Path]], device: str = "cpu
             walls[str(path)] = _train_one(spec, str(path), device, threads, 0, progress)
     else:
         threads = max(1, cores // n_proc)
-        with ProcessPoolExecutor(n_proc, mp_context=get_context("spawn")) as ex:
+        with process_pool(n_proc) as ex:  # killed, not awaited, on Ctrl-C/SIGTERM (icl_heads.workers)
             # slowest first (more heads train slower on CPU), so the lone last job is a fast one
             order = sorted(items, key=lambda it: -it[0].model.n_heads)
             futs = {str(path): ex.submit(_train_one, spec, str(path), device, threads, i, progress)
