@@ -77,18 +77,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
         cfg = validate(ModelConfig, meta["model_config"])
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{Path(path) / META_FILE}: bad model_config ({e})") from None
-    check_meta(Path(path), meta, cfg)
+    check_task(Path(path), meta, cfg)
     model = Transformer(cfg)
     tensors = load_tensors(path, MODEL_FILE, meta)
     misfit = weight_misfit(model.state_dict(), tensors)
     if misfit:
         raise CheckpointError(f"{Path(path) / MODEL_FILE}: weights do not fit the config ({misfit})")
+    check_preset(Path(path) / META_FILE, meta, cfg)
     model.load_state_dict(tensors)
     return model.to(device), meta
 
 
-def check_meta(path: Path, meta: dict[str, Any], cfg: ModelConfig) -> None:
-    """The task and preset recorded in ``meta.json`` must fit its ``model_config``.
+def check_task(path: Path, meta: dict[str, Any], cfg: ModelConfig) -> None:
+    """The task recorded in ``meta.json`` must fit its ``model_config`` (checked before the weights).
 
     A checkpoint whose meta says ``task.d = 7`` for a 5-dimensional model used to fail deep
     inside a matmul, and an edited preset name ran silently; now either is one line naming the field.
@@ -104,10 +105,9 @@ def check_meta(path: Path, meta: dict[str, Any], cfg: ModelConfig) -> None:
             if have != want:
                 name = "n_dims" if field == "d" else field
                 raise CheckpointError(f"task.{field}: {where} says {have} but model_config.{name} is {want}")
-    _check_preset(where, meta, cfg)
 
 
-def _check_preset(where: Path, meta: dict[str, Any], cfg: ModelConfig) -> None:
+def check_preset(where: Path, meta: dict[str, Any], cfg: ModelConfig) -> None:
     """A recorded preset name must be known and agree with the recorded preset config and model."""
     name = meta.get("preset")
     if name is None or isinstance(name, dict):

@@ -52,8 +52,10 @@ class OutDir(click.Path):
             raise ConfigError(f"out: cannot create or write the folder {value} ({e.strerror or e})") from None
         finally:
             for p in missing:
-                if p.is_dir():
+                try:
                     p.rmdir()
+                except OSError:  # gone already, or another writer started filling it meanwhile: leave it
+                    pass
         return path
 
 
