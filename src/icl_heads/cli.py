@@ -507,18 +507,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     from .workers import Terminated, install_term_handler
 
     install_term_handler()
+    interrupted: Optional[int] = None
     try:
         app.main(args=argv, prog_name="icl-heads", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as e:
         term = isinstance(e, Terminated) or isinstance(e.__cause__ or e.__context__, Terminated)
-        click.echo(f"interrupted: {_resume_hint(argv)}", err=True)
-        sys.exit(143 if term else 130)
+        interrupted = 143 if term else 130
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code or 2)
     except (ConfigError, CheckpointError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    if interrupted is not None:
+        click.echo(f"interrupted: {_resume_hint(argv)}", err=True)
+        sys.exit(interrupted)
 
 
 def _resume_hint(argv: Optional[list[str]]) -> str:
