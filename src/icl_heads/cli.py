@@ -96,10 +96,18 @@ def writing(out: Path) -> Any:
     return folder_lock(out)
 
 
-def analysis_out(out: Path, reads: list[Path], experiment: str) -> Any:
-    """Refuse an ``--out`` holding a checkpoint it reads or someone else's files; then lock it."""
+def analysis_out(out: Path, reads: list[Path], experiment: str, preset: Optional[str] = None) -> Any:
+    """Check the checkpoints read (task, weights, preset: ``checkpoint.load_model``) and refuse an ``--out``
+    holding one of them or someone else's files, all before anything is written; then lock ``out``."""
+    from .checkpoint import load_model
     from .folders import check_analysis_out
 
+    for ckpt in reads:
+        load_model(ckpt)
+    if experiment != "eval":
+        from .analysis.heads import resolve_preset
+
+        resolve_preset(reads[0], preset)
     check_analysis_out(out, reads, experiment)
     return writing(out)
 
@@ -186,7 +194,7 @@ def assess_heads_cmd(ckpt: Path, preset: Optional[str], out: Path, prompts: Opti
     dev = resolve_device(device)
     from .analysis.heads import run_e2
 
-    with analysis_out(out, [ckpt], "E2"):
+    with analysis_out(out, [ckpt], "E2", preset):
         s = run_e2(ckpt, out, preset, prompts, seed, dev, boot, ablations=kinds)
     for kind, k in s["by_ablation"].items():
         for c in k["concentration"]:
@@ -215,7 +223,7 @@ def prune(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
 
     if keep is not None:
         parse_policy(keep)
-    with analysis_out(out, [ckpt], "E3"):
+    with analysis_out(out, [ckpt], "E3", preset):
         s = run_e3(ckpt, out, keep, preset, finetune_steps, prompts, seed, dev, ablations=kinds)
     for kind, k in s["by_ablation"].items():
         for name, r in k["risk_ratio_vs_full"].items():
@@ -244,7 +252,7 @@ def probe(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
 
     if prune_policy not in (None, "default"):
         parse_policy(prune_policy)
-    with analysis_out(out, [ckpt, *compare], "E4"):
+    with analysis_out(out, [ckpt, *compare], "E4", preset):
         s = run_e4(ckpt, out, prune_policy, list(compare), preset, prompts, seed, dev, ablations=kinds)
     for m, by_layer in s["mean_probe_risk_norm"].items():
         click.echo(f"{m}: " + ", ".join(f"{l}={v:.3f}" for l, v in by_layer.items()))
@@ -264,7 +272,7 @@ def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
     dev = resolve_device(device)
     from .analysis.mechanism import run_e6
 
-    with analysis_out(out, [ckpt] + ([single] if single else []), "E6"):
+    with analysis_out(out, [ckpt] + ([single] if single else []), "E6", preset):
         s = run_e6(ckpt, out, single, preset=preset, n_prompts=prompts, seed=seed, device=dev,
                    with_construct=not no_construct)
     for k, v in s["e6a_mean_r2"].items():

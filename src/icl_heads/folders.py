@@ -24,6 +24,7 @@ LOCK_FILE = ".lock"
 # files that say a folder belongs to a checkpoint (meta/model), a reproduce run (run/manifest) or a sweep
 FOREIGN_MARKERS = ("meta.json", "model.safetensors", "state.safetensors", "run.json", "manifest.json", "sweep.json")
 _held: dict[Path, int] = {}  # folders this process holds, with a nesting count (a lock is re-entrant)
+_created: set[Path] = set()  # folders the lock created: removed again on release if still empty
 
 
 class FolderLocked(ConfigError):
@@ -74,6 +75,8 @@ def acquire(folder: str | Path) -> Path:
     if folder in _held:
         _held[folder] += 1
         return folder
+    if not folder.exists():
+        _created.add(folder)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
@@ -86,9 +89,11 @@ def acquire(folder: str | Path) -> Path:
         if not _is_stale(holder):
             assert holder is not None
             where = "" if holder.get("host") == socket.gethostname() else f" on {holder.get('host')}"
+            _drop_if_created(folder)
             raise FolderLocked(f"out: {folder} is being written by PID {holder['pid']}{where} "
                                f"(started {holder.get('started', '?')})")
         path.unlink(missing_ok=True)
+    _drop_if_created(folder)
     raise FolderLocked(f"out: could not lock {folder} (lock file keeps changing)")
 
 
@@ -101,6 +106,17 @@ def release(folder: Path) -> None:
     holder = read_lock(folder)
     if holder is not None and holder.get("pid") == os.getpid():
         (folder / LOCK_FILE).unlink(missing_ok=True)
+    _drop_if_created(folder)
+
+
+def _drop_if_created(folder: Path) -> None:
+    """A command that failed before writing anything leaves no empty folder behind."""
+    if folder in _created:
+        _created.discard(folder)
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: it holds results
+            pass
 
 
 @contextmanager
