@@ -56,6 +56,11 @@ def test_report_has_every_section_figure_and_verdict(run):
         assert (run / f).stat().st_size > 1000, f
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(figures)
+    # the answer first: the claim summary and its chart before any experiment, the evidence folded away
+    head = md[: md.index("## E1")]
+    assert "summary.png" in head and "transformer h=2 (mean [min, max] over 2 seeds)" in head
+    assert head.count("<details>") >= 2 and "Rule — " in head
+    assert html.index("<details>") < html.index("<h2>E1")
     verdicts = json.loads((run / "verdicts.json").read_text())
     assert [key(v["claim"]) for v in verdicts] == (["1a"] + [f"1b/{k}" for k in KINDS]
                                                    + [f"2a/{k}/{r}" for k in KINDS for r in ("model", "probe")]
@@ -360,3 +365,20 @@ def test_e1_estimator_rows_taken_from_e5_equal_a_fresh_tuning(run):
         for col in ("risk_norm", "ci_low", "ci_high"):
             assert float(r[col]) == pytest.approx(fresh[key][col], rel=1e-12, abs=1e-300), (key, col)
         assert r["hparams"] == fresh[key]["hparams"]
+
+
+def test_eta_prices_stages_by_their_measured_cost_and_says_so():
+    """A stage kind that ran already is priced at its measured cost; the line names the machine."""
+    from icl_heads.config import get_preset
+    from icl_heads.reproduce import StageRunner, machine, stage_names
+
+    r = StageRunner(Path("."), get_preset("smoke"), stage_names(2), log=lambda m: None)
+    assert r._eta("e5").startswith("? (no stage measured yet)")
+    r.wall.update({"e5": 10.0, "train": 100.0, "seed0/e1": 1.0, "seed0/e2": 2.0, "seed0/e3": 3.0,
+                   "seed0/e4": 4.0, "seed0/e6": 6.0, "seed0/e7": 7.0})
+    eta = r._eta("seed1/e1")  # seed 1's six stages cost what seed 0's did; the report by its share
+    from icl_heads.reproduce import _WEIGHTS
+    spent = sum(r.wall.values())
+    done_w = _WEIGHTS["e5"] + _WEIGHTS["train"] + sum(_WEIGHTS[k] for k in ("e1", "e2", "e3", "e4", "e6", "e7"))
+    want = 23.0 + _WEIGHTS["report"] * spent / done_w
+    assert eta.startswith(f"{int(round(want))}s (6 of 7 stages left measured in this run on {machine()}")

@@ -498,11 +498,14 @@ def sweep_arch(preset: str, out: Path, layers: str, mlps: str, heads: str, seeds
 
 def arch_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Per architecture and seed: each head count's risk at n = d and 2d (the table's headline columns)."""
+    import re
+
     lines = []
     for r in rows:
-        cells = [f"{k.removesuffix('_risk_nd').removesuffix('_risk_n2d')} {'n=d' if k.endswith('_nd') else 'n=2d'} "
-                 f"{float(v):.3f}" for k, v in r.items() if "_risk_n" in k and v != ""]
-        lines.append(f"L={r['L']} mlp={r['mlp']} seed {r['seed']}: " + ", ".join(cells))
+        heads = sorted({int(m.group(1)) for k in r if (m := re.fullmatch(r"h(\d+)_risk_nd", k))})
+        cells = [f"h={h} " + ", ".join(f"n={key} {float(r[f'h{h}_risk_n{key}']):.3f}" for key in ("d", "2d")
+                                       if r.get(f"h{h}_risk_n{key}", "") != "") for h in heads]
+        lines.append(f"L={r['L']} mlp={r['mlp']} seed {r['seed']}: excess risk / s tau^2 " + "; ".join(cells))
     return lines
 
 
