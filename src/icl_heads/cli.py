@@ -515,12 +515,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     Ctrl-C and SIGTERM unwind the command (locks released, workers terminated: ``icl_heads.workers``)
     and end in one line saying how to resume, exit 130 (SIGINT) or 143 (SIGTERM).
     """
-    from .workers import Terminated, install_term_handler
+    from .workers import Terminated, install_term_handler, restore_term_handler
 
-    install_term_handler()
+    previous = install_term_handler()
     interrupted: Optional[int] = None
     try:
-        app.main(args=argv, prog_name="icl-heads", standalone_mode=False)
+        try:
+            app.main(args=argv, prog_name="icl-heads", standalone_mode=False)
+        finally:
+            restore_term_handler(previous)
     except (click.exceptions.Abort, KeyboardInterrupt) as e:
         term = isinstance(e, Terminated) or isinstance(e.__cause__ or e.__context__, Terminated)
         interrupted = 143 if term else 130

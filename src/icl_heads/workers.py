@@ -28,9 +28,21 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def install_term_handler() -> None:
-    """Make SIGTERM unwind the main thread (``finally`` blocks run) instead of killing it outright."""
-    signal.signal(signal.SIGTERM, _raise_terminated)
+def install_term_handler() -> Any:
+    """Make SIGTERM unwind the main thread (``finally`` blocks run) instead of killing it outright.
+
+    Returns the previous handler (to restore when the CLI runs in-process, e.g. under pytest);
+    ``None`` off the main thread, where Python cannot install signal handlers.
+    """
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        return None
+
+
+def restore_term_handler(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_now(signum: int, frame: Any) -> None:
