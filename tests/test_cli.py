@@ -119,3 +119,38 @@ def test_unusable_out_folder_subprocess_has_no_traceback():
     res = run_cli("eval", "/nonexistent_ckpt", "--out", "/proc/icl_heads_x")
     assert res.returncode == 2
     assert_one_line_error(res, "out:", "/proc/icl_heads_x")
+
+
+TINY_SETS = ["--set", "train.steps=4", "--set", "train.warmup_steps=1", "--set", "train.snapshots=0",
+             "--set", "train.eval_every=2", "--set", "train.checkpoint_every=2", "--set", "eval.n_test=40",
+             "--set", "eval.n_val=20"]
+
+
+def test_sweep_arch_writes_its_table_and_prints_the_risks(tmp_path, capsys):
+    """sweep-arch writes table.csv itself (the README promised it; only --table used to) and prints its rows."""
+    from icl_heads.cli import main
+    from icl_heads.io import read_csv
+
+    out = tmp_path / "arch"
+    main(["sweep-arch", "--preset", "smoke", "--layers", "1", "--mlp", "0", "--heads", "1", "--seeds", "1",
+          "--out", str(out), *TINY_SETS])
+    printed = capsys.readouterr().out
+    rows = read_csv(out / "table.csv")
+    assert len(rows) == 1 and rows[0]["L"] == "1"
+    assert f"L=1 mlp=0 seed 0: excess risk / s tau^2 h=1 n=d {float(rows[0]['h1_risk_nd']):.3f}, " \
+           f"n=2d {float(rows[0]['h1_risk_n2d']):.3f}" in printed
+    assert f"table of 1 rows written to {out / 'table.csv'}" in printed
+
+
+def test_sweep_heads_prints_models_beside_the_estimators(tmp_path, capsys):
+    from icl_heads.cli import main
+    from icl_heads.io import read_csv
+
+    out = tmp_path / "e1"
+    main(["sweep-heads", "--preset", "smoke", "--out", str(out), "--set", "heads=[1]", *TINY_SETS])
+    lines = capsys.readouterr().out.splitlines()
+    assert "n=2 (d/2)" in lines[1] and "n=5 (d)" in lines[1] and "n=10 (2d)" in lines[1]
+    rows = {(r["label"], int(r["n"])): r for r in read_csv(out / "e1_heads.csv")}
+    for label in ("transformer h=1", "ridge", "bayes"):
+        line = next(ln for ln in lines if ln.strip().startswith(label + " "))
+        assert f"{float(rows[(label, 5)]['risk_norm']):.3f} [" in line, line

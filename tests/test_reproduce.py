@@ -56,6 +56,11 @@ def test_report_has_every_section_figure_and_verdict(run):
         assert (run / f).stat().st_size > 1000, f
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(figures)
+    # the answer first: the claim summary and its chart before any experiment, the evidence folded away
+    head = md[: md.index("## E1")]
+    assert "summary.png" in head and "transformer h=2 (mean [min, max] over 2 seeds)" in head
+    assert head.count("<details>") >= 2 and "Rule — " in head
+    assert html.index("<details>") < html.index("<h2>E1")
     verdicts = json.loads((run / "verdicts.json").read_text())
     assert [key(v["claim"]) for v in verdicts] == (["1a"] + [f"1b/{k}" for k in KINDS]
                                                    + [f"2a/{k}/{r}" for k in KINDS for r in ("model", "probe")]
@@ -256,6 +261,11 @@ def test_other_config_in_same_folder_is_refused(run):
     assert res.stderr.strip().startswith("error: out:")
 
 
+IDENTICAL = ("seed0/e1/e1_heads.csv", "seed0/e2/head_importance.csv", "seed0/e3/pruning.csv",
+             "seed1/e1/e1_heads.csv", "seed1/e3/pruning.csv", "seed0/e7/emergence.csv", "seed1/e7/emergence.csv",
+             "seed1/e1/models/h2/snapshots/step000300/model.safetensors", "verdicts.json")
+
+
 def test_kill_mid_training_then_resume_gives_same_numbers(run, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(cli("reproduce", "--preset", "smoke", "--out", str(out), "--device", "cpu"),
@@ -275,10 +285,71 @@ def test_kill_mid_training_then_resume_gives_same_numbers(run, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "e5: done earlier" in res.stderr  # finished work was kept, not redone
     assert (out / "e5/e5_risk.csv").read_bytes() == e5_before
-    for rel in ("seed0/e1/e1_heads.csv", "seed0/e2/head_importance.csv", "seed0/e3/pruning.csv",
-                "seed1/e1/e1_heads.csv", "seed1/e3/pruning.csv", "seed0/e7/emergence.csv", "seed1/e7/emergence.csv",
-                "seed1/e1/models/h2/snapshots/step000300/model.safetensors", "verdicts.json"):
+    for rel in IDENTICAL:
         assert (out / rel).read_bytes() == (run / rel).read_bytes(), rel
+    shutil.rmtree(out)
+
+
+def process_group(pgid: int) -> list[int]:
+    """PIDs whose process group is ``pgid`` (the run's parent, its workers, the resource tracker)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(d.name))
+    return pids
+
+
+def interrupt_during_training(proc: subprocess.Popen, sig: int, wait_for: Path, since_ns: int = 0) -> str:
+    """Send ``sig`` to the parent once ``wait_for`` is newer than ``since_ns``; assert the whole process group
+    is gone within 10 s, the exit code is 128 + sig and stderr ends in one line saying how to resume."""
+    deadline = time.time() + 300
+    while (not wait_for.exists() or wait_for.stat().st_mtime_ns <= since_ns) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    t = time.time()
+    proc.send_signal(sig)  # the parent only, as `kill` would: it must end its workers itself
+    _, err = proc.communicate(timeout=60)
+    while process_group(proc.pid) and time.time() - t < 10:
+        time.sleep(0.1)
+    assert process_group(proc.pid) == [], "processes of the run survived the signal"
+    assert time.time() - t < 10
+    assert proc.returncode == 128 + sig, err[-2000:]
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "step/s" not in ln]
+    assert "Traceback" not in err and "Warning" not in err, err[-2000:]
+    assert lines[-1] == "interrupted: rerun the same command to resume (finished work is kept)", lines[-3:]
+    return err
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigint_stop_every_process_and_the_rerun_is_identical(run, tmp_path):
+    """SIGTERM during training, then SIGINT during the resumed training: nothing survives either, and the
+    final rerun ends byte-identical to the uninterrupted run."""
+    out = tmp_path / "signals"
+    args = cli("reproduce", "--preset", "smoke", "--out", str(out), "--device", "cpu")
+    ckpt = out / "seed0/e1/models/h1/meta.json"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(),
+                            start_new_session=True)
+    interrupt_during_training(proc, signal.SIGTERM, ckpt)
+    assert not (out / "train/stage.json").exists(), "interrupted too late: training had finished"
+    assert json.loads(ckpt.read_text())["finished"] is False
+    before = ckpt.stat().st_mtime_ns
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(),
+                            start_new_session=True)
+    interrupt_during_training(proc, signal.SIGINT, ckpt, since_ns=before)
+    assert not (out / "train/stage.json").exists()
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env())
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "e5: done earlier" in res.stderr
+    for rel in IDENTICAL:
+        assert (out / rel).read_bytes() == (run / rel).read_bytes(), rel
+    assert not list(out.rglob(".lock")), "a finished run leaves no lock behind"
     shutil.rmtree(out)
 
 
@@ -325,3 +396,20 @@ def test_e1_estimator_rows_taken_from_e5_equal_a_fresh_tuning(run):
         for col in ("risk_norm", "ci_low", "ci_high"):
             assert float(r[col]) == pytest.approx(fresh[key][col], rel=1e-12, abs=1e-300), (key, col)
         assert r["hparams"] == fresh[key]["hparams"]
+
+
+def test_eta_prices_stages_by_their_measured_cost_and_says_so():
+    """A stage kind that ran already is priced at its measured cost; the line names the machine."""
+    from icl_heads.config import get_preset
+    from icl_heads.reproduce import StageRunner, machine, stage_names
+
+    r = StageRunner(Path("."), get_preset("smoke"), stage_names(2), log=lambda m: None)
+    assert r._eta("e5").startswith("? (no stage measured yet)")
+    r.wall.update({"e5": 10.0, "train": 100.0, "seed0/e1": 1.0, "seed0/e2": 2.0, "seed0/e3": 3.0,
+                   "seed0/e4": 4.0, "seed0/e6": 6.0, "seed0/e7": 7.0})
+    eta = r._eta("seed1/e1")  # seed 1's six stages cost what seed 0's did; the report by its share
+    from icl_heads.reproduce import _WEIGHTS
+    spent = sum(r.wall.values())
+    done_w = _WEIGHTS["e5"] + _WEIGHTS["train"] + sum(_WEIGHTS[k] for k in ("e1", "e2", "e3", "e4", "e6", "e7"))
+    want = 23.0 + _WEIGHTS["report"] * spent / done_w
+    assert eta.startswith(f"{int(round(want))}s (6 of 7 stages left measured in this run on {machine()}")

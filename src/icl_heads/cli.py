@@ -52,8 +52,10 @@ class OutDir(click.Path):
             raise ConfigError(f"out: cannot create or write the folder {value} ({e.strerror or e})") from None
         finally:
             for p in missing:
-                if p.is_dir():
+                try:
                     p.rmdir()
+                except OSError:  # gone already, or another writer started filling it meanwhile: leave it
+                    pass
         return path
 
 
@@ -87,6 +89,34 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def writing(out: Path) -> Any:
+    """Hold ``out``'s one-writer lock (``icl_heads.folders``) while a command writes into it."""
+    from .folders import folder_lock
+
+    return folder_lock(out)
+
+
+def analysis_out(out: Path, reads: list[Path], experiment: str, preset: Optional[str] = None) -> Any:
+    """Check the checkpoints read (task, weights, preset: ``checkpoint.load_model``) and refuse an ``--out``
+    holding one of them or someone else's files, all before anything is written; then lock ``out``."""
+    from .checkpoint import load_model
+    from .folders import check_analysis_out
+
+    for ckpt in reads:
+        load_model(ckpt)
+    if experiment != "eval":
+        from .analysis.heads import resolve_preset
+
+        resolve_preset(reads[0], preset)
+    check_analysis_out(out, reads, experiment)
+    return writing(out)
+
+
+def echo_lines(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(line)
+
+
 @app.command()
 @preset_option
 @out_option
@@ -105,8 +135,12 @@ def estimators(preset: str, out: Path, d: Optional[int], s: Optional[int], sigma
     p = make_preset(preset, seed, sets, **{"task.d": d, "task.s": s, "task.sigma": sigma, "task.n_max": n_max,
                                      "eval.n_test": prompts})
     from .experiments.algorithms import run_e5
+    from .headline import risk_lines
 
-    run_e5(p, out, names=only.split(",") if only else None)
+    with writing(out):
+        s = run_e5(p, out, names=only.split(",") if only else None)
+    order = [e for e in ("pto", "gd", "lasso", "ridge", "ols", "bayes") if only is None or e in only.split(",")]
+    echo_lines(risk_lines(s["rows"], p.task, order or None, key="estimator"))
     click.echo(f"E5 written to {out}")
 
 
@@ -160,7 +194,8 @@ def assess_heads_cmd(ckpt: Path, preset: Optional[str], out: Path, prompts: Opti
     dev = resolve_device(device)
     from .analysis.heads import run_e2
 
-    s = run_e2(ckpt, out, preset, prompts, seed, dev, boot, ablations=kinds)
+    with analysis_out(out, [ckpt], "E2", preset):
+        s = run_e2(ckpt, out, preset, prompts, seed, dev, boot, ablations=kinds)
     for kind, k in s["by_ablation"].items():
         for c in k["concentration"]:
             click.echo(f"{kind} ablation, layer {c['layer']}: top head {c['top_head']} share {c['top_share']:.2f} "
@@ -188,7 +223,8 @@ def prune(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
 
     if keep is not None:
         parse_policy(keep)
-    s = run_e3(ckpt, out, keep, preset, finetune_steps, prompts, seed, dev, ablations=kinds)
+    with analysis_out(out, [ckpt], "E3", preset):
+        s = run_e3(ckpt, out, keep, preset, finetune_steps, prompts, seed, dev, ablations=kinds)
     for kind, k in s["by_ablation"].items():
         for name, r in k["risk_ratio_vs_full"].items():
             pr = k["probe_ratio_vs_full"][name]
@@ -216,7 +252,8 @@ def probe(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
 
     if prune_policy not in (None, "default"):
         parse_policy(prune_policy)
-    s = run_e4(ckpt, out, prune_policy, list(compare), preset, prompts, seed, dev, ablations=kinds)
+    with analysis_out(out, [ckpt, *compare], "E4", preset):
+        s = run_e4(ckpt, out, prune_policy, list(compare), preset, prompts, seed, dev, ablations=kinds)
     for m, by_layer in s["mean_probe_risk_norm"].items():
         click.echo(f"{m}: " + ", ".join(f"{l}={v:.3f}" for l, v in by_layer.items()))
     click.echo(f"E4 written to {out}")
@@ -235,8 +272,9 @@ def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
     dev = resolve_device(device)
     from .analysis.mechanism import run_e6
 
-    s = run_e6(ckpt, out, single, preset=preset, n_prompts=prompts, seed=seed, device=dev,
-               with_construct=not no_construct)
+    with analysis_out(out, [ckpt] + ([single] if single else []), "E6", preset):
+        s = run_e6(ckpt, out, single, preset=preset, n_prompts=prompts, seed=seed, device=dev,
+                   with_construct=not no_construct)
     for k, v in s["e6a_mean_r2"].items():
         if "/layer1/" in k:
             click.echo(f"E6a R^2 {k}: {v:.3f}")
@@ -264,7 +302,8 @@ def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="override any preset field by dotted path, e.g. --set train.steps=2000 (repeatable)")
 @click.option("--threads", default=1, show_default=True, type=int,
-              help="torch threads for the estimator and analysis stages (training runs one process per model)")
+              help="torch threads for the estimator and analysis stages, 1 to the number of CPU cores "
+                   "(training runs one process per model)")
 @click.option("--train", "train_all", is_flag=True,
               help="quick: train every zoo configuration's models from scratch into OUT instead of analysing the "
                    "zoo's (hours on a CPU)")
@@ -279,9 +318,8 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
     dev = resolve_device(device)
     if seeds is not None and seeds < 1:
         raise ConfigError(f"seeds: must be >= 1 (got {seeds})")
-    if threads < 1:
-        raise ConfigError(f"threads: must be >= 1 (got {threads})")
-    levels = parse_floats(sigmas, "sigmas") if sigmas else None
+    check_threads(threads)
+    levels = check_sigmas(p, parse_floats(sigmas, "sigmas")) if sigmas else None
     import torch
 
     from .reproduce import reproduce as run
@@ -292,15 +330,39 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
         from .zoo_reproduce import reproduce_zoo
 
         if train_all or any(complete_seeds(c) for c in CONFIGS.values()):
-            report = reproduce_zoo(out, train=train_all, device=dev, any_t=any_t)
+            with writing(out):
+                report = reproduce_zoo(out, train=train_all, device=dev, any_t=any_t)
             click.echo(f"done: factor report at {report}; one report per configuration under {out}/<config>/")
             return
         click.echo(f"note: {ZOO_DIR} holds no complete seed yet; training the quick preset's models in this run",
                    err=True)
     elif train_all and preset != "quick":
         raise ConfigError("train: --train selects the zoo's configurations and needs --preset quick")
-    report = run(p, out, seeds=seeds, device=dev, sigmas=levels, stacked=stacked, any_t=any_t)
+    with writing(out):
+        report = run(p, out, seeds=seeds, device=dev, sigmas=levels, stacked=stacked, any_t=any_t)
     click.echo(f"done: report at {report} (and {report.with_suffix('.html')})")
+
+
+def check_threads(threads: int) -> None:
+    """More torch threads than cores only oversubscribes them (``--threads 1000`` slowed E5 several-fold)."""
+    import os
+
+    cores = os.cpu_count() or 1
+    if not 1 <= threads <= cores:
+        raise ConfigError(f"threads: must be between 1 and {cores}, the CPU cores of this machine (got {threads})")
+
+
+def check_sigmas(preset: Preset, levels: list[float]) -> list[float]:
+    """Each noise level through the same validation as ``task.sigma`` (``--sigma``, ``--set``, presets),
+    so ``--sigmas nan`` fails here, not as a scikit-learn traceback after minutes of training."""
+    from .config import TaskConfig, validate
+
+    for x in levels:
+        try:
+            validate(TaskConfig, {**preset.task.model_dump(), "sigma": x})
+        except ConfigError as e:
+            raise ConfigError(f"sigmas: {str(e).removeprefix('sigma: ')}") from None
+    return levels
 
 
 def parse_floats(text: str, field: str) -> list[float]:
@@ -364,9 +426,14 @@ def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int]) -> None
     if prompts is not None and prompts < 2:
         raise ConfigError(f"prompts: need at least 2 test prompts (got {prompts})")
     dev = resolve_device(device)
+    from .checkpoint import load_meta
+    from .config import TaskConfig, validate
+    from .headline import risk_lines
     from .training import evaluate_checkpoint
 
-    evaluate_checkpoint(ckpt, out, dev, prompts)
+    with analysis_out(out, [ckpt], "eval"):
+        rows = evaluate_checkpoint(ckpt, out, dev, prompts)
+    echo_lines(risk_lines(rows, validate(TaskConfig, load_meta(ckpt)["task"])))
     click.echo(f"evaluation written to {out}")
 
 
@@ -389,7 +456,13 @@ def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed:
     dev = resolve_device(device)
     from .experiments.heads_sweep import run_e1
 
-    s = run_e1(p, out, dev, workers=workers, stacked=stacked)
+    from .headline import risk_lines
+    from .io import read_csv
+
+    with writing(out):
+        s = run_e1(p, out, dev, workers=workers, stacked=stacked)
+    models = [f"transformer h={h}" for h in p.heads]
+    echo_lines(risk_lines(read_csv(out / "e1_heads.csv"), p.task, models + ["pto", "gd", "lasso", "ridge", "bayes"]))
     click.echo(f"E1 written to {out} (training {s['train_wall_s']:.0f} s)")
 
 
@@ -431,12 +504,29 @@ def sweep_arch(preset: str, out: Path, layers: str, mlps: str, heads: str, seeds
     dev = resolve_device(device)
     from .experiments.arch_sweep import arch_table, run_arch_sweep
 
-    if table:
+    if table and not (out / "sweep.json").exists():
+        raise ConfigError(f"out: {out} holds no trained sweep (no sweep.json); run sweep-arch without --table first")
+    with writing(out):
+        s = None if table else run_arch_sweep(p, out, Ls, [bool(m) for m in ms], hs, seeds, dev, stacked=stacked,
+                                              jobs=jobs)
         rows = arch_table(p, out, dev)
-        click.echo(f"table of {len(rows)} rows written to {out / 'table.csv'}")
-        return
-    s = run_arch_sweep(p, out, Ls, [bool(m) for m in ms], hs, seeds, dev, stacked=stacked, jobs=jobs)
-    click.echo(f"sweep of {s['models']} models written to {out} (training {s['train_wall_s']:.0f} s)")
+    echo_lines(arch_lines(rows))
+    if s is not None:
+        click.echo(f"sweep of {s['models']} models written to {out} (training {s['train_wall_s']:.0f} s)")
+    click.echo(f"table of {len(rows)} rows written to {out / 'table.csv'}")
+
+
+def arch_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per architecture and seed: each head count's risk at n = d and 2d (the table's headline columns)."""
+    import re
+
+    lines = []
+    for r in rows:
+        heads = sorted({int(m.group(1)) for k in r if (m := re.fullmatch(r"h(\d+)_risk_nd", k))})
+        cells = [f"h={h} " + ", ".join(f"n={key} {float(r[f'h{h}_risk_n{key}']):.3f}" for key in ("d", "2d")
+                                       if r.get(f"h{h}_risk_n{key}", "") != "") for h in heads]
+        lines.append(f"L={r['L']} mlp={r['mlp']} seed {r['seed']}: excess risk / s tau^2 " + "; ".join(cells))
+    return lines
 
 
 @app.command()
@@ -464,18 +554,40 @@ app.add_command(zoo_group)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: run the app, turning every expected failure into one line on stderr."""
+    """Entry point: run the app, turning every expected failure into one line on stderr.
+
+    Ctrl-C and SIGTERM unwind the command (locks released, workers terminated: ``icl_heads.workers``)
+    and end in one line saying how to resume, exit 130 (SIGINT) or 143 (SIGTERM).
+    """
+    from .workers import Terminated, install_term_handler, restore_term_handler
+
+    previous = install_term_handler()
+    interrupted: Optional[int] = None
     try:
-        app.main(args=argv, prog_name="icl-heads", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        try:
+            app.main(args=argv, prog_name="icl-heads", standalone_mode=False)
+        finally:
+            restore_term_handler(previous)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:
+        term = isinstance(e, Terminated) or isinstance(e.__cause__ or e.__context__, Terminated)
+        interrupted = 143 if term else 130
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code or 2)
     except (ConfigError, CheckpointError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    if interrupted is not None:
+        click.echo(f"interrupted: {_resume_hint(argv)}", err=True)
+        sys.exit(interrupted)
+
+
+def _resume_hint(argv: Optional[list[str]]) -> str:
+    """What to type after an interrupt: ``train`` resumes only with ``--resume``; the rest resume by themselves."""
+    args = sys.argv[1:] if argv is None else argv
+    if "train" in args[:1] and "--resume" not in args:
+        return "rerun the same command with --resume to continue the checkpoint"
+    return "rerun the same command to resume (finished work is kept)"
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@ Values the paper does not pin down are ours; ``docs/presets.md`` says which.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown fields, NaN and inf are errors: no field of ours can mean a non-finite number, and
+    one accepted NaN surfaces minutes later as a scikit-learn or LinAlg traceback (issue 18)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TaskConfig(_Strict):
@@ -118,7 +121,7 @@ class Preset(_Strict):
 
     name: str
     task: TaskConfig
-    sigmas: list[float] = Field(default_factory=list, description="extra noise levels swept by E5 on this preset")
+    sigmas: list[Annotated[float, Field(ge=0)]] = Field(default_factory=list, description="extra noise levels swept by E5 on this preset")
     model: ArchConfig
     heads: list[int] = Field(min_length=1)
     train: TrainConfig

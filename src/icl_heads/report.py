@@ -35,27 +35,187 @@ def write_report(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float] 
 
 
 def build_document(out: Path, preset: Preset, seeds: int, verdicts: list[Verdict]) -> Document:
-    t = preset.task
+    """The report, answer first: one screen with a row per claim, the claims' key statistics over seeds as a
+    dot-and-interval chart (``summary.png``) and the models' risk beside ridge/lasso/Bayes; then one section
+    per experiment, figure first; every statistic, per-seed evidence and rule folded away (``<details>``)."""
+    t, m = preset.task, preset.model
     doc = Document(f"icl-heads reproduction report — preset `{preset.name}`")
-    doc.para(f"Task: d={t.d}, s={t.s}, sigma={t.sigma}, tau={t.tau}, n_max={t.n_max}. Model: D={preset.model.d_model}, "
-             f"L={preset.model.n_layers}, heads {preset.heads}, {preset.model.attention} attention, MLP {preset.model.mlp}, {preset.model.token_format} tokens. "
-             f"Seeds: {[preset.seed + k for k in range(seeds)]}. Risks are normalised by s tau^2 (zero predictor = 1); "
-             "bands are 95% over test prompts. The rules behind each verdict are in `icl_heads/report.py` and docs/report.md.")
+    doc.para(f"d={t.d}, s={t.s}, sigma={t.sigma}, n_max={t.n_max}; D={m.d_model}, L={m.n_layers}, heads {preset.heads}, "
+             f"{m.attention} attention, MLP {m.mlp}; seeds {[preset.seed + k for k in range(seeds)]}. "
+             "Rules: docs/report.md.")
     doc.heading("Verdicts")
-    doc.para("Claims about trained models are decided over seeds (docs/report.md, 'Across seeds'): reproduced only "
-             "if every seed reproduces and each statistic's 95% t-interval over seeds clears its threshold; one "
-             "seed is never decided. Each seed's own verdict uses CIs over test prompts.")
-    doc.table(["claim", "verdict", "statistic (needed)", "per seed", "mean [95% CI over seeds]"],
-              verdict_rows(verdicts))
-    doc.heading("Evidence per seed", 3)
-    for v in verdicts:
-        if v.per_seed:
-            doc.para(f"{v.claim} — " + " | ".join(
-                f"seed {p['seed']} ({p['verdict']}): " + "; ".join(p["evidence"]) for p in v.per_seed))
-        else:
-            doc.para(f"{v.claim} — " + "; ".join(v.evidence))
+    groups = claim_groups(verdicts)
+    doc.table(["claim", "verdict", "key statistic: mean [95% CI over seeds] (needed)", "variants"],
+              [claim_row(g) for g in groups], css="compact")
+    doc.figure(summary_figure([g[0] for g in groups], out / "summary.png"),
+               "Key statistic of each claim: one grey dot per seed, black the mean with its 95% t-interval over "
+               "seeds, red dashes the threshold (the claim needs the interval wholly on the shaded side).")
+    risk = summary_risk_rows(out, preset, seeds)
+    if risk:
+        doc.table(["excess risk / s tau^2"] + [f"n = {n} ({name})" for n, name in marker_names(t).items()], risk,
+                  css="compact")
+    _folded_evidence(doc, verdicts, groups)
     _experiment_sections(doc, out, preset, seeds)
     return doc
+
+
+def claim_groups(verdicts: list[Verdict]) -> list[list[Verdict]]:
+    """Verdicts grouped by claim (its ablation / read-out variants together), in report order.
+
+    The variant in parentheses (``(zero ablation)``) is dropped from the key, a ``[sigma=...]`` suffix kept;
+    the first verdict of a group (zero ablation, own read-out) is the one the summary charts.
+    """
+    groups: dict[str, list[Verdict]] = {}
+    for v in verdicts:
+        groups.setdefault(claim_key(v.claim), []).append(v)
+    return list(groups.values())
+
+
+def claim_key(claim: str) -> str:
+    head, _, rest = claim.partition(" (")
+    suffix = rest[rest.index(")") + 1:].strip() if ")" in rest else ""
+    return f"{head} {suffix}".strip()
+
+
+def _variant(claim: str) -> str:
+    return claim.partition(" (")[2].rpartition(")")[0] or "-"
+
+
+def key_interval(v: Verdict) -> tuple[list[float], float, float, float] | None:
+    """The first statistic of ``v`` over seeds: per-seed values, mean and 95% t-interval (None: no seeds)."""
+    from .verdicts import t_interval
+
+    if not v.per_seed or not v.stats:
+        return None
+    name = v.stats[0].name
+    vals = [float(p["stats"][name]) for p in v.per_seed]
+    mean, lo, hi = t_interval(vals)
+    return vals, mean, lo, hi
+
+
+def claim_row(group: list[Verdict]) -> list[str]:
+    """One summary row: claim, the charted variant's verdict, its key statistic, every variant's verdict."""
+    v = group[0]
+    ki = key_interval(v)
+    if ki is None:
+        stat = "; ".join(v.evidence)[:160]
+    else:
+        st, (vals, mean, lo, hi) = v.stats[0], ki
+        ci = f"[{lo:.3f}, {hi:.3f}]" if len(vals) > 1 else "(one seed)"
+        stat = f"{st.name}: {mean:.3f} {ci} (needs {'>' if st.above else '<'} {st.threshold:g})"
+    counts = {k: sum(x.verdict == k for x in group) for k in dict.fromkeys(x.verdict for x in group)}
+    variants = "-" if len(group) == 1 else f"all {len(group)} {v.verdict}" if len(counts) == 1 else \
+        ", ".join(f"{c} {k}" for k, c in counts.items())
+    return [claim_key(v.claim), v.verdict.upper(), stat, variants]
+
+
+_COLOURS = {REPRODUCED: "#0a7a25", NOT_REPRODUCED: "#b00020", INCONCLUSIVE: "#a66b00"}
+
+
+def summary_figure(verdicts: list[Verdict], path: Path) -> Path:
+    """``summary.png``: one row per claim, its key statistic per seed, the mean and 95% interval, the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import save_figure
+
+    fig, axes = plt.subplots(len(verdicts), 1, figsize=(9.5, 0.42 * len(verdicts) + 0.3), squeeze=False)
+    for ax, v in zip(axes[:, 0], verdicts):
+        ki = key_interval(v)
+        ax.set_yticks([])
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+        label = claim_key(v.claim)
+        ax.text(-0.02, 0.5, label if len(label) < 44 else label[:42] + "…", transform=ax.transAxes,
+                ha="right", va="center", fontsize=8)
+        ax.text(1.02, 0.5, v.verdict, transform=ax.transAxes, ha="left", va="center", fontsize=8,
+                color=_COLOURS.get(v.verdict, "#222"), fontweight="bold")
+        if ki is None:
+            ax.set_xticks([])
+            ax.text(0.5, 0.5, "no per-seed statistic (estimators only)", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=7, color="#666")
+            continue
+        st, (vals, mean, lo, hi) = v.stats[0], ki
+        ax.plot(vals, [0] * len(vals), "o", color="#999", ms=4, zorder=2)
+        if len(vals) > 1:
+            ax.plot([lo, hi], [0, 0], "-", color="k", lw=1.6, zorder=3)
+        ax.plot([mean], [0], "o", color="k", ms=5, zorder=4)
+        ax.axvline(st.threshold, color="#b00020", ls="--", lw=1)
+        xs = [*vals, st.threshold] + ([lo, hi] if len(vals) > 1 else [])
+        span = max(xs) - min(xs) or 1.0
+        x0, x1 = min(xs) - 0.08 * span, max(xs) + 0.08 * span
+        ax.set_xlim(x0, x1)
+        ax.axvspan(st.threshold, x1, color="#0a7a25", alpha=0.08) if st.above else \
+            ax.axvspan(x0, st.threshold, color="#0a7a25", alpha=0.08)
+        ax.set_ylim(-1, 1)
+        ax.tick_params(axis="x", labelsize=7, pad=1)
+        ax.set_title(st.name, fontsize=7, loc="left", pad=1, color="#444")
+    fig.subplots_adjust(left=0.36, right=0.87, hspace=1.5, top=0.93, bottom=0.08)
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def marker_names(task: Any) -> dict[int, str]:
+    """``{n: "d/2" | "d" | "2d"}`` for the context lengths the summary reports (capped at n_max)."""
+    names: dict[int, str] = {}
+    for name, n in (("d/2", max(task.d // 2, 1)), ("d", task.d), ("2d", 2 * task.d)):
+        names.setdefault(min(n, task.n_max), name)
+    return names
+
+
+def summary_risk_rows(out: Path, preset: Preset, seeds: int) -> list[list[str]]:
+    """Models (mean over seeds, [min, max] over seeds) beside ridge, lasso, PtO and Bayes (seed 0's test
+    prompts, [95% CI over prompts]) at n = d/2, d, 2d; from each seed's ``e1/e1_heads.csv``."""
+    ns = list(marker_names(preset.task))
+    files = [out / f"seed{k}" / "e1" / "e1_heads.csv" for k in range(seeds)]
+    if not all(f.exists() for f in files):
+        return []
+    per_seed = [curves(f, "label") for f in files]
+    rows = []
+    for h in sorted({max(preset.heads), min(preset.heads)}, reverse=True):
+        lab = f"transformer h={h}"
+        if all(lab in c for c in per_seed):
+            cells = []
+            for n in ns:
+                vals = [float(r["risk_norm"]) for c in per_seed for r in c[lab] if int(r["n"]) == n]
+                cells.append(f"{np.mean(vals):.3f} [{min(vals):.3f}, {max(vals):.3f}]" if vals else "-")
+            rows.append([f"{lab} (mean [min, max] over {len(vals)} seeds)"] + cells)
+    for est in ("ridge", "lasso", "pto", "bayes"):
+        if est in per_seed[0]:
+            rows.append([est] + [_at3(per_seed[0][est], n) for n in ns])
+    return rows
+
+
+def _at3(rows: list[dict[str, float]], n: int) -> str:
+    for r in rows:
+        if int(r["n"]) == n:
+            return f"{r['risk_norm']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+    return "-"
+
+
+def _folded_evidence(doc: Document, verdicts: list[Verdict], groups: list[list[Verdict]]) -> None:
+    """Every statistic per seed, and per claim its rule (once) and each seed's evidence, folded away."""
+    sub = doc.details(f"All {sum(len(v.stats) or 1 for v in verdicts)} statistics, per seed and over seeds")
+    sub.para("Claims about trained models are decided over seeds (docs/report.md, 'Across seeds'): reproduced "
+             "only if every seed reproduces and each statistic's 95% t-interval over seeds clears its threshold; "
+             "one seed is never decided. Each seed's own verdict uses CIs over test prompts.")
+    sub.table(["claim", "verdict", "statistic (needed)", "per seed", "mean [95% CI over seeds]"], verdict_rows(verdicts))
+    for group in groups:
+        ev = doc.details(f"Evidence and rule: {claim_key(group[0].claim)}")
+        for v in group:
+            items = v.evidence if not v.per_seed else [e for p in v.per_seed for e in p.get("evidence", [])]
+            rules = list(dict.fromkeys(e for e in items if e.startswith("rule:")))
+            if v.per_seed:
+                ev.para(f"{_variant(v.claim)} — " + " | ".join(
+                    f"seed {p['seed']} ({p['verdict']}): " + "; ".join(
+                        e for e in p.get("evidence", []) if not e.startswith("rule:")) for p in v.per_seed))
+            else:
+                ev.para(f"{_variant(v.claim)} — " + "; ".join(e for e in items if not e.startswith("rule:")))
+            for r in rules if v is group[0] else []:
+                ev.para(f"Rule — {r.removeprefix('rule:').strip()}")
 
 
 def e1_depth_sentence(c1: dict[str, list[dict[str, float]]], preset: Preset) -> str:

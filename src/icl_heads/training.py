@@ -59,12 +59,16 @@ class TrainSpec:
     train: TrainConfig
     seed: int = 0
     preset: str | None = None
+    # the whole preset (overrides included), recorded so that loading can check the name and
+    # architecture against it: a name edited in meta.json used to pass silently
+    preset_config: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     @classmethod
     def from_preset(cls, preset: Preset, n_heads: int) -> "TrainSpec":
         if n_heads < 1 or preset.model.d_model % n_heads:
             raise ConfigError(f"heads: must divide model.d_model={preset.model.d_model} (got {n_heads})")
-        return cls(preset.task, preset.model_config_for(n_heads), preset.train, preset.seed, preset.name)
+        return cls(preset.task, preset.model_config_for(n_heads), preset.train, preset.seed, preset.name,
+                   preset.model_dump())
 
 
 @dataclass
@@ -221,13 +225,17 @@ def _spec(preset_or_spec: Preset | TrainSpec, n_heads: int | None) -> TrainSpec:
         return TrainSpec.from_preset(preset_or_spec, n_heads)
     if n_heads is not None and n_heads != preset_or_spec.model.n_heads:
         model = ModelConfig.model_validate({**preset_or_spec.model.model_dump(), "n_heads": n_heads})
-        return TrainSpec(preset_or_spec.task, model, preset_or_spec.train, preset_or_spec.seed, preset_or_spec.preset)
+        return TrainSpec(preset_or_spec.task, model, preset_or_spec.train, preset_or_spec.seed, preset_or_spec.preset,
+                         preset_or_spec.preset_config)
     return preset_or_spec
 
 
 def _run_meta(spec: TrainSpec) -> dict[str, Any]:
-    return {"task": spec.task.model_dump(), "train": spec.train.model_dump(), "seed": spec.seed,
+    meta = {"task": spec.task.model_dump(), "train": spec.train.model_dump(), "seed": spec.seed,
             "preset": spec.preset}
+    if spec.preset_config is not None:
+        meta["preset_config"] = spec.preset_config
+    return meta
 
 
 def is_finished(path: str | Path) -> bool:
@@ -250,8 +258,17 @@ def train(preset_or_cfgs: Preset | TrainSpec, n_heads: int | None, out_dir: str 
     stops after that many steps, as an interrupt would, leaving a resumable
     checkpoint (used by tests and time-boxed runs).
     """
-    spec = _spec(preset_or_cfgs, n_heads)
-    cfg, task, out = spec.train, spec.task, Path(out_dir)
+    from .folders import folder_lock
+
+    with folder_lock(out_dir):  # one writer per checkpoint folder (two trainings used to interleave files)
+        return _train(_spec(preset_or_cfgs, n_heads), Path(out_dir), device, resume, progress, stop_at, on_eval,
+                      position)
+
+
+def _train(spec: TrainSpec, out: Path, device: str, resume: bool, progress: bool, stop_at: int | None,
+           on_eval: Callable[[dict[str, float]], None] | None, position: int) -> TrainResult:
+    """:func:`train`'s body, run while the checkpoint folder's lock is held."""
+    cfg, task = spec.train, spec.task
     if cfg.threads and device == "cpu":
         torch.set_num_threads(cfg.threads)
     have_ckpt = (out / "meta.json").exists()
@@ -266,6 +283,7 @@ def train(preset_or_cfgs: Preset | TrainSpec, n_heads: int | None, out_dir: str 
     if have_ckpt:
         model, meta = load_model(out, device)
         want = {**_run_meta(spec), "model_config": spec.model.model_dump()}
+        want.pop("preset_config", None)  # provenance: task, train, model and seed decide whether it resumes
         got = {k: meta.get(k) for k in want}
         try:  # train fields added since the checkpoint was written take their defaults
             got["train"] = TrainConfig.model_validate(got["train"]).model_dump()
@@ -389,8 +407,8 @@ def evaluate_checkpoint(ckpt: str | Path, out: str | Path, device: str = "cpu",
     rows = [r for r in evaluate(model, fixed_prompts(task, n_test, seed, "test"), task).rows(label=label)]
     write_csv(out / "risk.csv", rows)
     risk_vs_n({label: rows}, out / "risk.png", f"{label}, step {meta.get('step')} (d={task.d}, s={task.s})")
-    write_provenance(out, {"task": task, "model": model.cfg}, seed, checkpoint=str(ckpt), step=meta.get("step"),
-                     n_test=n_test)
+    write_provenance(out, {"task": task, "model": model.cfg}, seed, experiment="eval", checkpoint=str(ckpt),
+                     step=meta.get("step"), n_test=n_test)
     return rows
 
 

@@ -611,7 +611,7 @@ def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = N
         figures=[str(f) for f in figs],
     )
     write_json(out / "e6_summary.json", headline)
-    write_provenance(out, pre, seed, checkpoints=headline["checkpoints"], sizes=sizes,
+    write_provenance(out, pre, seed, experiment="E6", checkpoints=headline["checkpoints"], sizes=sizes,
                      eta_grid=ETA_GRID, c_grid=C_GRID, decoder_alphas=ALPHAS.tolist())
     return headline
 

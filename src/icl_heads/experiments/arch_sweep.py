@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import ConfigError, Preset, validate
 from ..stacked import Member, group_stacks, members_for, stack_dir_for, train_members, train_stack
+from ..workers import run_in_processes
 
 
 def arch_dir(out: str | Path, layers: int, mlp: bool, k: int, h: int) -> Path:
@@ -72,11 +71,9 @@ def run_arch_sweep(preset: Preset, out: str | Path, layers: Sequence[int], mlps:
     if stacked and jobs > 1 and todo:
         groups = group_stacks(todo)
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(groups)))
-        with ProcessPoolExecutor(min(jobs, len(groups)), mp_context=get_context("spawn")) as ex:
-            futs = [ex.submit(_train_group, g, str(stack_dir_for(g, out / "stacks")), device, threads) for g in groups]
-            for f in futs:
-                sdir, wall = f.result()
-                print(f"stack {sdir} finished in {wall:.0f} s", flush=True)
+        calls = [(g, str(stack_dir_for(g, out / "stacks")), device, threads) for g in groups]
+        run_in_processes(_train_group, calls, min(jobs, len(groups)),
+                         on_done=lambda _i, r: print(f"stack {r[0]} finished in {r[1]:.0f} s", flush=True))
     elif todo:
         train_members(todo, device, stacked=stacked, stack_root=out / "stacks")
     info = {"layers": list(layers), "mlp": list(mlps), "heads": list(heads), "seeds": seeds, "stacked": stacked,

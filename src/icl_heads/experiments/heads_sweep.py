@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..claims.keys import ModelKey
 from ..config import Preset
+from ..workers import run_in_processes
 
 E1_ESTIMATORS = ("ols", "ridge", "lasso", "gd", "pto", "oracle_ls", "bayes")
 # ols (blows up at n = d) and oracle_ls (not an estimator; blows up at n < s) stay in the CSV, off the figure
@@ -71,12 +70,11 @@ def train_separately(items: Sequence[tuple[Any, str | Path]], device: str = "cpu
             walls[str(path)] = _train_one(spec, str(path), device, threads, 0, progress)
     else:
         threads = max(1, cores // n_proc)
-        with ProcessPoolExecutor(n_proc, mp_context=get_context("spawn")) as ex:
-            # slowest first (more heads train slower on CPU), so the lone last job is a fast one
-            order = sorted(items, key=lambda it: -it[0].model.n_heads)
-            futs = {str(path): ex.submit(_train_one, spec, str(path), device, threads, i, progress)
-                    for i, (spec, path) in enumerate(order)}
-            walls = {k: f.result() for k, f in futs.items()}
+        # slowest first (more heads train slower on CPU), so the lone last job is a fast one
+        order = sorted(items, key=lambda it: -it[0].model.n_heads)
+        got = run_in_processes(_train_one, [(spec, str(path), device, threads, i, progress)
+                                            for i, (spec, path) in enumerate(order)], n_proc)
+        walls = {str(path): w for (_, path), w in zip(order, got)}
     return {"call_wall_s": walls, "processes": n_proc, "threads_each": threads}
 
 

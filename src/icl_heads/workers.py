@@ -1,0 +1,141 @@
+"""Worker processes that end with their parent, and signals that end a run cleanly (issue 18).
+
+``kill -TERM`` to ``reproduce`` used to leave three training workers and the resource
+tracker running under PID 1, and Ctrl-C waited for the models to finish (the pool's
+``shutdown(wait=True)``). Here the parent turns SIGTERM into :class:`Terminated` (a
+``KeyboardInterrupt``, so every ``finally`` runs and locks are released) and, on any
+exception, :func:`run_in_processes` terminates its workers instead of waiting for them.
+Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group) and leave on
+SIGTERM quietly: the parent ends them, so they print no traceback of their own. Checkpoints are written atomically,
+so a killed worker leaves its last checkpoint, from which the rerun resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from multiprocessing import get_context
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any, Callable, Sequence
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived; raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def install_term_handler() -> Any:
+    """Make SIGTERM unwind the main thread (``finally`` blocks run) instead of killing it outright.
+
+    Returns the previous handler (to restore when the CLI runs in-process, e.g. under pytest);
+    ``None`` off the main thread, where Python cannot install signal handlers.
+    """
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        return None
+
+
+def restore_term_handler(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to the parent (which terminates them) and end on SIGTERM through ``SystemExit``,
+    so their ``finally`` blocks run (the checkpoint folder's lock is released).
+
+    tqdm's default lock is a multiprocessing lock per process (a spawned worker shares it with no one);
+    a worker killed while holding one leaves a "leaked semaphore" warning, so workers use a thread lock.
+    """
+    import threading
+
+    from tqdm import tqdm
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_now)
+    tqdm.set_lock(threading.RLock())
+
+
+def _child(fn: Callable[..., Any], args: tuple[Any, ...], conn: Connection) -> None:
+    """Worker body: run ``fn(*args)`` and send back ``(True, result)`` or ``(False, exception)``."""
+    _worker_init()
+    try:
+        msg: tuple[bool, Any] = (True, fn(*args))
+    except SystemExit as e:  # SIGTERM: the stack has unwound (locks released); skip the interpreter's
+        os._exit(e.code if isinstance(e.code, int) else 1)  # teardown, seconds of CPU with torch loaded
+    except Exception as e:  # re-raised in the parent, as a pool's future would
+        msg = (False, e)
+    try:
+        conn.send(msg)
+    except Exception as e:  # an unpicklable exception: its text still gets through
+        conn.send((False, RuntimeError(f"{type(msg[1]).__name__}: {msg[1]}") if not msg[0] else e))
+    conn.close()
+
+
+def run_in_processes(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], n_proc: int,
+                     on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
+    """``[fn(*args) for args in calls]``, at most ``n_proc`` spawned processes at a time, results in order.
+
+    Not a ``ProcessPoolExecutor``: its ``shutdown`` waits for running work (Ctrl-C took 28 s), its
+    workers have no public handle to terminate, and a pool torn down mid-run leaves its queues'
+    semaphores to a resource-tracker warning. Here each call is one daemon process with a pipe back;
+    when anything raises (a worker's error, Ctrl-C, SIGTERM) every running worker is terminated.
+    """
+    ctx = get_context("spawn")
+    todo, running, results = list(enumerate(calls)), {}, {}
+    try:
+        while todo or running:
+            while todo and len(running) < n_proc:
+                i, args = todo.pop(0)
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_child, args=(fn, tuple(args), send), daemon=True)
+                proc.start()
+                send.close()
+                running[proc.sentinel] = (i, proc, recv)
+            for sentinel in wait(list(running)):
+                i, proc, recv = running.pop(sentinel)
+                results[i] = _collect(proc, recv)
+                if on_done is not None:
+                    on_done(i, results[i])
+    except BaseException:
+        stop_processes([proc for _, proc, _ in running.values()])
+        raise
+    return [results[i] for i in range(len(calls))]
+
+
+def _collect(proc: BaseProcess, recv: Connection) -> Any:
+    """The result a finished worker sent, or its exception raised here."""
+    try:
+        ok, value = recv.recv() if recv.poll() else (False, None)
+    except EOFError:
+        ok, value = False, None
+    recv.close()
+    proc.join()
+    if ok:
+        return value
+    raise value if isinstance(value, BaseException) else RuntimeError(f"worker exited with code {proc.exitcode}")
+
+
+def stop_processes(procs: Sequence[BaseProcess], grace_s: float = 5.0) -> None:
+    """Terminate ``procs`` (SIGTERM; SIGKILL for any still alive ``grace_s`` later) and reap them."""
+    import time
+
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()

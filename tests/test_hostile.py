@@ -1,0 +1,248 @@
+"""Hostile input (issue 18): every bad input is exit 2, one line ``error: ...``, no traceback, nothing on disk changed.
+
+The CLI runs in-process (``icl_heads.cli.main``) so the suite stays fast; every case snapshots the
+whole test folder (files with size and mtime, folders) before and after and asserts they are equal.
+The first rows are the issue's table; the rest are more bad inputs across the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from icl_heads.cli import main
+from icl_heads.config import get_preset
+
+TINY = {"train.steps": 4, "train.warmup_steps": 1, "train.eval_every": 2, "train.checkpoint_every": 2,
+        "train.snapshots": 0, "train.n_eval_prompts": 8}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny smoke checkpoint, copies of it with edited meta.json, a fake run folder, an eval folder."""
+    from icl_heads.training import train
+
+    root = tmp_path_factory.mktemp("hostile")
+    train(get_preset("smoke", **TINY), 2, root / "ckpt", progress=False)
+    edits: dict[str, Callable[[dict], None]] = {
+        "bad_d": lambda m: m["task"].update(d=7),
+        "bad_nmax": lambda m: m["task"].update(n_max=12),
+        "bad_name": lambda m: m.update(preset="quick"),
+        "bad_unknown": lambda m: m.update(preset="huge"),
+        "bad_weights": lambda m: m["model_config"].update(d_model=16),
+        "bad_layers": lambda m: (m["model_config"].update(n_layers=3), m.pop("preset_config")),
+        "bad_arch": lambda m: m["preset_config"]["model"].update(mlp=False),
+        "bad_nan": lambda m: m["task"].update(sigma=float("nan")),
+    }
+    for name, edit in edits.items():
+        d = root / name
+        d.mkdir()
+        for f in (root / "ckpt").iterdir():
+            if f.is_file() and f.name != ".lock":
+                (d / f.name).write_bytes(f.read_bytes())
+        meta = json.loads((d / "meta.json").read_text())
+        edit(meta)
+        (d / "meta.json").write_text(json.dumps(meta))
+    (root / "not_json").mkdir()
+    (root / "not_json" / "meta.json").write_text("{oops")
+    trunc = root / "truncated"
+    trunc.mkdir()
+    for f in (root / "ckpt").iterdir():
+        if f.is_file():
+            (trunc / f.name).write_bytes(f.read_bytes())
+    (trunc / "model.safetensors").write_bytes((trunc / "model.safetensors").read_bytes()[:100])
+    run = root / "run"  # the top level of a reproduce run
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"preset": "quick", "fingerprint": "0" * 16, "seeds": 3, "sigmas": []}))
+    (run / "manifest.json").write_text("{}")
+    sweep = root / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text("{}")
+    ev = root / "evaluated"  # an eval command's own output: another analysis may not write there
+    main(["eval", str(root / "ckpt"), "--out", str(ev), "--prompts", "20"])
+    (root / "empty").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def live_pid():
+    """A live process that is not us: the holder of a foreign lock."""
+    proc = subprocess.Popen(["sleep", "600"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under ``root``: files with (size, mtime_ns), folders as such."""
+    return {str(p.relative_to(root)): ("dir",) if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+def run_bad(capsys, root: Path, args: list[str]) -> str:
+    """Run the CLI in-process on ``args``; assert exit 2, one ``error:`` line, no traceback, no change on disk."""
+    capsys.readouterr()
+    before = snapshot(root)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    captured = capsys.readouterr()
+    err = captured.err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert e.value.code == 2, (args, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err + captured.out
+    assert snapshot(root) == before, f"{args} changed the disk"
+    return lines[0]
+
+
+# (id, args with {root} for the module folder, what the one line must contain)
+ISSUE_TABLE = [
+    ("reproduce-sigmas-nan", ["reproduce", "--preset", "smoke", "--sigmas", "nan", "--out", "{root}/o"],
+     ["sigmas:", "finite"]),
+    ("estimators-sigma-nan", ["estimators", "--preset", "smoke", "--sigma", "nan", "--out", "{root}/o"],
+     ["task.sigma:", "finite"]),
+    ("estimators-sigma-inf", ["estimators", "--preset", "smoke", "--sigma", "inf", "--out", "{root}/o"],
+     ["task.sigma:", "finite"]),
+    ("reproduce-sigmas-inf", ["reproduce", "--preset", "smoke", "--sigmas", "inf", "--out", "{root}/o"],
+     ["sigmas:", "finite"]),
+    ("sweep-arch-table-empty", ["sweep-arch", "--preset", "smoke", "--table", "--out", "{root}/empty"],
+     ["out:", "no trained sweep"]),
+    ("meta-task-d-7", ["eval", "{root}/bad_d", "--out", "{root}/o"], ["task.d:", "says 7", "n_dims is 5"]),
+    ("meta-preset-renamed", ["assess-heads", "{root}/bad_name", "--out", "{root}/o"],
+     ["preset:", "'quick'", "'smoke'"]),
+    ("assess-heads-out-ckpt", ["assess-heads", "{root}/ckpt", "--out", "{root}/ckpt"], ["out:", "checkpoint"]),
+    ("eval-out-rundir", ["eval", "{root}/ckpt", "--out", "{root}/run"], ["out:", "run.json"]),
+    ("train-out-being-written", ["train", "--preset", "smoke", "--heads", "2", "--out", "{root}/locked"],
+     ["out:", "is being written by PID"]),
+    ("reproduce-threads-1000", ["reproduce", "--preset", "smoke", "--threads", "1000", "--out", "{root}/o"],
+     ["threads:", "1000"]),
+    ("meta-model-config-edited", ["eval", "{root}/bad_weights", "--out", "{root}/o"],
+     ["weights do not fit", "tensor read_in.weight", "shape (32, 6) in the file vs (16, 6)"]),
+]
+
+MORE = [
+    ("set-sigma-NaN", ["reproduce", "--preset", "smoke", "--set", "task.sigma=NaN", "--out", "{root}/o"],
+     ["task.sigma:"]),
+    ("set-sigma-Infinity-train", ["train", "--preset", "smoke", "--heads", "1", "--set", "task.sigma=Infinity",
+                                  "--out", "{root}/o"], ["task.sigma:"]),
+    ("set-lr-inf", ["train", "--preset", "smoke", "--heads", "1", "--set", "train.lr=Infinity", "--out", "{root}/o"],
+     ["train.lr:"]),
+    ("set-tau-minus-inf", ["estimators", "--preset", "smoke", "--set", "task.tau=-Infinity", "--out", "{root}/o"],
+     ["task.tau:"]),
+    ("set-sigmas-nan-list", ["estimators", "--preset", "smoke", "--set", "sigmas=[0.1, NaN]", "--out", "{root}/o"],
+     ["sigmas.1:"]),
+    ("sigmas-negative", ["reproduce", "--preset", "smoke", "--sigmas", "0.1,-1", "--out", "{root}/o"], ["sigmas:"]),
+    ("sigmas-empty", ["reproduce", "--preset", "smoke", "--sigmas", ",", "--out", "{root}/o"], ["sigmas:"]),
+    ("sigmas-text", ["reproduce", "--preset", "smoke", "--sigmas", "0.1,x", "--out", "{root}/o"], ["sigmas:"]),
+    ("threads-negative", ["reproduce", "--preset", "smoke", "--threads", "-3", "--out", "{root}/o"], ["threads:"]),
+    ("seeds-negative", ["reproduce", "--preset", "smoke", "--seeds", "-1", "--out", "{root}/o"], ["seeds:"]),
+    ("train-heads-3", ["train", "--preset", "smoke", "--heads", "3", "--out", "{root}/o"], ["heads:"]),
+    ("train-steps-0", ["train", "--preset", "smoke", "--heads", "1", "--steps", "0", "--out", "{root}/o"],
+     ["train.steps:"]),
+    ("train-over-checkpoint", ["train", "--preset", "smoke", "--heads", "2", "--out", "{root}/ckpt"],
+     ["out:", "already holds a checkpoint"]),
+    ("sweep-heads-workers-0", ["sweep-heads", "--preset", "smoke", "--workers", "0", "--out", "{root}/o"],
+     ["workers:"]),
+    ("sweep-arch-layers-0", ["sweep-arch", "--preset", "smoke", "--layers", "0", "--out", "{root}/o"], ["layers:"]),
+    ("sweep-arch-mlp-2", ["sweep-arch", "--preset", "smoke", "--mlp", "2", "--out", "{root}/o"], ["mlp:"]),
+    ("eval-prompts-1", ["eval", "{root}/ckpt", "--prompts", "1", "--out", "{root}/o"], ["prompts:"]),
+    ("eval-not-a-checkpoint", ["eval", "{root}/empty", "--out", "{root}/o"], ["not a checkpoint"]),
+    ("eval-corrupt-meta", ["eval", "{root}/not_json", "--out", "{root}/o"], ["corrupted JSON"]),
+    ("eval-truncated-weights", ["eval", "{root}/truncated", "--out", "{root}/o"], ["checksum mismatch"]),
+    ("eval-meta-n-max", ["eval", "{root}/bad_nmax", "--out", "{root}/o"], ["task.n_max:", "says 12"]),
+    ("eval-meta-nan-sigma", ["eval", "{root}/bad_nan", "--out", "{root}/o"], ["task:", "finite"]),
+    ("eval-layers-missing-tensors", ["eval", "{root}/bad_layers", "--out", "{root}/o"],
+     ["missing tensor blocks.2."]),
+    ("prune-unknown-preset-in-meta", ["prune", "{root}/bad_unknown", "--out", "{root}/o"], ["preset:", "'huge'"]),
+    ("probe-arch-not-trained", ["probe", "{root}/bad_arch", "--out", "{root}/o"], ["preset:", "architecture"]),
+    ("assess-heads-boot-5", ["assess-heads", "{root}/ckpt", "--boot", "5", "--out", "{root}/o"], ["boot:"]),
+    ("assess-heads-ablation", ["assess-heads", "{root}/ckpt", "--ablation", "magic", "--out", "{root}/o"],
+     ["ablation"]),
+    ("prune-keep-nonsense", ["prune", "{root}/ckpt", "--keep", "nonsense", "--out", "{root}/o"], ["keep"]),
+    ("prune-finetune-negative", ["prune", "{root}/ckpt", "--finetune", "-1", "--out", "{root}/o"], ["finetune:"]),
+    ("probe-out-sweep", ["probe", "{root}/ckpt", "--out", "{root}/sweep"], ["out:", "sweep.json"]),
+    ("prune-out-eval-results", ["prune", "{root}/ckpt", "--out", "{root}/evaluated"], ["out:", "results of eval"]),
+    ("mechanism-out-parent-of-ckpt", ["mechanism", "{root}/ckpt", "--out", "{root}"], ["out:", "checkpoint"]),
+    ("mechanism-prompts-2", ["mechanism", "{root}/ckpt", "--prompts", "2", "--out", "{root}/o"], ["prompts:"]),
+    ("assess-heads-preset-huge", ["assess-heads", "{root}/ckpt", "--preset", "huge", "--out", "{root}/o"],
+     ["preset:", "huge"]),
+    ("analysis-out-locked", ["assess-heads", "{root}/ckpt", "--out", "{root}/locked"], ["is being written by PID"]),
+    ("reproduce-other-run", ["reproduce", "--preset", "smoke", "--out", "{root}/run"], ["out:", "another config"]),
+    ("eval-device-tpu", ["eval", "{root}/ckpt", "--device", "tpu", "--out", "{root}/o"], ["device:"]),
+]
+
+
+@pytest.fixture
+def locked(base, live_pid):
+    """``base/locked``: a folder whose lock a live process holds."""
+    d = base / "locked"
+    d.mkdir(exist_ok=True)
+    (d / ".lock").write_text(json.dumps({"pid": live_pid, "host": os.uname().nodename, "started": "earlier"}))
+    return d
+
+
+@pytest.mark.parametrize("case", ISSUE_TABLE + MORE, ids=[c[0] for c in ISSUE_TABLE + MORE])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(capsys, base, locked, case):
+    _, args, needles = case
+    line = run_bad(capsys, base, [a.replace("{root}", str(base)) for a in args])
+    for n in needles:
+        assert n in line, line
+
+
+def test_the_suite_is_as_large_as_promised():
+    assert len(MORE) >= 20 and len(ISSUE_TABLE) >= 10
+
+
+def test_stale_lock_is_taken_over(base, capsys):
+    """A lock whose PID is dead is stale: the next writer takes it and removes it when done."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    out = base / "stale"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": proc.pid, "host": os.uname().nodename, "started": "long ago"}))
+    main(["eval", str(base / "ckpt"), "--out", str(out), "--prompts", "20"])
+    assert (out / "risk.csv").exists() and not (out / ".lock").exists()
+    assert "n=5 (d)" in capsys.readouterr().out  # the headline numbers
+
+
+def test_rerunning_an_analysis_into_its_own_folder_is_allowed(base, capsys):
+    main(["eval", str(base / "ckpt"), "--out", str(base / "evaluated"), "--prompts", "20"])
+    assert "evaluation written to" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_trainings_into_one_folder_one_is_refused(tmp_path):
+    """Two ``train --out SAME`` at once: the second is one line naming the first's PID, exit 2, and writes
+    nothing; the first, stopped by SIGTERM, leaves only its own (seed 0) files, no lock, and a resume hint."""
+    out = tmp_path / "same"
+    args = [sys.executable, "-m", "icl_heads.cli", "train", "--preset", "smoke", "--heads", "2", "--out", str(out),
+            "--quiet", "--set", "train.steps=100000", "--set", "train.checkpoint_every=20"]
+    first = subprocess.Popen([*args, "--seed", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, holder = time.time() + 120, None
+    while holder is None and time.time() < deadline:
+        try:
+            holder = json.loads((out / ".lock").read_text())
+        except (OSError, ValueError):
+            time.sleep(0.02)
+    assert holder is not None and holder["pid"] == first.pid
+    second = subprocess.run([*args, "--seed", "1"], capture_output=True, text=True, timeout=120)
+    assert first.poll() is None, "the first training ended before the second tried"
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip() == (f"error: out: {out.resolve()} is being written by PID {first.pid} "
+                                     f"(started {holder['started']})")
+    while not (out / "meta.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    first.terminate()
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 143
+    assert err.strip().splitlines()[-1] == "interrupted: rerun the same command with --resume to continue the checkpoint"
+    metas = [out / "meta.json", *(out / "snapshots").glob("*/meta.json")]
+    assert all(json.loads(m.read_text())["seed"] == 0 for m in metas)
+    assert not (out / ".lock").exists()
