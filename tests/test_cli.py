@@ -85,6 +85,7 @@ OUT_COMMANDS = {  # every command with --out, with its other required arguments
     "prune": ["prune", "CKPT"],
     "probe": ["probe", "CKPT"],
     "mechanism": ["mechanism", "CKPT"],
+    "emergence": ["emergence", "CKPT"],
     "reproduce": ["reproduce", "--preset", "smoke"],
     "sweep-arch": ["sweep-arch", "--preset", "smoke"],
 }

@@ -7,6 +7,8 @@ The claim rules, their thresholds and the across-seed rule live in :mod:`icl_hea
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -82,15 +84,17 @@ def _variant(claim: str) -> str:
 
 
 def key_interval(v: Verdict) -> tuple[list[float], float, float, float] | None:
-    """The first statistic of ``v`` over seeds: per-seed values, mean and 95% t-interval (None: no seeds)."""
-    from .verdicts import t_interval
-
+    """The first statistic of ``v`` over seeds: its finite per-seed values, and the mean and 95% interval
+    the across-seed rule computed on the statistic's scale (log for ratios, logit for bounded ones;
+    ``claims.across_seeds``). None when there are no seeds or no finite value."""
     if not v.per_seed or not v.stats:
         return None
-    name = v.stats[0].name
-    vals = [float(p["stats"][name]) for p in v.per_seed]
-    mean, lo, hi = t_interval(vals)
-    return vals, mean, lo, hi
+    st = v.stats[0]
+    vals = [x for x in (float(p["stats"][st.name]) for p in v.per_seed) if math.isfinite(x)]
+    if not vals:
+        return None
+    lo, hi = st.ci if st.ci is not None else (float("nan"), float("nan"))
+    return vals, float(st.value), lo, hi
 
 
 def claim_row(group: list[Verdict]) -> list[str]:
@@ -101,7 +105,7 @@ def claim_row(group: list[Verdict]) -> list[str]:
         stat = "; ".join(v.evidence)[:160]
     else:
         st, (vals, mean, lo, hi) = v.stats[0], ki
-        ci = f"[{lo:.3f}, {hi:.3f}]" if len(vals) > 1 else "(one seed)"
+        ci = f"[{lo:.3f}, {hi:.3f}] ({st.scale} scale)" if len(vals) > 1 else "(one seed)"
         stat = f"{st.name}: {mean:.3f} {ci} (needs {'>' if st.above else '<'} {st.threshold:g})"
     counts = {k: sum(x.verdict == k for x in group) for k in dict.fromkeys(x.verdict for x in group)}
     variants = "-" if len(group) == 1 else f"all {len(group)} {v.verdict}" if len(counts) == 1 else \
@@ -139,11 +143,13 @@ def summary_figure(verdicts: list[Verdict], path: Path) -> Path:
             continue
         st, (vals, mean, lo, hi) = v.stats[0], ki
         ax.plot(vals, [0] * len(vals), "o", color="#999", ms=4, zorder=2)
-        if len(vals) > 1:
+        interval = len(vals) > 1 and math.isfinite(lo) and math.isfinite(hi)
+        if interval:
             ax.plot([lo, hi], [0, 0], "-", color="k", lw=1.6, zorder=3)
-        ax.plot([mean], [0], "o", color="k", ms=5, zorder=4)
+        if math.isfinite(mean):
+            ax.plot([mean], [0], "o", color="k", ms=5, zorder=4)
         ax.axvline(st.threshold, color="#b00020", ls="--", lw=1)
-        xs = [*vals, st.threshold] + ([lo, hi] if len(vals) > 1 else [])
+        xs = [*vals, st.threshold] + ([lo, hi] if interval else [])
         span = max(xs) - min(xs) or 1.0
         x0, x1 = min(xs) - 0.08 * span, max(xs) + 0.08 * span
         ax.set_xlim(x0, x1)
@@ -207,13 +213,13 @@ def _folded_evidence(doc: Document, verdicts: list[Verdict], groups: list[list[V
         ev = doc.details(f"Evidence and rule: {claim_key(group[0].claim)}")
         for v in group:
             items = v.evidence if not v.per_seed else [e for p in v.per_seed for e in p.get("evidence", [])]
-            rules = list(dict.fromkeys(e for e in items if e.startswith("rule:")))
+            rules = list(dict.fromkeys(e for e in items if e.startswith("rule")))
             if v.per_seed:
                 ev.para(f"{_variant(v.claim)} — " + " | ".join(
                     f"seed {p['seed']} ({p['verdict']}): " + "; ".join(
-                        e for e in p.get("evidence", []) if not e.startswith("rule:")) for p in v.per_seed))
+                        e for e in p.get("evidence", []) if not e.startswith("rule")) for p in v.per_seed))
             else:
-                ev.para(f"{_variant(v.claim)} — " + "; ".join(e for e in items if not e.startswith("rule:")))
+                ev.para(f"{_variant(v.claim)} — " + "; ".join(e for e in items if not e.startswith("rule")))
             for r in rules if v is group[0] else []:
                 ev.para(f"Rule — {r.removeprefix('rule:').strip()}")
 
@@ -243,8 +249,6 @@ def e1_depth_sentence(c1: dict[str, list[dict[str, float]]], preset: Preset) -> 
 
 def verdict_rows(verdicts: list[Verdict]) -> list[list[str]]:
     """One row per thresholded statistic: claim and verdict on its first row, each seed's value, the interval."""
-    from .verdicts import t_interval
-
     rows = []
     for v in verdicts:
         if not v.per_seed:  # not about trained models (claim 3)
@@ -252,9 +256,13 @@ def verdict_rows(verdicts: list[Verdict]) -> list[list[str]]:
             continue
         for i, st in enumerate(v.stats):
             vals = [p["stats"][st.name] for p in v.per_seed]
-            m, lo, hi = t_interval(vals)
             per = ", ".join(f"{p['seed']}: {x:.3f} ({p['verdict']})" for p, x in zip(v.per_seed, vals))
-            ci = f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if len(vals) > 1 else f"{m:.3f} (one seed)"
+            if len(vals) > 1 and st.ci is not None:  # the rule's own interval, on the statistic's scale
+                ci = (f"{st.value:.3f} [{st.ci[0]:.3f}, {st.ci[1]:.3f}] ({st.scale})"
+                      + (f"; PI [{st.pi[0]:.3f}, {st.pi[1]:.3f}]" if st.pi is not None else "")
+                      + (f"; {st.passes}/{len(vals)} pass" if st.passes is not None else ""))
+            else:
+                ci = f"{st.value:.3f} (one seed)"
             rows.append([v.claim if i == 0 else "", v.verdict.upper() if i == 0 else "",
                          f"{st.name} ({'>' if st.above else '<'} {st.threshold:g})", per, ci])
     return rows
