@@ -94,15 +94,19 @@ def factor_rows(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[st
 
 def _cell(r: dict[str, Any]) -> str:
     """``verdict: statistic (needs > t) seeds a / b / c; mean [CI], PI; k/K pass``."""
+    if not r["per_seed"]:  # not about trained models (claim 3: the estimators)
+        return f"**{r['verdict']}** (estimators, E5)"
     side = ">" if r.get("above") else "<"
     text = f"**{r['verdict']}**: {r['statistic']}"
     if r.get("threshold") is not None:
         text += f" (needs {side} {r['threshold']:g})"
     text += " seeds " + " / ".join("?" if x is None else f"{x:.3g}" for x in r["per_seed"])
-    if r.get("ci"):
+    if len(r["per_seed"]) < 2:
+        text += " (one seed: not decided over seeds)"
+    elif r.get("ci"):
         text += f"; mean {r['mean']:.3g} [{r['ci'][0]:.3g}, {r['ci'][1]:.3g}]"
-    if r.get("pi"):
-        text += f", PI [{r['pi'][0]:.3g}, {r['pi'][1]:.3g}]"
+        if r.get("pi"):
+            text += f", PI [{r['pi'][0]:.3g}, {r['pi'][1]:.3g}]"
     if r.get("passes") is not None:
         text += f"; {r['passes']}/{len(r['per_seed'])} pass"
     return text
@@ -136,7 +140,8 @@ def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str,
     cell = {(r["claim"], r["config"]): r for r in rows}
     lines = ["# icl-heads: the factor study on the zoo", "",
              "Configurations (quick task, h = 4 analysed, h = 1 as the single-head reference): "
-             + "; ".join(f"**{c.name}** {c.title} ({done[c.name]['seeds']} seeds)" for c in configs) + ".", "",
+             + "; ".join(f"**{c.name}** {c.title} ({done[c.name]['seeds']} seed{'s' if done[c.name]['seeds'] != 1 else ''})"
+                        for c in configs) + ".", "",
              "Each cell: the verdict over seeds, the claim's key statistic (and its threshold) for every seed, "
              "the mean over seeds with its 95% interval and the prediction interval for a new seed (ratios on the "
              "log scale, shares on the logit scale; docs/report.md), and how many seeds pass.", "",
