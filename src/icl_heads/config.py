@@ -36,30 +36,6 @@ class TaskConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
-    """GPT-2-style pre-LN decoder (SPEC section 3). ``n_dims``/``n_max`` come from the task."""
-
-    n_dims: int = Field(ge=1)
-    n_max: int = Field(ge=1)
-    d_model: int = Field(ge=1)
-    n_layers: int = Field(ge=1)
-    n_heads: int = Field(ge=1)
-    attention: Literal["softmax", "linear"] = "softmax"
-    mlp: bool = True
-    pos_emb: bool = True
-    layer_norm: bool = True
-    token_format: Literal["pair", "interleaved"] = "pair"
-    mask: Literal["prefix", "full"] = "prefix"
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ModelConfig":
-        if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads: must divide d_model (got d_model={self.d_model}, n_heads={self.n_heads})")
-        if self.token_format == "interleaved" and self.mask != "prefix":
-            raise ValueError("mask: 'full' needs token_format='pair'")
-        return self
-
-
 class ArchConfig(_Strict):
     """A preset's architecture: every :class:`ModelConfig` field except the task's sizes and the head count.
 
@@ -81,6 +57,21 @@ class ArchConfig(_Strict):
     def _format_mask(self) -> "ArchConfig":
         if self.token_format == "interleaved" and self.mask != "prefix":
             raise ValueError("mask: 'full' needs token_format='pair'")
+        return self
+
+
+class ModelConfig(ArchConfig):
+    """GPT-2-style pre-LN decoder (SPEC section 3): the architecture plus the task's sizes
+    (``n_dims``, ``n_max``) and the head count."""
+
+    n_dims: int = Field(ge=1)
+    n_max: int = Field(ge=1)
+    n_heads: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads: must divide d_model (got d_model={self.d_model}, n_heads={self.n_heads})")
         return self
 
 
