@@ -51,7 +51,8 @@ def build_document(out: Path, preset: Preset, seeds: int, verdicts: list[Verdict
               [claim_row(g) for g in groups], css="compact")
     doc.figure(summary_figure([g[0] for g in groups], out / "summary.png"),
                "Key statistic of each claim: one grey dot per seed, black the mean with its 95% t-interval over "
-               "seeds, red dashes the threshold (the claim needs the interval wholly on the shaded side).")
+               "seeds on the statistic's scale (log for ratios, logit for bounded ones), red dashes the threshold "
+               "(the claim needs the interval wholly on the shaded side).")
     risk = summary_risk_rows(out, preset, seeds)
     if risk:
         doc.table(["excess risk / s tau^2"] + [f"n = {n} ({name})" for n, name in marker_names(t).items()], risk,
@@ -206,8 +207,10 @@ def _folded_evidence(doc: Document, verdicts: list[Verdict], groups: list[list[V
     """Every statistic per seed, and per claim its rule (once) and each seed's evidence, folded away."""
     sub = doc.details(f"All {sum(len(v.stats) or 1 for v in verdicts)} statistics, per seed and over seeds")
     sub.para("Claims about trained models are decided over seeds (docs/report.md, 'Across seeds'): reproduced "
-             "only if every seed reproduces and each statistic's 95% t-interval over seeds clears its threshold; "
-             "one seed is never decided. Each seed's own verdict uses CIs over test prompts.")
+             "only if every statistic's 95% t-interval over seeds (on its scale: log for ratios, logit for bounded "
+             "ones) clears its threshold, every seed passes and no seed's own verdict is 'not reproduced'; one seed "
+             "is never decided. PI: the prediction interval for a new seed. Each seed's own verdict uses CIs over "
+             "test prompts.")
     sub.table(["claim", "verdict", "statistic (needed)", "per seed", "mean [95% CI over seeds]"], verdict_rows(verdicts))
     for group in groups:
         ev = doc.details(f"Evidence and rule: {claim_key(group[0].claim)}")
