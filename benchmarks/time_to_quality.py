@@ -8,7 +8,7 @@ continues bit-identically. At every evaluation it appends a row to
 ``OUT/<name>/ttq.csv``: step, wall and CPU seconds of this process's training so
 far, and the normalised risk at ``n = d/2, d, 2d`` on the training-validation
 prompts. At the end it evaluates the run's log-spaced snapshots on the *test*
-prompts (``eval.n_test``, 95% CIs) and writes ``convergence.csv`` and
+prompts (``eval.n_test``, 95% CIs) with the zoo's test (``icl_heads.zoo.convergence``) and writes
 ``convergence.json``: a run is **converged** when the risk at n = d and at n = 2d
 improves by less than ``--tol`` (default 3%) of its value over the last doubling
 of steps (snapshot ``S/2`` to ``S``), the relative improvement with a paired
@@ -26,84 +26,28 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from icl_heads.config import TaskConfig, get_preset
+from icl_heads.cli import parse_sets
+from icl_heads.config import get_preset
 from icl_heads.io import write_csv, write_json
-from icl_heads.training import marker_ns, snapshot_dir, snapshot_steps, train
+from icl_heads.training import marker_ns, train
+from icl_heads.zoo import convergence as zoo_convergence
 
 DEFAULT_TOL = 0.03
 
 
-def parse_sets(items: list[str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def sq_errors(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, f: torch.Tensor, ns: list[int]) -> np.ndarray:
-    """Per-prompt squared excess error ``(B, len(ns))`` at the context lengths ``ns``, normalised by s tau^2."""
-    with torch.no_grad():
-        pred = model(x.float(), y.float())
-    err = (pred[:, ns] - f[:, ns].float()) ** 2
-    return err.numpy()
-
-
-def relative_improvement(e_half: np.ndarray, e_full: np.ndarray, rng: np.random.Generator,
-                         n_boot: int = 2000) -> tuple[float, float, float]:
-    """``1 - mean(e_full) / mean(e_half)`` with a paired bootstrap 95% CI over prompts."""
-    point = 1 - e_full.mean() / e_half.mean()
-    idx = rng.integers(0, len(e_half), size=(n_boot, len(e_half)))
-    boots = 1 - e_full[idx].mean(1) / e_half[idx].mean(1)
-    lo, hi = np.quantile(boots, [0.025, 0.975])
-    return float(point), float(lo), float(hi)
-
-
 def convergence(run: Path, preset, tol: float) -> dict[str, object]:
-    """Test-prompt risk of every snapshot and the last-doubling verdict."""
-    from icl_heads.checkpoint import load_model
+    """The zoo's last-doubling test (:func:`icl_heads.zoo.convergence`) with Bayes on the same test prompts."""
     from icl_heads.estimators import bayes
     from icl_heads.metrics import risk_curve
     from icl_heads.tasks import fixed_prompts
 
-    task: TaskConfig = preset.task
-    ns = marker_ns(task)
+    verdict = zoo_convergence(run, preset, tol)
+    task = preset.task
     test = fixed_prompts(task, preset.eval.n_test, preset.seed, "test")
-    scale = task.s * task.tau ** 2
-    rows, errs = [], {}
-    for step in snapshot_steps(preset.train):
-        model, _ = load_model(snapshot_dir(run, step))
-        model.eval()
-        e = sq_errors(model, test.x, test.y, test.f, ns) / scale
-        errs[step] = e
-        row: dict[str, object] = {"step": step}
-        for j, n in enumerate(ns):
-            m, se = e[:, j].mean(), e[:, j].std(ddof=1) / np.sqrt(len(e))
-            row.update({f"r@{n}": float(m), f"r@{n}_lo": float(m - 1.96 * se), f"r@{n}_hi": float(m + 1.96 * se)})
-        rows.append(row)
-    write_csv(run / "convergence.csv", rows)
-    steps = sorted(errs)
-    half, full = steps[-2], steps[-1]
-    rng = np.random.default_rng(0)
-    verdict: dict[str, object] = {"tol": tol, "from_step": half, "to_step": full, "improvement": {}}
-    ok = True
-    for j, n in enumerate(ns):
-        point, lo, hi = relative_improvement(errs[half][:, j], errs[full][:, j], rng)
-        verdict["improvement"][f"n={n}"] = {"point": point, "ci": [lo, hi]}
-        if n in (min(task.d, task.n_max), min(2 * task.d, task.n_max)):
-            ok = ok and point < tol
-    verdict["converged"] = ok
-    base = {}
-    for name, curve in {"bayes": bayes(test.x, test.y, task.s, task.sigma, task.tau)}.items():
-        base[name] = {f"n={n}": float(risk_curve(curve, test.f, task).risk_norm[n]) for n in ns}
-    verdict["baselines"] = base
-    verdict["final"] = rows[-1]
+    floor = risk_curve(bayes(test.x, test.y, task.s, task.sigma, task.tau), test.f, task).risk_norm
+    verdict["baselines"] = {"bayes": {n: float(floor[int(n)]) for n in verdict["at"]}}
     write_json(run / "convergence.json", verdict)
     return verdict
 
@@ -119,7 +63,7 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=DEFAULT_TOL)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    over = {"train.snapshots": 8, "train.eval_every": 1000, **parse_sets(a.sets)}
+    over = {"train.snapshots": 8, "train.eval_every": 1000, **parse_sets(tuple(a.sets))}
     p = get_preset(a.preset, **over)
     run = Path(a.out) / a.name
     run.mkdir(parents=True, exist_ok=True)
@@ -147,9 +91,10 @@ def main() -> None:
 
     train(p, a.heads, run, "cpu", resume=True, progress=False, on_eval=show)
     v = convergence(run, p, a.tol)
-    print(f"{a.name}: converged={v['converged']} improvement over steps {v['from_step']}->{v['to_step']}: "
-          + ", ".join(f"{k} {d['point']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" for k, d in v["improvement"].items())
-          + f"; final {v['final']}; bayes {v['baselines']['bayes']}", flush=True)
+    print(f"{a.name}: converged={v['converged']} over steps {v['from_step']}->{v['to_step']}: "
+          + ", ".join(f"n={n}: risk {d['risk']:.4f} [{d['ci'][0]:.4f}, {d['ci'][1]:.4f}], improvement "
+                      f"{d['improvement']:+.3f} [{d['improvement_ci'][0]:+.3f}, {d['improvement_ci'][1]:+.3f}]"
+                      for n, d in v["at"].items()) + f"; bayes {v['baselines']['bayes']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -40,11 +40,10 @@ def table(root: Path, runs: dict[str, list[dict[str, float]]]) -> str:
             lines.append(f"| {name} | {int(last['step'])} | {last['cpu_s'] / 60:.1f} | {val} | – | running |")
             continue
         v = json.loads(conv.read_text())
-        fin = v["final"]
-        cells = [f"{fin[k]:.4f} [{fin[k + '_lo']:.4f}, {fin[k + '_hi']:.4f}]" for k in ("r@5", "r@10", "r@20")]
-        imp = v["improvement"]
+        at = v["at"]
+        cells = [f"{at[n]['risk']:.4f} [{at[n]['ci'][0]:.4f}, {at[n]['ci'][1]:.4f}]" for n in ("5", "10", "20")]
         lines.append(f"| {name} | {v['to_step']} | {last['cpu_s'] / 60:.1f} | " + " | ".join(cells)
-                     + f" | {imp['n=10']['point']:+.1%} / {imp['n=20']['point']:+.1%} | "
+                     + f" | {at['10']['improvement']:+.1%} / {at['20']['improvement']:+.1%} | "
                      + ("yes" if v["converged"] else "no") + " |")
     return "\n".join(lines)
 

@@ -253,10 +253,6 @@ def spec_of(path: Path) -> Any:
                      TrainConfig.model_validate(meta["train"]), int(meta["seed"]), meta.get("preset"))
 
 
-def config_json(config: ZooConfig) -> str:
-    return json.dumps(config.overrides, sort_keys=True)
-
-
 # --------------------------------------------------------------------------- training the zoo
 
 def _train_member(config: ZooConfig, seed: int, h: int, work: str, threads: int) -> str:
