@@ -290,8 +290,10 @@ def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_
     finishes. ``stacked`` (the GPU path): every member in stacks (``icl_heads.stacked``, one per
     architecture and recipe), exported when the stacks are done.
     """
-    todo = [(c, k, h) for c in configs for k, h in c.members()
-            if not (model_path(c.name, k, h, root) / META_FILE).exists()]
+    # seed by seed across configurations, so every configuration gets seed k before any gets k + 1
+    todo = sorted(((c, k, h) for c in configs for k, h in c.members()
+                   if not (model_path(c.name, k, h, root) / META_FILE).exists()),
+                  key=lambda t: (t[1], configs.index(t[0]), t[0].members().index((t[1], t[2]))))
     runs = {(c.name, k, h): Path(work) / c.name / f"seed{k}" / f"h{h}" for c, k, h in todo}
     done: list[Path] = []
 
