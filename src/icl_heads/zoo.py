@@ -287,7 +287,7 @@ def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_
     """Train every missing member of ``configs`` and export each into the zoo; resumable.
 
     On CPU: ``jobs`` processes at once (one torch thread each), each model exported as soon as it
-    finishes. ``stacked`` (the GPU path): every member in stacks (``icl_heads.stacked``, one per
+    finishes. ``stacked`` (the GPU path): every member in stacks (``icl_heads.training.train_stack``, one per
     architecture and recipe), exported when the stacks are done.
     """
     # seed by seed across configurations, so every configuration gets seed k before any gets k + 1
@@ -308,7 +308,7 @@ def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_
             on_export(dest)
 
     if stacked:
-        from .stacked import Member, train_members
+        from .training import Member, train_members
         from .training import TrainSpec
 
         members = [Member(TrainSpec.from_preset(c.preset(k), h), runs[(c.name, k, h)]) for c, k, h in todo]

@@ -40,7 +40,8 @@ from ..evaluation import predict
 from ..io import write_csv, write_json, write_provenance
 from ..metrics import curve_from_errors, squared_errors
 from ..model import Transformer
-from ..tasks import Prompts, fixed_prompts, generator, sample_prompts
+from ..tasks import Prompts, fixed_prompts
+from ..training import fine_tune
 from .ablation import REFERENCE_STREAM, Ablation, make_ablation, make_ablations, parse_ablations
 
 ABLATE, KEEP = "ablate", "keep"
@@ -479,18 +480,8 @@ def finetune(model: Transformer, gates: torch.Tensor, task: TaskConfig, steps: i
     tuned.head_gates.copy_(gates.to(dev))
     if steps == 0:
         return tuned
-    tuned.train()
-    opt = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
-    gen = generator(seed, "train", dev)
-    for _ in range(steps):
-        p = sample_prompts(task, batch_size, gen)
-        values = None if ablation is None else ablation.sample(batch_size, gen)
-        loss = torch.nn.functional.mse_loss(tuned(p.x, p.y, head_values=values), p.y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tuned.parameters(), grad_clip)
-        opt.step()
-    tuned.eval()
+    fine_tune(tuned, task, steps, batch_size, lr, seed, grad_clip,  # the training loop, constant lr
+              None if ablation is None else (lambda gen: ablation.sample(batch_size, gen)))
     return tuned
 
 

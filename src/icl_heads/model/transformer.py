@@ -1,16 +1,8 @@
 """The transformer: a GPT-2-style pre-LN decoder for in-context regression (SPEC section 3).
 
-Read it top to bottom:
+Read it top to bottom (tokens and masks are in :mod:`icl_heads.model.tokens`, activation names
+in :mod:`icl_heads.model.hooks`):
 
-* **Tokens** (:func:`tokens_and_layout`). ``pair`` format: context token
-  ``(x_k, y_k)`` for ``k < N-1`` and query token ``(x_k, 0)`` for every ``k``,
-  all in ``R^{d+1}``; ``interleaved``: ``x_0, y_0, x_1, y_1, ...`` as in Garg et
-  al. (2022).
-* **Mask** (:func:`attention_mask`). ``prefix``: context tokens are causal among
-  themselves, query ``k`` sees context ``< k`` (and itself under softmax, so no
-  row is empty), so one pass predicts every context length ``0..N-1``.
-  ``full``: every context token sees the whole context and one query (the last
-  example) sees it too; the setting of the theory (E6c).
 * **Head gates** (:attr:`Transformer.head_gates`, shape ``(L, h)``): a
   multiplicative gate on each head's output before the output projection. They
   default to 1 and are the only mechanism for masking and pruning. A forward
@@ -35,109 +27,15 @@ attends to itself under linear attention, since there is no empty row to avoid.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-
-CONTEXT, QUERY = 0, 1  # token types
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where things are in the token sequence for prompts of ``N`` examples."""
-
-    n_examples: int
-    token_type: torch.Tensor  # (T,) CONTEXT or QUERY
-    position: torch.Tensor  # (T,) example index of each token
-    query_index: torch.Tensor  # (Q,) token index of each prediction
-    query_n: torch.Tensor  # (Q,) context length each prediction has
-    context_index: torch.Tensor  # (C,) token index of context tokens (example k at position k)
-
-
-def layout(cfg: ModelConfig, n_examples: int) -> Layout:
-    N = n_examples
-    ar = torch.arange(N)
-    if cfg.token_format == "interleaved":
-        ttype = torch.tensor([QUERY, CONTEXT] * N)[: 2 * N - 1]
-        pos = ar.repeat_interleave(2)[: 2 * N - 1]
-        return Layout(N, ttype, pos, 2 * ar, ar, 2 * ar[:-1] + 1)
-    if cfg.mask == "full":
-        ttype = torch.cat([torch.full((N - 1,), CONTEXT), torch.tensor([QUERY])])
-        return Layout(N, ttype, ar, torch.tensor([N - 1]), torch.tensor([N - 1]), ar[:-1])
-    ttype = torch.cat([torch.full((N - 1,), CONTEXT), torch.full((N,), QUERY)])
-    pos = torch.cat([ar[:-1], ar])
-    return Layout(N, ttype, pos, (N - 1) + ar, ar, ar[:-1])
-
-
-def tokens(cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Token features ``(B, T, d+1)`` for prompts ``x (B, N, d)``, ``y (B, N)``."""
-    B, N, d = x.shape
-    zeros = torch.zeros_like(y)[..., None]
-    with_y = torch.cat([x, y[..., None]], dim=-1)
-    query = torch.cat([x, zeros], dim=-1)
-    if cfg.token_format == "interleaved":
-        y_tok = torch.cat([torch.zeros_like(x), y[..., None]], dim=-1)
-        return torch.stack([query, y_tok], dim=2).reshape(B, 2 * N, d + 1)[:, : 2 * N - 1]
-    if cfg.mask == "full":
-        return torch.cat([with_y[:, :-1], query[:, -1:]], dim=1)
-    return torch.cat([with_y[:, :-1], query], dim=1)
-
-
-def attention_mask(cfg: ModelConfig, lay: Layout) -> torch.Tensor:
-    """Boolean ``(T, T)`` mask, ``True`` where a token may attend (row: query token, column: key)."""
-    ttype, pos = lay.token_type, lay.position
-    T = ttype.numel()
-    if cfg.token_format == "interleaved":
-        mask = torch.ones(T, T, dtype=torch.bool).tril()
-        if cfg.attention == "linear":
-            mask.fill_diagonal_(False)
-        return mask
-    is_ctx_key = (ttype == CONTEXT)[None, :]
-    row_is_ctx = (ttype == CONTEXT)[:, None]
-    if cfg.mask == "full":
-        sees_ctx = is_ctx_key.expand(T, T)
-    else:
-        sees_ctx = is_ctx_key & torch.where(row_is_ctx, pos[None, :] <= pos[:, None], pos[None, :] < pos[:, None])
-    mask = sees_ctx.clone()
-    if cfg.attention == "softmax":
-        mask |= torch.eye(T, dtype=torch.bool) & ~row_is_ctx
-    return mask
-
-
-PATTERNS_KEY = "__patterns__"  # a cache holding this key (any non-None value) asks for attention patterns
-
-
-def explicit_softmax_pattern(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax attention weights ``(B, h, T, T)`` as SDPA computes them (scale ``1/sqrt(d_head)``, masked
-    keys get weight 0); used only when a pattern is asked for, SDPA otherwise."""
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
-
-
-def act_name(point: str, layer: int | None = None) -> str:
-    """Name of an activation point in :meth:`Transformer.run_with_cache` (TransformerLens style).
-
-    ``embed`` ``(B, T, D)`` and ``ln_final`` ``(B, Q, D)`` take no layer; per layer ``l``:
-    ``head_out`` ``(B, T, h, d_head)`` (after gates and head values, what the output projection
-    sees), ``pattern`` ``(B, h, T, T)`` (softmax attention only, on request), ``resid_mid`` and
-    ``resid_post`` ``(B, T, D)``.
-    """
-    if point in ("embed", "ln_final"):
-        if layer is not None:
-            raise ValueError(f"act_name: {point} has no layer")
-        return point
-    if layer is None:
-        raise ValueError(f"act_name: {point} needs a layer")
-    if point in ("head_out", "pattern"):
-        return f"blocks.{layer}.attn.{point}"
-    if point in ("resid_mid", "resid_post"):
-        return f"blocks.{layer}.{point}"
-    raise ValueError(f"act_name: unknown activation point {point!r}")
+from ..config import ModelConfig
+from .hooks import PATTERNS_KEY, explicit_softmax_pattern
+from .tokens import Layout, attention_mask, layout, tokens
 
 
 def gate_heads(out: torch.Tensor, gates: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
@@ -146,6 +44,16 @@ def gate_heads(out: torch.Tensor, gates: torch.Tensor, values: torch.Tensor | No
     g = gates.view(-1, 1, out.shape[2], 1)
     gated = out * g
     return gated if values is None else gated + (1 - g) * values.to(out.dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, linear: bool) -> torch.Tensor:
+    """The attention core on ``(..., h, T, d_head)`` queries, keys and values with a ``(T, T)`` mask:
+    linear attention averaged over the visible keys, or softmax through SDPA. The stacked model
+    (:mod:`icl_heads.model.stacked`) calls this same function."""
+    if linear:
+        scores = (q @ k.transpose(-1, -2)) * mask
+        return scores @ v / mask.sum(-1, keepdim=True).clamp(min=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class Attention(nn.Module):
@@ -163,15 +71,12 @@ class Attention(nn.Module):
                 values: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = h.shape
         q, k, v = (t.view(B, T, self.n_heads, self.d_head).transpose(1, 2) for t in self.qkv(h).split(D, dim=-1))
-        if self.linear:
-            scores = (q @ k.transpose(-1, -2)) * mask
-            out = scores @ v / mask.sum(-1, keepdim=True).clamp(min=1)
-        elif cache is not None and cache.get(PATTERNS_KEY) is not None:  # explicit path: the pattern is asked for
+        if not self.linear and cache is not None and cache.get(PATTERNS_KEY) is not None:  # the pattern is asked for
             pattern = explicit_softmax_pattern(q, k, mask)
             cache[f"{name}.pattern"] = pattern  # (B, h, T, T): query row, key column
             out = pattern @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = attend(q, k, v, mask, self.linear)
         out = out.transpose(1, 2)  # (B, T, H, d_head)
         if gates is not None:  # (H,) or (B, H)
             out = gate_heads(out, gates, values)
@@ -185,14 +90,36 @@ class Attention(nn.Module):
         return torch.einsum("bthe,dhe->bthd", head_out, W)
 
 
+class MLP(nn.Sequential):
+    """``D -> 4D``, GELU, ``4D -> D``; addressed by name (:attr:`fc_in`, :attr:`act`, :attr:`fc_out`).
+
+    A ``Sequential`` underneath so that checkpoints keep their parameter names
+    (``mlp.0.*``, ``mlp.2.*``): the committed zoo and every earlier run load unchanged.
+    """
+
+    def __init__(self, d_model: int):
+        super().__init__(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    @property
+    def fc_in(self) -> nn.Linear:
+        return self[0]  # type: ignore[return-value]
+
+    @property
+    def act(self) -> nn.Module:
+        return self[1]
+
+    @property
+    def fc_out(self) -> nn.Linear:
+        return self[2]  # type: ignore[return-value]
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         norm = (lambda: nn.LayerNorm(cfg.d_model)) if cfg.layer_norm else nn.Identity
         self.ln_1, self.attn = norm(), Attention(cfg)
         self.ln_2 = norm()
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
-                                 nn.Linear(4 * cfg.d_model, cfg.d_model)) if cfg.mlp else None
+        self.mlp = MLP(cfg.d_model) if cfg.mlp else None
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None,
                 cache: dict[str, torch.Tensor] | None, name: str, values: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,9 +148,10 @@ class Transformer(nn.Module):
         self.register_buffer("head_gates", torch.ones(cfg.n_layers, cfg.n_heads))
         self._layouts: dict[tuple[int, str], tuple[Layout, torch.Tensor]] = {}
         self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith(("attn.proj.weight", "mlp.2.weight")):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers))
+        for block in self.blocks:  # GPT-2: scale the residual projections by depth (named_parameters order)
+            for out_proj in (block.attn.proj, None if block.mlp is None else block.mlp.fc_out):
+                if out_proj is not None:
+                    nn.init.normal_(out_proj.weight, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers))
 
     @staticmethod
     def _init(m: nn.Module) -> None:
