@@ -388,11 +388,7 @@ def _run_from(model: Transformer, h: torch.Tensor, layer: int, gates: torch.Tens
     """Layers ``layer..L-1`` and the read-out from the residual stream ``h`` entering ``layer``.
 
     ``values`` holds head values for layers ``layer..L-1`` only (``(..., L - layer, T, h, dh)``)."""
-    lay, mask = model.layout(n_examples, h.device)
-    for l in range(layer, model.cfg.n_layers):
-        v = None if values is None else values[..., l - layer, :, :, :]
-        h = model.blocks[l](h, mask, gates[..., l, :], None, f"blocks.{l}", v)
-    return model.read_out(model.ln_f(h[:, lay.query_index])).squeeze(-1)
+    return model.forward_from(h, layer, gates, values)  # the model's start_at_layer
 
 
 def _check_prompts(model: Transformer, prompts: Prompts) -> None:

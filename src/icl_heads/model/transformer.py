@@ -27,14 +27,17 @@ attends to itself under linear attention, since there is no empty row to avoid.
 from __future__ import annotations
 
 import math
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .hooks import PATTERNS_KEY, explicit_softmax_pattern
+from .hooks import PATTERNS_KEY, act_name, explicit_softmax_pattern
 from .tokens import Layout, attention_mask, layout, tokens
 
 
@@ -83,11 +86,6 @@ class Attention(nn.Module):
         if cache is not None:
             cache[f"{name}.head_out"] = out
         return self.proj(out.reshape(B, T, D))
-
-    def head_results(self, head_out: torch.Tensor) -> torch.Tensor:
-        """Each head's additive contribution to the residual stream, ``(B, T, H, D)`` (bias excluded)."""
-        W = self.proj.weight.view(-1, self.n_heads, self.d_head)  # (D, H, d_head)
-        return torch.einsum("bthe,dhe->bthd", head_out, W)
 
 
 class MLP(nn.Sequential):
@@ -147,6 +145,7 @@ class Transformer(nn.Module):
         self.read_out = nn.Linear(cfg.d_model, 1)
         self.register_buffer("head_gates", torch.ones(cfg.n_layers, cfg.n_heads))
         self._layouts: dict[tuple[int, str], tuple[Layout, torch.Tensor]] = {}
+        self._intervention: _Intervention | None = None  # set inside ablated()
         self.apply(self._init)
         for block in self.blocks:  # GPT-2: scale the residual projections by depth (named_parameters order)
             for out_proj in (block.attn.proj, None if block.mlp is None else block.mlp.fc_out):
@@ -171,9 +170,15 @@ class Transformer(nn.Module):
             self._layouts[key] = (lay, mask)
         return self._layouts[key]
 
+    def n_examples_of(self, n_tokens: int) -> int:
+        """Examples per prompt in a sequence of ``n_tokens`` tokens (the inverse of the token layout)."""
+        return n_tokens if self.cfg.mask == "full" and self.cfg.token_format != "interleaved" else (n_tokens + 1) // 2
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None = None,
                 head_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Predictions ``(B, Q)``; with the prefix mask ``Q = N`` and column ``k`` is context length ``k``."""
+        """Predictions ``(B, Q)``; with the prefix mask ``Q = N`` and column ``k`` is context length ``k``.
+
+        Inside :meth:`ablated` the intervention applies (gates multiply, values come from it)."""
         return self._run(x, y, head_gates, None, head_values)
 
     def run_with_cache(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None = None,
@@ -188,31 +193,133 @@ class Transformer(nn.Module):
         """
         cache: dict[str, Any] = {PATTERNS_KEY: True} if patterns else {}
         pred = self._run(x, y, head_gates, cache, head_values)
-        cache.pop(PATTERNS_KEY, None)
-        if names is not None:
-            missing = [n for n in names if n not in cache]
-            if missing:
-                raise KeyError(f"run_with_cache: no activation {missing[0]!r} (have {', '.join(cache)})")
-            cache = {n: cache[n] for n in names}
-        return pred, cache
+        return pred, _select(cache, names)
+
+    def forward_from(self, resid: torch.Tensor, start_at_layer: int, head_gates: torch.Tensor | None = None,
+                     head_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Predictions from blocks ``start_at_layer .. L-1`` and the read-out, run on the residual stream
+        ``resid`` ``(B, T, D)`` entering block ``start_at_layer`` (TransformerLens' ``start_at_layer``).
+
+        ``resid`` is ``embed`` for 0, else ``blocks.{start_at_layer - 1}.resid_post``, so
+        ``forward_from(cache[act_name("resid_post", l - 1)], l)`` equals the full pass. ``head_gates`` is
+        ``(L, h)`` or ``(B, L, h)`` over *all* layers, as in :meth:`forward`; ``head_values`` may cover all
+        ``L`` layers or only the ``L - start_at_layer`` layers run (``(..., L - start_at_layer, T, h, d_head)``).
+        """
+        return self._run_blocks(resid, start_at_layer, head_gates, None, head_values)
+
+    def run_from_with_cache(self, resid: torch.Tensor, start_at_layer: int, head_gates: torch.Tensor | None = None,
+                            head_values: torch.Tensor | None = None, names: list[str] | None = None,
+                            patterns: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`forward_from` with the cache of the blocks run (as :meth:`run_with_cache`)."""
+        cache: dict[str, Any] = {PATTERNS_KEY: True} if patterns else {}
+        pred = self._run_blocks(resid, start_at_layer, head_gates, cache, head_values)
+        return pred, _select(cache, names)
+
+    @contextmanager
+    def ablated(self, heads: Iterable[tuple[int, int]] | torch.Tensor, kind: str = "zero",
+                reference: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> Iterator["Transformer"]:
+        """Within the block, every pass of this model ablates ``heads``; the model itself is unchanged.
+
+        ``heads``: ``(layer, head)`` pairs (0-based) or a boolean ``(L, h)`` mask of the heads to
+        ablate. ``kind``: ``zero`` (gate 0, the paper's masking), ``mean`` (the head outputs its clean
+        mean over ``reference`` prompts ``(x, y)``, per position) or ``resample`` (scored prompt ``i``
+        gets the clean output of reference prompt ``perm[i mod R]``, ``perm`` a permutation drawn from
+        ``seed``), as :mod:`icl_heads.analysis.ablation` defines them. Gates passed to a pass inside
+        the block multiply the ablation's; passing ``head_values`` there is refused. One ablation at a time::
+
+            with model.ablated([(0, 1)], kind="mean", reference=(x_ref, y_ref)):
+                pred = model(x, y)
+        """
+        if self._intervention is not None:
+            raise ValueError("ablated: one ablation at a time (merge the heads into one call)")
+        L, h = self.cfg.n_layers, self.cfg.n_heads
+        dev = self.head_gates.device
+        if torch.is_tensor(heads):
+            off = heads.to(dev, torch.bool)
+            if off.shape != (L, h):
+                raise ValueError(f"ablated: a head mask must have shape ({L}, {h}) (got {tuple(off.shape)})")
+        else:
+            off = torch.zeros(L, h, dtype=torch.bool, device=dev)
+            for layer, head in heads:
+                if not (0 <= layer < L and 0 <= head < h):
+                    raise ValueError(f"ablated: no head ({layer}, {head}) in a model with {L} layers of {h} heads")
+                off[layer, head] = True
+        values: torch.Tensor | None = None
+        if kind not in ("zero", "mean", "resample"):
+            raise ValueError(f"ablated: kind must be zero, mean or resample (got {kind!r})")
+        if kind != "zero":
+            if reference is None:
+                raise ValueError(f"ablated: {kind} ablation needs reference prompts (x, y)")
+            with torch.no_grad():
+                _, cache = self.run_with_cache(*reference, head_gates=torch.ones(L, h, device=dev))
+            outs = torch.stack([cache[act_name("head_out", l)] for l in range(L)], dim=1)  # (R, L, T, h, dh)
+            values = outs.mean(0) if kind == "mean" else outs
+        perm = None if kind != "resample" else np.random.default_rng(seed).permutation(values.shape[0])
+        self._intervention = _Intervention((~off).to(self.head_gates.dtype), values, perm)
+        try:
+            yield self
+        finally:
+            self._intervention = None
+
+    def _with_intervention(self, gates: torch.Tensor, values: torch.Tensor | None, batch: int
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        iv = self._intervention
+        if iv is None:
+            return gates, values
+        if values is not None:
+            raise ValueError("ablated: a pass inside an ablation takes no head_values of its own")
+        gates = gates * iv.keep.to(gates.device, gates.dtype)
+        if iv.values is None or iv.perm is None:
+            return gates, iv.values
+        donors = iv.perm[np.arange(batch) % iv.perm.size]  # prompt i gets reference perm[i mod R]
+        return gates, iv.values[torch.as_tensor(donors, device=iv.values.device)]
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None,
              cache: dict[str, torch.Tensor] | None, head_values: torch.Tensor | None = None) -> torch.Tensor:
-        lay, mask = self.layout(x.shape[1], x.device)
+        lay, _ = self.layout(x.shape[1], x.device)
         dtype = self.read_in.weight.dtype  # prompts may come as float64 (fixed_prompts); the model decides
         h = self.read_in(tokens(self.cfg, x.to(dtype), y.to(dtype)))
         if self.pos_emb is not None:
             h = h + self.pos_emb(lay.position) + self.type_emb(lay.token_type)
         if cache is not None:
-            cache["embed"] = h
+            cache[act_name("embed")] = h
+        return self._run_blocks(h, 0, head_gates, cache, head_values)
+
+    def _run_blocks(self, h: torch.Tensor, start: int, head_gates: torch.Tensor | None,
+                    cache: dict[str, torch.Tensor] | None, head_values: torch.Tensor | None) -> torch.Tensor:
+        L = self.cfg.n_layers
+        if not 0 <= start <= L:
+            raise ValueError(f"start_at_layer: must be in 0..{L} (got {start})")
+        lay, mask = self.layout(self.n_examples_of(h.shape[1]), h.device)
         gates = self.head_gates if head_gates is None else head_gates.to(h.dtype)
-        for l, block in enumerate(self.blocks):
-            values = None if head_values is None else head_values[..., l, :, :, :]  # (T, h, dh) or (B, T, h, dh)
-            h = block(h, mask, gates[..., l, :], cache, f"blocks.{l}", values)
+        gates, head_values = self._with_intervention(gates, head_values, h.shape[0])
+        first = 0 if head_values is None or head_values.shape[-4] == L else start  # values of all layers, or the run ones
+        for l in range(start, L):
+            values = None if head_values is None else head_values[..., l - first, :, :, :]  # (T, h, dh) or (B, T, h, dh)
+            h = self.blocks[l](h, mask, gates[..., l, :], cache, f"blocks.{l}", values)
         h = self.ln_f(h[:, lay.query_index])
         if cache is not None:
-            cache["ln_final"] = h
+            cache[act_name("ln_final")] = h
         return self.read_out(h).squeeze(-1)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@dataclass(frozen=True)
+class _Intervention:
+    """An active :meth:`Transformer.ablated`: gate multipliers ``(L, h)``, values and the donor pairing."""
+
+    keep: torch.Tensor  # (L, h): 0 for an ablated head, 1 otherwise
+    values: torch.Tensor | None  # None (zero), (L, T, h, dh) (mean) or (R, L, T, h, dh) (resample)
+    perm: np.ndarray | None  # resample: the donor permutation of the reference prompts, from the seed
+
+
+def _select(cache: dict[str, Any], names: list[str] | None) -> dict[str, torch.Tensor]:
+    cache.pop(PATTERNS_KEY, None)
+    if names is None:
+        return cache
+    missing = [n for n in names if n not in cache]
+    if missing:
+        raise KeyError(f"run_with_cache: no activation {missing[0]!r} (have {', '.join(cache)})")
+    return {n: cache[n] for n in names}
