@@ -15,6 +15,7 @@ from typing import Any, Optional
 import click
 
 from .checkpoint import CheckpointError
+from .cli_options import parse_floats, parse_sets, resolve_device  # noqa: F401  (public here too)
 from .config import PRESET_NAMES, ConfigError, Preset, get_preset
 
 
@@ -75,18 +76,6 @@ def make_preset(name: str, seed: Optional[int] = None, sets: tuple[str, ...] = (
     if seed is not None:
         ov["seed"] = seed
     return get_preset(name, **ov)
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name not in ("cpu", "cuda", "auto"):
-        raise ConfigError(f"device: must be cpu, cuda or auto (got {name!r})")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but torch.cuda.is_available() is False")
-    return name
 
 
 def writing(out: Path) -> Any:
@@ -363,33 +352,6 @@ def check_sigmas(preset: Preset, levels: list[float]) -> list[float]:
         except ConfigError as e:
             raise ConfigError(f"sigmas: {str(e).removeprefix('sigma: ')}") from None
     return levels
-
-
-def parse_floats(text: str, field: str) -> list[float]:
-    """``"0.1,0.5"`` to ``[0.1, 0.5]``, or a one-line error naming ``field``."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{field}: expected comma-separated numbers (got {text!r})") from None
-    if not values:
-        raise ConfigError(f"{field}: expected at least one number (got {text!r})")
-    return values
-
-
-def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs to dotted overrides; VALUE is read as JSON when it parses, else as text."""
-    import json
-
-    ov: dict[str, Any] = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"set: expected KEY=VALUE (got {item!r})")
-        try:
-            ov[key] = json.loads(value)
-        except json.JSONDecodeError:
-            ov[key] = value
-    return ov
 
 
 @app.command("train")

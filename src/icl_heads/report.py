@@ -17,7 +17,9 @@ import numpy as np
 
 from .config import Preset
 from .document import Document
-from .io import atomic_write_text, read_csv, read_json, write_json
+from .io import atomic_write_text, read_csv, read_json, save_figure, write_json
+from .plotting import new_figure
+from .runs import layout
 from .claims.across_seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Stat, Verdict, across_seeds  # noqa: F401
 from .claims.rules import (RULE_1B, RULE_2A, ablation_kinds, band_compare, claim_1a, claim_1b,  # noqa: F401  re-exports
                            claim_2a, claim_2b, claim_2c, claim_3, claims_1b, claims_2a, compute_verdicts, curves,
@@ -29,11 +31,11 @@ def write_report(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float] 
     out = Path(out)
     sigmas = list(sigmas)
     verdicts = compute_verdicts(out, preset, seeds, sigmas)
-    write_json(out / "verdicts.json", [v.to_json() for v in verdicts])
+    write_json(out / layout.VERDICTS, [v.to_json() for v in verdicts])
     doc = build_document(out, preset, seeds, verdicts)
-    atomic_write_text(out / "report.md", doc.to_markdown(out))
-    atomic_write_text(out / "report.html", doc.to_html())
-    return out / "report.md"
+    atomic_write_text(out / layout.REPORT_MD, doc.to_markdown(out))
+    atomic_write_text(out / layout.REPORT_HTML, doc.to_html())
+    return out / layout.REPORT_MD
 
 
 def build_document(out: Path, preset: Preset, seeds: int, verdicts: list[Verdict]) -> Document:
@@ -49,7 +51,7 @@ def build_document(out: Path, preset: Preset, seeds: int, verdicts: list[Verdict
     groups = claim_groups(verdicts)
     doc.table(["claim", "verdict", "key statistic: mean [95% CI over seeds] (needed)", "variants"],
               [claim_row(g) for g in groups], css="compact")
-    doc.figure(summary_figure([g[0] for g in groups], out / "summary.png"),
+    doc.figure(summary_figure([g[0] for g in groups], out / layout.SUMMARY_PNG),
                "Key statistic of each claim: one grey dot per seed, black the mean with its 95% t-interval over "
                "seeds on the statistic's scale (log for ratios, logit for bounded ones), red dashes the threshold "
                "(the claim needs the interval wholly on the shaded side).")
@@ -119,14 +121,7 @@ _COLOURS = {REPRODUCED: "#0a7a25", NOT_REPRODUCED: "#b00020", INCONCLUSIVE: "#a6
 
 def summary_figure(verdicts: list[Verdict], path: Path) -> Path:
     """``summary.png``: one row per claim, its key statistic per seed, the mean and 95% interval, the threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .io import save_figure
-
-    fig, axes = plt.subplots(len(verdicts), 1, figsize=(9.5, 0.42 * len(verdicts) + 0.3), squeeze=False)
+    fig, axes = new_figure(len(verdicts), 1, figsize=(9.5, 0.42 * len(verdicts) + 0.3), squeeze=False)
     for ax, v in zip(axes[:, 0], verdicts):
         ki = key_interval(v)
         ax.set_yticks([])
@@ -161,7 +156,6 @@ def summary_figure(verdicts: list[Verdict], path: Path) -> Path:
         ax.set_title(st.name, fontsize=7, loc="left", pad=1, color="#444")
     fig.subplots_adjust(left=0.36, right=0.87, hspace=1.5, top=0.93, bottom=0.08)
     save_figure(fig, path)
-    plt.close(fig)
     return path
 
 
@@ -177,7 +171,7 @@ def summary_risk_rows(out: Path, preset: Preset, seeds: int) -> list[list[str]]:
     """Models (mean over seeds, [min, max] over seeds) beside ridge, lasso, PtO and Bayes (seed 0's test
     prompts, [95% CI over prompts]) at n = d/2, d, 2d; from each seed's ``e1/e1_heads.csv``."""
     ns = list(marker_names(preset.task))
-    files = [out / f"seed{k}" / "e1" / "e1_heads.csv" for k in range(seeds)]
+    files = [layout.stage_dir(out, "e1", k) / layout.E1_CSV for k in range(seeds)]
     if not all(f.exists() for f in files):
         return []
     per_seed = [curves(f, "label") for f in files]
@@ -272,48 +266,48 @@ def verdict_rows(verdicts: list[Verdict]) -> list[list[str]]:
 
 
 def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -> None:
-    sd = out / "seed0"
+    sd = layout.seed_dir(out, 0)  # the first seed's figures and tables
     d = preset.task.d
     ns = sorted({max(1, d // 2), d, min(2 * d, preset.task.n_max)})
     doc.heading("E1 — heads sweep")
-    doc.figure(sd / "e1" / "e1_heads.png", "Normalised excess risk vs context length: trained models (h heads) and estimators.")
-    c1 = curves(sd / "e1" / "e1_heads.csv", "label")
+    doc.figure(sd / "e1" / layout.E1_PNG, "Normalised excess risk vs context length: trained models (h heads) and estimators.")
+    c1 = curves(sd / "e1" / layout.E1_CSV, "label")
     doc.table(["model / estimator"] + [f"n={n}" for n in ns],
               [[lab] + [_at(rows, n) for n in ns] for lab, rows in c1.items()])
     if sentence := e1_depth_sentence(c1, preset):
         doc.para(sentence)
     doc.heading("E2 — head assessment")
-    doc.figure(sd / "e2" / "head_importance.png", "Risk increase when each head is gated off (raw and normalised per layer).")
+    doc.figure(sd / "e2" / layout.E2_PNG, "Risk increase when each head is gated off (raw and normalised per layer).")
     doc.table(["ablation", "layer", "top head", "top share", "95% CI", "uniform share"],
               [[r.get("ablation", "zero"), r["layer"], r["top_head"], float(r["top_share"]),
                 f"[{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}]", float(r["uniform_share"])]
-               for r in read_csv(sd / "e2" / "concentration.csv")])
+               for r in read_csv(sd / "e2" / layout.E2_CONCENTRATION)])
     doc.heading("E3 — pruning")
-    doc.figure(sd / "e3" / "pruning.png", "Full vs pruned (layer 1 all heads, later layers top head) vs control.")
-    e3 = read_json(sd / "e3" / "summary.json")
+    doc.figure(sd / "e3" / layout.E3_PNG, "Full vs pruned (layer 1 all heads, later layers top head) vs control.")
+    e3 = read_json(sd / "e3" / layout.E3_SUMMARY)
     doc.table(["ablation", "model", "risk ratio vs full", "95% CI", "last-layer probe ratio vs full", "95% CI"],
               [[kind, name, r["ratio"], f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"]
                + ([k["probe_ratio_vs_full"][name]["ratio"], "[{ci_low:.3f}, {ci_high:.3f}]".format(
                    **k["probe_ratio_vs_full"][name])] if "probe_ratio_vs_full" in k else ["-", "-"])
                for kind, k in e3.get("by_ablation", {"zero": e3}).items() for name, r in k["risk_ratio_vs_full"].items()])
     doc.heading("E4 — layer-wise probes")
-    doc.figure(sd / "e4" / "probes.png", "Ridge-probe excess risk per layer: full, pruned and single-head models.")
-    mp = read_json(sd / "e4" / "summary.json")["mean_probe_risk_norm"]
+    doc.figure(sd / "e4" / layout.E4_PNG, "Ridge-probe excess risk per layer: full, pruned and single-head models.")
+    mp = read_json(sd / "e4" / layout.E4_SUMMARY)["mean_probe_risk_norm"]
     layers = list(next(iter(mp.values())))
     doc.table(["model"] + layers, [[m] + [v[layer] for layer in layers] for m, v in mp.items()])
     doc.heading("E5 — algorithms")
-    doc.figure(out / "e5" / "e5_risk.png", "Estimators, each tuned per n on validation prompts.")
-    c5 = curves(out / "e5" / "e5_risk.csv", "estimator")
+    doc.figure(out / layout.E5 / layout.E5_PNG, "Estimators, each tuned per n on validation prompts.")
+    c5 = curves(out / layout.E5 / layout.E5_CSV, "estimator")
     doc.table(["estimator"] + [f"n={n}" for n in ns], [[lab] + [_at(rows, n) for n in ns] for lab, rows in c5.items()])
     for name, cap in (("e5_vs_T.png", "Risk vs number of steps T for GD and PtO."),
                       ("e5_groups.png", "PtO with h coordinate groups, h = 1..d.")):
-        if (out / "e5" / name).exists():
-            doc.figure(out / "e5" / name, cap)
+        if (out / layout.E5 / name).exists():
+            doc.figure(out / layout.E5 / name, cap)
     doc.heading("E6 — mechanism")
     _e6_section(doc, sd / "e6")
     _e7_section(doc, out, preset, seeds)
     doc.heading("Provenance")
-    m = read_json(out / "manifest.json") if (out / "manifest.json").exists() else {}
+    m = read_json(out / layout.MANIFEST) if (out / layout.MANIFEST).exists() else {}
     env = m.get("environment", {})
     doc.para(f"git commit {env.get('git_commit')}, Python {env.get('python')}, torch "
              f"{env.get('packages', {}).get('torch')}, device {m.get('device')}. Stage wall times (s): "
@@ -325,13 +319,13 @@ def _e7_section(doc: Document, out: Path, preset: Preset, seeds: int) -> None:
     """E7: the emergence figure over seeds, one sentence per claim, the per-snapshot table."""
     from .analysis.emergence import plot_emergence, read_emergence, trend
 
-    paths = [out / f"seed{k}" / "e7" / "emergence.csv" for k in range(seeds)]
+    paths = [layout.stage_dir(out, "e7", k) / layout.E7_CSV for k in range(seeds)]
     if not all(p.exists() for p in paths):
         return
     seed_ids = [preset.seed + k for k in range(seeds)]
     per_seed = read_emergence(paths)
     doc.heading("E7 — emergence during training")
-    fig = plot_emergence(per_seed, seed_ids, out / "e7_emergence.png",
+    fig = plot_emergence(per_seed, seed_ids, out / layout.E7_SUMMARY_PNG,
                          f"E7: h={max(preset.heads)} model snapshots ({preset.name}), seeds {seed_ids}")
     doc.figure(fig, "Top-head share per layer (E2, zero ablation, val prompts), risk at n = d, and pruned/full "
                     "risk (E3, own read-out, test prompts) at log-spaced training snapshots; one marker per seed.")
@@ -360,12 +354,12 @@ def _e7_section(doc: Document, out: Path, preset: Preset, seeds: int) -> None:
 
 
 def _e6_section(doc: Document, e6: Path) -> None:
-    doc.figure(e6 / "e6a_r2.png", "E6a: held-out R^2 of linear decoders from the read-in and from layer 1 (context "
+    doc.figure(e6 / layout.E6A_PNG, "E6a: held-out R^2 of linear decoders from the read-in and from layer 1 (context "
                "tokens) to r_j x_ij (prefix and full-context r), y_i x_ij and x_ij.")
-    for png in sorted(e6.glob("e6b_agreement_*.png")):
+    for png in sorted(e6.glob(layout.E6B_PNG_GLOB)):
         doc.figure(png, f"E6b, model {png.stem.split('_')[-1]}: agreement of each layer's probe with PtO and GD "
                         "after l-1 steps, per n.")
-    summ = read_json(e6 / "e6_summary.json")
+    summ = read_json(e6 / layout.E6_SUMMARY)
     r2, dirs = summ.get("e6a_mean_r2", {}), summ.get("e6a_directions", {})
     targets = ("pto_prefix", "pto_prefix_groups", "pto_full", "yx", "x")
     keys = sorted({k.rsplit("/", 1)[0] for k in r2})
@@ -373,12 +367,12 @@ def _e6_section(doc: Document, e6: Path) -> None:
                                                                    f"{summ.get('e6a_direction_r2_cutoff', 0.5):g}"],
               [[k] + [r2.get(f"{k}/{t}", float("nan")) for t in targets] + [dirs.get(f"{k}/pto_prefix", float("nan"))]
                for k in keys])
-    rows = [r for r in read_csv(e6 / "e6b_verdict.csv") if r["eta_fit"] == "match"]
+    rows = [r for r in read_csv(e6 / layout.E6B_VERDICT) if r["eta_fit"] == "match"]
     doc.table(["model", "readout", "layer", "n", "rel. err to PtO", "rel. err to GD", "GD - PtO 95% CI", "closer to"],
               [[r["model"], r["readout"], r["layer"], r["n_range"], float(r["pto_rel_err"]), float(r["gd_rel_err"]),
                 f"[{float(r['diff_ci_low']):+.3f}, {float(r['diff_ci_high']):+.3f}]", r["tracks"]] for r in rows])
-    if (e6 / "e6c_construct.csv").exists():
-        c = read_csv(e6 / "e6c_construct.csv")
+    if (e6 / layout.E6C_CSV).exists():
+        c = read_csv(e6 / layout.E6C_CSV)
         worst = max(float(r["max_abs_dev"]) for r in c)
         doc.para(f"E6c: the hand-built linear-attention transformer matches PtO / grouped PtO on {len(c)} settings, "
                  f"largest absolute deviation {worst:.2e} (float64).")
@@ -392,4 +386,4 @@ def _at(rows: list[dict[str, float]], n: int) -> str:
 
 
 def verdicts_json(out: Path) -> list[dict[str, Any]]:
-    return json.loads((Path(out) / "verdicts.json").read_text())
+    return json.loads((Path(out) / layout.VERDICTS).read_text())

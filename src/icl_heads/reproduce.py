@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 
 from .config import ConfigError, Preset
 from .io import environment, read_json, write_json
+from .runs import layout
+from .runs.layout import SEED_STAGES, sigma_dir, stage_names  # noqa: F401  (the names reproduce has always had)
 
 # Share of the wall time per stage, measured on quick with 3 seeds (2 CPU cores); only used for the ETA.
 _WEIGHTS = {"e5": 0.017, "train": 0.66, "e1": 0.002, "e2": 0.016, "e3": 0.022, "e4": 0.012, "e6": 0.037,
@@ -53,7 +55,7 @@ class StageRunner:
         ``fields``: the preset fields the stage depends on (default all) for its fingerprint.
         """
         k = self.stages.index(name) + 1
-        marker = folder / "stage.json"
+        marker = folder / layout.STAGE_MARKER
         fp = fingerprint(self.preset, fields)
         if marker.exists() and read_json(marker).get("fingerprint") == fp:
             self.wall[name] = read_json(marker)["wall_s"]
@@ -112,28 +114,12 @@ def seed_heads(preset: Preset, k: int) -> list[int]:
     return list(preset.heads) if k == 0 else sorted({min(preset.heads), max(preset.heads)})
 
 
-def sigma_dir(preset: Preset, sigma: float) -> str:
-    """Sub-folder of a noise level: ``""`` for the preset's own sigma, else ``sigma{value}/``."""
-    return "" if sigma == preset.task.sigma else f"sigma{sigma:g}/"
-
-
 ABLATIONS = ("zero", "mean", "resample")  # E2 and E3 measure heads all three ways (docs/analysis.md)
-SEED_STAGES = ("e1", "e2", "e3", "e4", "e6", "e7")
-
-
-def stage_names(seeds: int, sigma_prefixes: Sequence[str] = ("",), train: bool = True) -> list[str]:
-    names = ["e5"]
-    for sp in sigma_prefixes:
-        if train:
-            names.append(f"{sp}train")
-        for k in range(seeds):
-            names += [f"{sp}seed{k}/{s}" for s in SEED_STAGES]
-    return names + ["report"]
 
 
 def check_folder(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float]) -> None:
     """Refuse a folder that holds another config's run; record ours otherwise."""
-    run_file = out / "run.json"
+    run_file = out / layout.RUN_FILE
     fp = fingerprint(preset)
     if run_file.exists():
         old = read_json(run_file)
@@ -177,35 +163,35 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
         raise ConfigError("sigmas: the zoo's models are trained at the preset's sigma only; pass --train")
     runner = StageRunner(out, preset, stage_names(seeds, [sigma_dir(preset, x) for x in sigmas],
                                                   train=models is None))
-    runner.run("e5", out / "e5", lambda d: run_e5(preset, d), fields=E5_FIELDS)
+    runner.run(layout.E5, layout.stage_dir(out, layout.E5), lambda d: run_e5(preset, d), fields=E5_FIELDS)
     for sigma in sigmas:
         sp = sigma_dir(preset, sigma)
         ps = preset if not sp else preset.model_copy(update={"task": preset.task.model_copy(update={"sigma": sigma})})
         per_seed = [ps.model_copy(update={"seed": ps.seed + k, "heads": seed_heads(ps, k)}) for k in range(seeds)]
-        dirs = [out / f"{sp}seed{k}" / "e1" for k in range(seeds)]
+        dirs = [layout.stage_dir(out, "e1", k, sp) for k in range(seeds)]
         if models is None:
-            runner.run(f"{sp}train", out / f"{sp}train",
+            runner.run(f"{sp}{layout.TRAIN}", out / f"{sp}{layout.TRAIN}",
                        lambda d: train_seeds(per_seed, dirs, device, stacked, d / "stacks"))
         for k, pk in enumerate(per_seed):
-            sd = out / f"{sp}seed{k}"
+            sd = layout.seed_dir(out, k, sp)
             # E5 ran on the first seed's prompts at the preset's own sigma: E1 reuses its estimator rows there
-            e5_csv = out / "e5" / "e5_risk.csv" if k == 0 and not sp else None
+            e5_csv = layout.stage_dir(out, layout.E5) / layout.E5_CSV if k == 0 and not sp else None
             given = None if models is None else {h: models(k, h) for h in pk.heads}
-            runner.run(f"{sp}seed{k}/e1", sd / "e1",
+            runner.run(layout.stage_name("e1", k, sp), sd / "e1",
                        lambda d: run_e1(pk, d, device, estimators=E1_ESTIMATORS if k == 0 else None, e5_csv=e5_csv,
                                         models=given))
             where = (lambda h: given[h]) if given else (lambda h: model_dir(sd / "e1", h))
             multi, single = where(max(pk.heads)), where(min(pk.heads))
             common = dict(preset=pk, seed=pk.seed, device=device)
-            runner.run(f"{sp}seed{k}/e2", sd / "e2", lambda d: run_e2(multi, d, ablations=ABLATIONS, **common))
-            runner.run(f"{sp}seed{k}/e3", sd / "e3", lambda d: run_e3(multi, d, ablations=ABLATIONS,
+            runner.run(layout.stage_name("e2", k, sp), sd / "e2", lambda d: run_e2(multi, d, ablations=ABLATIONS, **common))
+            runner.run(layout.stage_name("e3", k, sp), sd / "e3", lambda d: run_e3(multi, d, ablations=ABLATIONS,
                                                                        single_ckpt=single, **common))
-            runner.run(f"{sp}seed{k}/e4", sd / "e4", lambda d: run_e4(multi, d, prune=default_policy(pk.model.n_layers),
+            runner.run(layout.stage_name("e4", k, sp), sd / "e4", lambda d: run_e4(multi, d, prune=default_policy(pk.model.n_layers),
                                                                        compare=[single], **common))
             first = k == 0  # E6c and the any-T context are model-independent or verdict-free: first seed only
-            runner.run(f"{sp}seed{k}/e6", sd / "e6", lambda d: run_e6(multi, d, single_ckpt=single, with_construct=first,
+            runner.run(layout.stage_name("e6", k, sp), sd / "e6", lambda d: run_e6(multi, d, single_ckpt=single, with_construct=first,
                                                                        with_any_t=first and any_t, **common))
-            runner.run(f"{sp}seed{k}/e7", sd / "e7", lambda d: run_e7(multi, d, **common))
+            runner.run(layout.stage_name("e7", k, sp), sd / "e7", lambda d: run_e7(multi, d, **common))
     runner.log(f"[{len(runner.stages)}/{len(runner.stages)}] report   elapsed {_hms(runner.elapsed)}")
     t = time.perf_counter()
     manifest = {"preset": preset.model_dump(), "seeds": [preset.seed + k for k in range(seeds)], "sigmas": sigmas,
@@ -213,11 +199,11 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
                 "device": device, "stage_wall_s": runner.wall, "environment": environment(),
                 "models": "trained in this run" if models is None else
                 {f"seed{k}/h{h}": str(models(k, h)) for k in range(seeds) for h in seed_heads(preset, k)}}
-    write_json(out / "manifest.json", manifest)
+    write_json(out / layout.MANIFEST, manifest)
     report = write_report(out, preset, seeds, sigmas)
     manifest["stage_wall_s"]["report"] = time.perf_counter() - t
     manifest["total_wall_s"] = runner.elapsed
-    write_json(out / "manifest.json", manifest)
+    write_json(out / layout.MANIFEST, manifest)
     runner.log(f"done in {_hms(runner.elapsed)}: {report}")
     return report
 

@@ -66,7 +66,7 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, st
     """Train every zoo model not yet in the zoo with its configuration's recipe (resumable)."""
     from dataclasses import replace
 
-    from .cli import parse_sets, resolve_device
+    from .cli_options import parse_sets, resolve_device
     from .zoo import get_config, train_zoo
 
     extra = parse_sets(sets)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import Preset
 from ..io import read_csv, read_json
+from ..runs import layout
 from .across_seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Stat, Verdict, across_seeds
 from .keys import AblationKind, ClaimDataError, ModelKey, Readout, Variant, in_context_n_min, select
 
@@ -113,7 +114,7 @@ def _ci_text(s: Stat, lo: float, hi: float) -> str:
 
 def ablation_kinds(folder: Path) -> list[AblationKind]:
     """Ablation kinds an E2/E3 folder holds (``summary.json``; older runs: zero only)."""
-    return [AblationKind(k) for k in read_json(folder / "summary.json").get("ablations", ["zero"])]
+    return [AblationKind(k) for k in read_json(folder / layout.SUMMARY).get("ablations", ["zero"])]
 
 
 def _stat_row(rows: list[dict[str, Any]], source: Path | str, what: str, stat: str) -> tuple[float, float, float]:
@@ -180,9 +181,9 @@ def judge_1b(model_rows: list[dict[str, Any]], layer_rows: list[dict[str, Any]],
 def claim_1b(e2: Path, ablation: AblationKind | str = AblationKind.ZERO) -> Verdict:
     """Claim 1b for one seed's E2 folder under one ablation kind."""
     ablation = AblationKind(ablation)
-    conc = sorted((r for r in read_csv(e2 / "concentration.csv") if r.get("ablation", "zero") == ablation.value),
+    conc = sorted((r for r in read_csv(e2 / layout.E2_CONCENTRATION) if r.get("ablation", "zero") == ablation.value),
                   key=lambda r: int(r["layer"]))
-    return judge_1b(_read(e2 / "claim1b.csv"), _read(e2 / "effective_heads.csv"), ablation, e2, conc)
+    return judge_1b(_read(e2 / layout.E2_CLAIM1B), _read(e2 / layout.E2_EFFECTIVE_HEADS), ablation, e2, conc)
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -240,10 +241,10 @@ def _per_n(rows: list[dict[str, Any]], n: int) -> str:
 def claim_2a(e3: Path, ablation: AblationKind | str = AblationKind.ZERO, readout: Readout | str = Readout.MODEL) -> Verdict:
     """Claim 2a for one seed's E3 folder, one ablation kind and read-out (the probe one shows the pre-LN probe beside)."""
     ablation, readout = AblationKind(ablation), Readout(readout)
-    rows = _read(e3 / "claim2a.csv")
-    v = judge_2a(rows, ablation, readout, e3 / "claim2a.csv")
+    rows = _read(e3 / layout.E3_CLAIM2A)
+    v = judge_2a(rows, ablation, readout, e3 / layout.E3_CLAIM2A)
     if readout is PROBE_DECIDES:
-        other = judge_2a(rows, ablation, Readout.PROBE, e3 / "claim2a.csv")
+        other = judge_2a(rows, ablation, Readout.PROBE, e3 / layout.E3_CLAIM2A)
         v.evidence.insert(-1, f"beside it, the probe before the final LN ({other.verdict}): "
                               + "; ".join(other.evidence[1:4]))
     return v
@@ -326,11 +327,11 @@ def seed_verdicts(sd: Path, preset: Preset) -> list[Verdict]:
     """The per-seed rules on one seed's folder (``seed{k}/``)."""
     multi, single = ModelKey(max(preset.heads)), ModelKey(min(preset.heads))
     return [
-        claim_1a(sd / "e1" / "e1_heads.csv", preset),
+        claim_1a(sd / "e1" / layout.E1_CSV, preset),
         *claims_1b(sd / "e2"),
         *claims_2a(sd / "e3"),
-        claim_2b(sd / "e4" / "probes.csv", multi, single, in_context_n_min(preset.task.d)),
-        claim_2c(sd / "e6" / "e6b_verdict.csv", multi),
+        claim_2b(sd / "e4" / layout.E4_CSV, multi, single, in_context_n_min(preset.task.d)),
+        claim_2c(sd / "e6" / layout.E6B_VERDICT, multi),
     ]
 
 
@@ -339,19 +340,17 @@ def compute_verdicts(out: Path, preset: Preset, seeds: int, sigmas: Sequence[flo
 
     With several noise levels every trained-model claim appears once per level, its name carrying the sigma.
     """
-    from ..reproduce import sigma_dir
-
     seed_ids = [preset.seed + k for k in range(seeds)]
     merged = []
     for sigma in (sigmas or [preset.task.sigma]):
-        sp = sigma_dir(preset, sigma)
-        per_seed = [seed_verdicts(out / f"{sp}seed{k}", preset) for k in range(seeds)]
+        sp = layout.sigma_dir(preset, sigma)
+        per_seed = [seed_verdicts(layout.seed_dir(out, k, sp), preset) for k in range(seeds)]
         for i in range(len(per_seed[0])):
             v = across_seeds([ps[i] for ps in per_seed], seed_ids)
             if len(sigmas) > 1:
                 v.claim += f" [sigma={sigma:g}]"
             merged.append(v)
-    return merged + [claim_3(out / "e5" / "e5_risk.csv")]
+    return merged + [claim_3(out / layout.E5 / layout.E5_CSV)]
 
 
 __all__ = ["ADVANTAGE_MIN", "CONTROL_OVER_PRUNED_MIN", "FRACTION_LOST_MAX", "KEEP_TOP_CONTRAST", "KEEP_TOP_SUFFICIENT",

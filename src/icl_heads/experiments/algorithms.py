@@ -23,19 +23,15 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from .. import estimators as E  # noqa: E402
-from ..config import Preset  # noqa: E402
-from ..io import save_figure, write_csv, write_provenance  # noqa: E402
-from ..metrics import curve_from_errors  # noqa: E402
-from ..plotting import display_rows, risk_vs_n  # noqa: E402
-from ..tasks import Prompts  # noqa: E402
+from .. import estimators as E
+from ..config import Preset
+from ..io import save_figure, write_csv, write_provenance
+from ..metrics import curve_from_errors
+from ..plotting import display_rows, new_figure, risk_vs_n
+from ..tasks import Prompts
 
 RISK_COLUMNS = ("estimator", "n", "risk", "risk_norm", "ci_low", "ci_high", "hparams")
 VS_T_FAMILIES = ("gd", "pto", "pto_normalized", "pto_fixed")
@@ -125,7 +121,7 @@ def _band_plot(rows: list[dict[str, Any]], xkey: str, path: Path, title: str, xl
                refs: dict[str, list[dict[str, Any]]] | None = None) -> None:
     """Normalised risk vs ``xkey``: colour = n, line style = estimator, 95% bands; ``refs`` as horizontal lines."""
     rows = display_rows(rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(figsize=(7, 4.5))
     ns = sorted({r["n"] for r in rows})
     ests = list(dict.fromkeys(r["estimator"] for r in rows))
     colors = {n: f"C{i}" for i, n in enumerate(ns)}
@@ -152,7 +148,6 @@ def _band_plot(rows: list[dict[str, Any]], xkey: str, path: Path, title: str, xl
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def _with_sigma(preset: Preset, sigma: float) -> Preset:

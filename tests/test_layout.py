@@ -1,0 +1,127 @@
+"""Package hygiene: no import cycle inside icl_heads (function-local imports count too), and importing
+any module has no side effect on matplotlib."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import icl_heads
+
+SRC = Path(icl_heads.__file__).parent
+PKG = "icl_heads"
+
+# The one known cycle, inside the four analysis modules that another issue is reworking: heads.run_e3 needs
+# probes.final_probe_errors and probes.run_e4 needs heads.assess_heads_kinds / load_for_analysis (both
+# function-local imports). Remove this entry once the E2-E4 runners leave analysis/ (issue 16's layout).
+KNOWN_CYCLES = [frozenset({"icl_heads.analysis.heads", "icl_heads.analysis.probes"})]
+
+
+def module_names() -> dict[str, Path]:
+    out = {}
+    for f in SRC.rglob("*.py"):
+        parts = (PKG,) + f.relative_to(SRC).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return out
+
+
+def _ancestors(name: str) -> set[str]:
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Edges module -> every icl_heads module its code imports, anywhere in the file (module level or
+    inside functions), including the packages a dotted import initialises (but not the importer's own)."""
+    mods = module_names()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        is_pkg = path.name == "__init__.py"
+        base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    root = base[: len(base) - node.level + 1]
+                    target = ".".join(root + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                targets.add(target)
+                targets |= {f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in mods}
+        for t in targets:
+            if t == PKG or not t.startswith(PKG + "."):
+                continue
+            for name in ({t} | _ancestors(t)) - _ancestors(mod) - {mod}:
+                if name in mods:
+                    graph[mod].add(name)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[frozenset[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(frozenset(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_cycle_and_local_imports() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset("abc")]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    g = import_graph()
+    assert "icl_heads.training.loop" in g["icl_heads.training"]  # a package's __init__ imports
+    assert "icl_heads.model" in g["icl_heads.training.loop"]  # a module-level relative import
+    assert "icl_heads.analysis.probes" in g["icl_heads.analysis.heads"]  # a function-local import counts
+
+
+def test_no_import_cycle_inside_the_package() -> None:
+    found = cycles(import_graph())
+    unexpected = [sorted(c) for c in found if c not in KNOWN_CYCLES]
+    assert not unexpected, f"import cycles: {unexpected}"
+
+
+def test_importing_every_module_leaves_matplotlib_alone() -> None:
+    """No module switches matplotlib's backend or imports pyplot at import time (plots make Figures)."""
+    names = sorted(module_names())
+    code = (
+        "import importlib, sys\n"
+        "import matplotlib\n"
+        "before = matplotlib.rcParams._get('backend')\n"
+        f"for n in {names!r}:\n"
+        "    importlib.import_module(n)\n"
+        "assert matplotlib.rcParams._get('backend') == before, (before, matplotlib.rcParams._get('backend'))\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
