@@ -7,10 +7,12 @@ from pathlib import Path
 
 import nbclient
 import nbformat
+import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "head_analysis.ipynb"
 
 
+@pytest.mark.slow  # end-to-end
 def test_head_analysis_notebook_executes(tmp_path, monkeypatch):
     src = str(Path(__file__).resolve().parents[1] / "src")  # the kernel imports this checkout's package
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))

@@ -46,6 +46,7 @@ def rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow  # end-to-end
 def test_report_has_every_section_figure_and_verdict(run):
     md = (run / "report.md").read_text()
     pos = [md.index(s) for s in SECTIONS]
@@ -152,6 +153,7 @@ def _transform(st: dict):
     return lambda v: v
 
 
+@pytest.mark.slow  # end-to-end
 def test_verdicts_follow_from_the_csvs(run):
     """Recompute every seed's verdicts from its files, then the across-seed rule with a hand t-interval."""
     from scipy import stats
@@ -184,6 +186,7 @@ def test_verdicts_follow_from_the_csvs(run):
     assert verdicts["3."]["verdict"] == ("reproduced" if wins else "not reproduced")
 
 
+@pytest.mark.slow  # end-to-end
 def test_verdicts_across_seeds_use_every_seed(run, tmp_path):
     """Identical seeds decide a claim by its own rule; one flipped seed makes the claim inconclusive."""
     from icl_heads.config import get_preset
@@ -227,6 +230,7 @@ def test_verdicts_across_seeds_use_every_seed(run, tmp_path):
     assert {v for k, v in one.items() if k != "3."} == {"inconclusive"}  # one seed decides nothing
 
 
+@pytest.mark.slow  # end-to-end
 def test_emergence_snapshots_and_table(run):
     """E7: every seed's largest-h model has its planned snapshots, and emergence.csv covers each of them."""
     from icl_heads.config import get_preset
@@ -243,6 +247,7 @@ def test_emergence_snapshots_and_table(run):
     assert (run / "e7_emergence.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # end-to-end
 def test_rerun_reuses_everything(run):
     markers = {p: p.stat().st_mtime_ns for p in run.rglob("stage.json")}
     t = time.perf_counter()
@@ -254,6 +259,7 @@ def test_rerun_reuses_everything(run):
     assert {p: p.stat().st_mtime_ns for p in run.rglob("stage.json")} == markers
 
 
+@pytest.mark.slow  # end-to-end
 def test_other_config_in_same_folder_is_refused(run):
     res = subprocess.run(cli("reproduce", "--preset", "smoke", "--out", str(run), "--set", "train.steps=7"),
                          capture_output=True, text=True, timeout=120, env=env())
@@ -266,6 +272,7 @@ IDENTICAL = ("seed0/e1/e1_heads.csv", "seed0/e2/head_importance.csv", "seed0/e3/
              "seed1/e1/models/h2/snapshots/step000300/model.safetensors", "verdicts.json")
 
 
+@pytest.mark.slow  # end-to-end
 def test_kill_mid_training_then_resume_gives_same_numbers(run, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(cli("reproduce", "--preset", "smoke", "--out", str(out), "--device", "cpu"),
@@ -353,6 +360,7 @@ def test_sigterm_then_sigint_stop_every_process_and_the_rerun_is_identical(run, 
     shutil.rmtree(out)
 
 
+@pytest.mark.slow  # end-to-end
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_html_report_renders_with_images_in_chromium(run, tmp_path):
     shot = tmp_path / "report.png"
@@ -362,6 +370,7 @@ def test_html_report_renders_with_images_in_chromium(run, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
+@pytest.mark.slow  # end-to-end
 def test_sigmas_train_their_own_models_and_name_their_verdicts(tmp_path):
     """--sigmas: each other noise level trains its own models under sigma{value}/ and gets its own verdict rows."""
     out = tmp_path / "sig"
@@ -384,6 +393,7 @@ def test_sigmas_train_their_own_models_and_name_their_verdicts(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: sigmas:") and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # end-to-end
 def test_e1_estimator_rows_taken_from_e5_equal_a_fresh_tuning(run):
     """E1 (first seed) reuses E5's tuned rows; they must equal tuning the estimators again on E1's prompts."""
     from icl_heads.config import get_preset

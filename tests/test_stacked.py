@@ -89,6 +89,7 @@ def test_one_stacked_step_equals_separate_steps(tmp_path: Path, grad_clip: float
         state_close(r.model, alone.model)
 
 
+@pytest.mark.slow  # end-to-end
 def test_stack_of_200_smoke_steps_matches_separate_training(tmp_path: Path) -> None:
     p = get_preset("smoke", **{"train.steps": 200, "train.n_eval_prompts": 64})
     members = members_for(p, [1, 2], [0], lambda s, h: tmp_path / "st" / f"h{h}")
@@ -183,6 +184,7 @@ def test_sweep_arch_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.
     assert e.value.code == 2 and err.startswith(f"error: {field}") and "\n" not in err
 
 
+@pytest.mark.slow  # end-to-end
 def test_e1_train_models_stacked_on_request(tmp_path: Path) -> None:
     from icl_heads.experiments.heads_sweep import default_stacked, model_dir, train_models
 

@@ -153,6 +153,7 @@ def test_checkpoint_without_sha_but_garbage_is_still_caught(tmp_path: Path) -> N
         load_model(tmp_path / "n")
 
 
+@pytest.mark.slow  # end-to-end
 def test_cli_train_eval_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """smoke preset, shortened: CLI train and eval, then E1 (run_e1) with three estimators."""
     out = tmp_path / "t"

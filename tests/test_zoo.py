@@ -143,6 +143,7 @@ def test_set_model_fields_reach_the_trained_model(tmp_path):
     assert lay.token_type.numel() == 2 * 11 - 1  # x and y tokens interleaved
 
 
+@pytest.mark.slow  # end-to-end
 def test_reproduce_on_the_zoo_analyses_its_models_without_training(tiny_zoo, tmp_path):
     """The main job's zoo mode: E1-E7 on the zoo's checkpoints (no training stage), one report per
     configuration, and the factor table naming the configuration's verdicts."""

@@ -85,7 +85,7 @@ def writing(out: Path) -> Any:
     return folder_lock(out)
 
 
-def analysis_out(out: Path, reads: list[Path], experiment: str, preset: Optional[str] = None) -> Any:
+def analysis_out(out: Path, reads: list[Path], experiment: str, preset: Optional[Any] = None) -> Any:
     """Check the checkpoints read (task, weights, preset: ``checkpoint.load_model``) and refuse an ``--out``
     holding one of them or someone else's files, all before anything is written; then lock ``out``."""
     from .checkpoint import load_model
@@ -134,13 +134,15 @@ def estimators(preset: str, out: Path, d: Optional[int], s: Optional[int], sigma
 
 
 def _analysis_options(f: Any) -> Any:
-    """Options shared by assess-heads, prune and probe (preset defaults to the checkpoint's)."""
+    """Options shared by the analysis commands (preset defaults to the checkpoint's; ``--set`` overrides any of
+    its fields, ``--prompts`` and ``--seed`` are short for ``--set eval.n_test=...`` and ``--set seed=...``)."""
     for opt in reversed([
         click.option("--preset", default=None, help="preset for prompts (default: the one in the checkpoint's meta.json)"),
         out_option,
         click.option("--prompts", type=int, help="prompts per set (default: the preset's eval.n_test)"),
         click.option("--seed", type=int, help="prompt seed (default: the preset's)"),
         device_option,
+        sets_option,
     ]):
         f = opt(f)
     return f
@@ -159,6 +161,19 @@ def _check_ablation(ablation: str) -> tuple[str, ...]:
     return parse_ablations(ablation)
 
 
+def _analysis_preset(ckpt: Path, preset: Optional[str], sets: tuple[str, ...]) -> Any:
+    """The preset name as given, or, with ``--set``, the resolved preset (the checkpoint's by default) with
+    the overrides applied."""
+    if not sets:
+        return preset
+    from .analysis.heads import resolve_preset
+    from .checkpoint import load_model
+    from .config import with_overrides
+
+    load_model(ckpt)  # a damaged checkpoint says so before an override is judged against it
+    return with_overrides(resolve_preset(ckpt, preset), **parse_sets(sets))
+
+
 def _check_analysis_args(preset: Optional[str], prompts: Optional[int], seed: Optional[int]) -> None:
     if preset is not None:
         get_preset(preset)
@@ -174,9 +189,10 @@ def _check_analysis_args(preset: Optional[str], prompts: Optional[int], seed: Op
 @click.option("--boot", type=int, default=1000, show_default=True, help="bootstrap resamples for concentration CIs")
 @ablation_option
 def assess_heads_cmd(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int],
-                     device: str, boot: int, ablation: str) -> None:
+                     device: str, sets: tuple[str, ...], boot: int, ablation: str) -> None:
     """E2: risk increase when each head is ablated (and keep-only), heat-map, per-layer concentration."""
     _check_analysis_args(preset, prompts, seed)
+    preset = _analysis_preset(ckpt, preset, sets)
     kinds = _check_ablation(ablation)
     if boot < 10:
         raise ConfigError(f"boot: need at least 10 bootstrap resamples (got {boot})")
@@ -201,9 +217,10 @@ def assess_heads_cmd(ckpt: Path, preset: Optional[str], out: Path, prompts: Opti
               help="AdamW steps with the gates fixed after pruning (0 = no retraining)")
 @ablation_option
 def prune(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int], device: str,
-          keep: Optional[str], finetune_steps: int, ablation: str) -> None:
+          sets: tuple[str, ...], keep: Optional[str], finetune_steps: int, ablation: str) -> None:
     """E3: risk vs n of the full model, the pruned model and the control (layer 1 cut to one head too)."""
     _check_analysis_args(preset, prompts, seed)
+    preset = _analysis_preset(ckpt, preset, sets)
     kinds = _check_ablation(ablation)
     if finetune_steps < 0:
         raise ConfigError(f"finetune: steps must be >= 0 (got {finetune_steps})")
@@ -231,9 +248,10 @@ def prune(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
               help="other checkpoints to probe on the same prompts (e.g. the single-head model); repeatable")
 @ablation_option
 def probe(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int], device: str,
-          prune_policy: Optional[str], compare: tuple[Path, ...], ablation: str) -> None:
+          sets: tuple[str, ...], prune_policy: Optional[str], compare: tuple[Path, ...], ablation: str) -> None:
     """E4: ridge probes of <w*, x_q> from the residual stream after each layer, per context length."""
     _check_analysis_args(preset, prompts, seed)
+    preset = _analysis_preset(ckpt, preset, sets)
     kinds = _check_ablation(ablation)
     dev = resolve_device(device)
     from .analysis.heads import parse_policy
@@ -255,9 +273,10 @@ def probe(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
               help="single-head checkpoint of the same task, analysed on the same prompts")
 @click.option("--no-construct", is_flag=True, help="skip E6c (the hand-built PtO transformer check)")
 def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int],
-              device: str, single: Optional[Path], no_construct: bool) -> None:
+              device: str, sets: tuple[str, ...], single: Optional[Path], no_construct: bool) -> None:
     """E6: decode PtO's features from layer 1 (E6a), compare layers with PtO/GD steps (E6b), check E6c."""
     _check_analysis_args(preset, prompts, seed)
+    preset = _analysis_preset(ckpt, preset, sets)
     dev = resolve_device(device)
     from .analysis.mechanism import run_e6
 
@@ -383,8 +402,17 @@ def train_cmd(preset: str, heads: int, out: Path, resume: bool, device: str, ste
 @out_option
 @device_option
 @click.option("--prompts", type=int, help="number of test prompts (default: the preset's eval.n_test)")
-def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int]) -> None:
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="eval.n_test=N (the one field eval reads; the same as --prompts)")
+def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int], sets: tuple[str, ...]) -> None:
     """Risk vs n (95% bands) of a checkpoint on the test prompts: risk.csv, risk.png, config.json."""
+    ov = parse_sets(sets)
+    if set(ov) - {"eval.n_test"}:
+        raise ConfigError(f"set: eval reads only eval.n_test (got {sorted(set(ov) - {'eval.n_test'})[0]})")
+    if "eval.n_test" in ov:
+        if not isinstance(ov["eval.n_test"], int) or isinstance(ov["eval.n_test"], bool):
+            raise ConfigError(f"eval.n_test: must be an integer (got {ov['eval.n_test']!r})")
+        prompts = ov["eval.n_test"] if prompts is None else prompts
     if prompts is not None and prompts < 2:
         raise ConfigError(f"prompts: need at least 2 test prompts (got {prompts})")
     dev = resolve_device(device)
@@ -405,7 +433,8 @@ def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int]) -> None
 @device_option
 @click.option("--steps", type=int, help="override train.steps")
 @click.option("--seed", type=int, help="base seed")
-@click.option("--workers", type=int, help="training processes on CPU (default: one per head count)")
+@click.option("--jobs", "--workers", "workers", type=int,
+              help="training processes on CPU (default: one per head count); --workers is an alias")
 @click.option("--stacked/--no-stacked", default=None,
               help="train the head counts as one stacked model (default: on CUDA only)")
 @sets_option
@@ -414,7 +443,7 @@ def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed:
     """E1: one model per head count (same seed and budget) vs the estimators; e1_heads.csv/.png."""
     p = make_preset(preset, seed, sets, **{"train.steps": steps})
     if workers is not None and workers < 1:
-        raise ConfigError(f"workers: must be >= 1 (got {workers})")
+        raise ConfigError(f"jobs: must be >= 1 (got {workers})")
     dev = resolve_device(device)
     from .experiments.heads_sweep import run_e1
 
@@ -495,9 +524,10 @@ def arch_lines(rows: list[dict[str, Any]]) -> list[str]:
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @_analysis_options
 def emergence(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], seed: Optional[int],
-              device: str) -> None:
+              device: str, sets: tuple[str, ...]) -> None:
     """E7: head assessment and the pruning test on every training snapshot of CKPT (train.snapshots > 0)."""
     _check_analysis_args(preset, prompts, seed)
+    preset = _analysis_preset(ckpt, preset, sets)
     dev = resolve_device(device)
     from .analysis.emergence import run_e7
     from .io import read_json

@@ -165,6 +165,15 @@ def get_preset(name: str, **overrides: Any) -> Preset:
         raise ConfigError(f"preset: unknown preset {name!r} (choose from {', '.join(PRESET_NAMES)})")
     raw = _deep_copy(_PRESETS[name])
     raw["name"] = name
+    return validate(Preset, _set_dotted(raw, overrides))
+
+
+def with_overrides(preset: Preset, **overrides: Any) -> Preset:
+    """``preset`` with dotted-path ``overrides`` (as :func:`get_preset` takes them), validated again."""
+    return validate(Preset, _set_dotted(preset.model_dump(), overrides))
+
+
+def _set_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for path, value in overrides.items():
         if value is None:
             continue
@@ -173,7 +182,7 @@ def get_preset(name: str, **overrides: Any) -> Preset:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return validate(Preset, raw)
+    return raw
 
 
 class ConfigError(ValueError):
