@@ -125,3 +125,34 @@ def test_importing_every_module_leaves_matplotlib_alone() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# What each layer may import (docs/architecture.md says why). Top-level orchestrators (reproduce, report,
+# document, zoo*, api, headline, cli*) may import any layer; no layer below may import them.
+ALLOWED = {
+    "config": set(), "io": set(), "workers": set(), "metrics": {"config"}, "tasks": {"config"},
+    "folders": {"config"}, "cli_options": {"config"}, "runs": {"config"},
+    "model": {"config"},
+    "checkpoint": {"config", "io", "model"},
+    "evaluation": {"config", "metrics", "model", "tasks"},
+    "estimators": {"config", "metrics", "tasks"},
+    "construct": {"config", "estimators", "model"},
+    "plotting": {"io"},
+    "claims": {"config", "io", "runs"},
+    "training": {"checkpoint", "config", "evaluation", "folders", "io", "model", "tasks", "workers"},
+    "analysis": {"checkpoint", "claims", "config", "construct", "estimators", "evaluation", "io", "metrics", "model",
+                 "plotting", "tasks", "training"},
+    "experiments": {"checkpoint", "claims", "config", "estimators", "evaluation", "io", "metrics", "plotting", "tasks",
+                    "training", "workers"},
+}
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_each_layer_imports_only_the_layers_below_it() -> None:
+    bad = sorted(f"{a} -> {b}" for a, bs in import_graph().items() for b in bs
+                 if _part(a) in ALLOWED and _part(b) != _part(a) and _part(b) not in ALLOWED[_part(a)])
+    assert not bad, "imports across the layering of docs/architecture.md: " + ", ".join(bad)
