@@ -338,12 +338,8 @@ def _assess(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: S
             preds[a, 0, i:i + b] = pred.double().cpu()
             for l in range(L):
                 h_in = cache["embed"] if l == 0 else cache[f"blocks.{l - 1}.resid_post"]
-                rep = h_in.unsqueeze(0).expand(A, *h_in.shape).reshape(A * b, *h_in.shape[1:])
-                g = settings[l].repeat_interleave(b, dim=0)  # (A*b, L, h), setting-major like rep
                 v = None if vals is None else vals[..., l:, :, :, :]
-                if v is not None and v.dim() == 5:  # per prompt: setting-major like rep
-                    v = v.repeat(A, 1, 1, 1, 1)
-                out = _run_from(model, rep, l, g, n_examples, v).view(A, b, N).double().cpu()
+                out = _run_settings(model, h_in, l, settings[l], n_examples, v).view(A, b, N).double().cpu()
                 preds[a, 1 + 2 * l * h: 1 + 2 * l * h + A, i:i + b] = out
     model.train(was_training)
     result = {}
@@ -383,6 +379,27 @@ def _assess_per_prefix(model: Transformer, prompts: Prompts, task: TaskConfig, a
         out[kind] = HeadImportance(cat("base_err"), cat("ablate_err"), cat("keep_err"), first.base_gates,
                                    first.norm, n_min, kind)
     return out
+
+
+def _run_settings(model: Transformer, h_in: torch.Tensor, layer: int, settings: torch.Tensor, n_examples: int,
+                  values: torch.Tensor | None = None) -> torch.Tensor:
+    """Predictions ``(A * b, Q)`` of ``A`` gate settings ``(A, L, h)`` that differ from layer ``layer`` on,
+    from the residual stream ``h_in (b, T, D)`` entering it (setting-major rows).
+
+    The heads of ``layer`` see the same input under every setting, so they run once; only their
+    gating, the output projection and the layers above run per setting. ``values``: head values for
+    layers ``layer..L-1`` (``(L - layer, T, h, dh)`` or per prompt ``(b, L - layer, T, h, dh)``)."""
+    _, mask = model.layout(n_examples, h_in.device)
+    A, b = settings.shape[0], h_in.shape[0]
+    rep = lambda t: t.unsqueeze(0).expand(A, *t.shape).reshape(A * b, *t.shape[1:])  # noqa: E731
+    g = settings.repeat_interleave(b, dim=0)  # (A*b, L, h), setting-major like rep
+    if values is not None and values.dim() == 5:  # per prompt: setting-major like rep
+        values = values.repeat(A, 1, 1, 1, 1)
+    block = model.blocks[layer]
+    raw = block.attn.heads(block.ln_1(h_in), mask)  # (b, T, h, dh), once for all A settings
+    v0 = None if values is None else values[..., 0, :, :, :]
+    h = block.finish(rep(h_in) + block.attn.combine(rep(raw), g[:, layer, :], values=v0))
+    return _run_from(model, h, layer + 1, g, n_examples, None if values is None else values[..., 1:, :, :, :])
 
 
 def _run_from(model: Transformer, h: torch.Tensor, layer: int, gates: torch.Tensor, n_examples: int,
