@@ -162,6 +162,27 @@ def test_reproduce_on_the_zoo_analyses_its_models_without_training(tiny_zoo, tmp
     assert (out / "e5" / "stage.json").exists()
 
 
+def test_zoo_main_job_in_worker_processes_equals_the_serial_run(tiny_zoo, tmp_path):
+    """jobs=2 runs each (configuration, seed)'s stages in a worker process first; every number, table
+    and verdict equals the serial run's, and the per-configuration run only writes the report."""
+    from reference_run import compare, fingerprint
+
+    from icl_heads.io import read_json
+    from icl_heads.zoo_reproduce import reproduce_zoo
+
+    root, _ = tiny_zoo
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers
+    try:
+        reproduce_zoo(tmp_path / "serial", [TINY], root=root, any_t=False)
+    finally:
+        torch.set_num_threads(threads)
+    reproduce_zoo(tmp_path / "jobs", [TINY], root=root, any_t=False, jobs=2)
+    assert compare(fingerprint(tmp_path / "serial"), fingerprint(tmp_path / "jobs"), rtol=1e-12) is None
+    walls = read_json(tmp_path / "jobs" / "T" / "manifest.json")["stage_wall_s"]
+    assert all(walls[f"seed0/{s}"] > 0 for s in ("e1", "e2", "e3", "e4", "e6", "e7"))
+
+
 def test_export_refuses_a_run_of_another_recipe(tiny_zoo, tmp_path):
     from icl_heads.config import ConfigError
 
