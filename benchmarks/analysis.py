@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from icl_heads import model as model_mod
+from icl_heads.model import transformer as model_mod
 from icl_heads.checkpoint import load_model
 from icl_heads.tasks import fixed_prompts
 from icl_heads.zoo import available, get_config, model_path

@@ -13,7 +13,7 @@ per prompt, the same number as ours. The two are timed in alternating blocks
 Needs the ``bench`` extra (``pip install -e .[bench]`` for ``transformers``).
 
 ``--stacked`` measures something else: model-steps per second of a sweep trained
-as one stack (``icl_heads.stacked``) vs the same models trained one at a time,
+as one stack (``icl_heads.training.train_stack``) vs the same models trained one at a time,
 on one device in one run (alternating blocks again). Members: every head count
 of the preset x ``--seeds`` seeds (default: quick 4 seeds x heads {1, 2, 4} =
 12 models; paper 1 seed x heads {1, 2, 4, 8}); steps at the end of the
@@ -80,8 +80,8 @@ def stacked_vs_separate(a: argparse.Namespace) -> None:
     """Model-steps/s of one stack vs the same members one at a time (each as ``training.train`` steps)."""
     from pathlib import Path
 
-    from icl_heads.stacked import init_stack, make_optimizer, members_for, stack_step
-    from icl_heads.training import _make_optimizer, cuda_fast_math, train_prompts
+    from icl_heads.training import One, Stack, cuda_fast_math, init_stack, members_for, optimizer_for, stack_step
+    from icl_heads.training import lr_at, train_prompts, train_step
 
     p = get_preset(a.preset)
     seeds = a.seeds or (4 if a.preset != "paper" else 1)
@@ -89,24 +89,20 @@ def stacked_vs_separate(a: argparse.Namespace) -> None:
     cfg, task, dev, k = p.train, p.task, a.device, p.train.steps - 1
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
     stack, gens, which = init_stack(members, dev)
-    sopt = make_optimizer(stack, cfg.lr, cfg.weight_decay, dev)
+    sopt = optimizer_for(Stack(stack), cfg, dev)
     singles = []
     for m in members:
         one, g, _ = init_stack([m], dev)
         model = one.member(0)
-        singles.append((model, _make_optimizer(model, cfg, dev), next(iter(g.values()))))
+        singles.append((One(model), optimizer_for(One(model), cfg, dev), next(iter(g.values()))))
 
     def stacked() -> None:
         stack_step(stack, stack, sopt, gens, which, cfg, task, k)
 
     def separate() -> None:
-        for model, opt, gen in singles:  # the body of training.train's loop
+        for one, opt, gen in singles:  # the step of training.train's loop
             q = train_prompts(task, cfg.batch_size, gen, task.n_max, task.d)
-            loss = F.mse_loss(model(q.x, q.y), q.y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            train_step(one, opt, (q.x, q.y, {}), lr_at(k, cfg), cfg.grad_clip)
 
     M, rates = len(members), {"stacked": [], "separate": []}
     with cuda_fast_math(dev):

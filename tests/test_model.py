@@ -209,3 +209,107 @@ def test_activation_names_and_shapes_are_pinned():
         m.run_with_cache(x, y, names=["blocks.9.resid_post"])
     with pytest.raises(ValueError, match="unknown activation point"):
         act_name("queries", 0)
+
+
+@pytest.mark.parametrize("fmt,mask,attention", [("pair", "prefix", "softmax"), ("interleaved", "prefix", "softmax"),
+                                                ("pair", "full", "linear"), ("pair", "prefix", "linear")])
+def test_forward_from_any_layer_equals_the_full_pass(fmt: str, mask: str, attention: str) -> None:
+    """start_at_layer: the cached residual entering layer l, run from l, gives the full pass's predictions
+    exactly, with per-prompt gates and head values given for all layers or for the layers run only."""
+    from icl_heads.config import ModelConfig
+    from icl_heads.model import Transformer, act_name
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(n_dims=3, n_max=5, d_model=8, n_layers=3, n_heads=2, mlp=True, token_format=fmt, mask=mask,
+                      attention=attention)
+    m = Transformer(cfg).eval()
+    x, y = torch.randn(4, 6, 3), torch.randn(4, 6)
+    gates = torch.rand(4, 3, 2)
+    T = m.layout(6)[0].token_type.numel()
+    values = torch.randn(4, 3, T, 2, 4)
+    with torch.no_grad():
+        pred, cache = m.run_with_cache(x, y, gates, values)
+        for l in range(4):
+            resid = cache["embed"] if l == 0 else cache[act_name("resid_post", l - 1)]
+            assert torch.equal(m.forward_from(resid, l, gates, values), pred)
+            assert torch.equal(m.forward_from(resid, l, gates, values[:, l:]), pred)
+            got, part = m.run_from_with_cache(resid, l, gates, values)
+            assert torch.equal(got, pred)
+            assert set(part) == {k for k in cache if k == "ln_final" or any(k.startswith(f"blocks.{j}.")
+                                                                             for j in range(l, 3))}
+            for k, v in part.items():
+                assert torch.equal(v, cache[k]), k
+        assert not torch.equal(m.forward_from(cache["embed"], 0), pred)  # the gates and values did matter
+    with pytest.raises(ValueError, match="start_at_layer"):
+        m.forward_from(cache["embed"], 4)
+
+
+def test_ablated_context_equals_gates_and_the_analysis_ablations() -> None:
+    """model.ablated(heads, kind) is the head gate at 0 with zero, mean or resample values, as
+    analysis.ablation computes them; the model is unchanged after the block."""
+    from icl_heads.analysis.ablation import make_ablation
+    from icl_heads.config import ModelConfig
+    from icl_heads.model import Transformer
+    from icl_heads.tasks import Prompts
+
+    torch.manual_seed(2)
+    cfg = ModelConfig(n_dims=3, n_max=5, d_model=8, n_layers=2, n_heads=2, mlp=False)
+    m = Transformer(cfg).eval()
+    x, y = torch.randn(5, 6, 3), torch.randn(5, 6)
+    xr, yr = torch.randn(3, 6, 3), torch.randn(3, 6)
+    ref = Prompts(xr, yr, torch.zeros(3, 3), torch.zeros(3, 6))
+    gates = torch.ones(2, 2)
+    gates[0, 1] = gates[1, 0] = 0
+    with torch.no_grad():
+        clean = m(x, y)
+        for kind in ("zero", "mean", "resample"):
+            want = m(x, y, head_gates=gates, head_values=make_ablation(m, kind, ref, seed=7).values(5))
+            with m.ablated([(0, 1), (1, 0)], kind=kind, reference=(xr, yr), seed=7) as am:
+                assert am is m
+                got = m(x, y)
+                got_mask = m.run_with_cache(x, y)[0]
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert torch.equal(got_mask, got) and not torch.equal(got, clean)
+            assert torch.equal(m(x, y), clean)  # nothing left behind
+        with m.ablated(gates == 0):  # a boolean (L, h) mask of the heads to ablate
+            assert torch.equal(m(x, y), want_zero(m, x, y, gates))
+        extra = torch.ones(2, 2)
+        extra[1, 1] = 0
+        with m.ablated([(0, 1)]):  # gates passed inside multiply the ablation's
+            g = torch.ones(2, 2)
+            g[0, 1] = 0
+            g[1, 1] = 0
+            assert torch.equal(m(x, y, head_gates=extra), want_zero(m, x, y, g))
+    with pytest.raises(ValueError, match="no head"):
+        with m.ablated([(2, 0)]):
+            pass
+    with pytest.raises(ValueError, match="needs reference"):
+        with m.ablated([(0, 0)], kind="mean"):
+            pass
+    with pytest.raises(ValueError, match="kind must be"):
+        with m.ablated([(0, 0)], kind="noise"):
+            pass
+    with pytest.raises(ValueError, match="one ablation at a time"):
+        with m.ablated([(0, 0)]), m.ablated([(1, 0)]):
+            pass
+    with pytest.raises(ValueError, match="no head_values"):
+        with m.ablated([(0, 0)]):
+            m(x, y, head_values=torch.zeros(2, 11, 2, 4))
+    with pytest.raises(RuntimeError, match="inside"):
+        with m.ablated([(0, 0)]):
+            raise RuntimeError("inside")
+    assert torch.equal(m(x, y), clean)  # an error inside the block still restores the model
+
+
+def want_zero(m, x, y, gates):
+    return m(x, y, head_gates=gates)
+
+
+def test_mlp_is_addressed_by_name_and_keeps_checkpoint_names() -> None:
+    from icl_heads.config import ModelConfig
+    from icl_heads.model import Transformer
+
+    m = Transformer(ModelConfig(n_dims=3, n_max=5, d_model=8, n_layers=2, n_heads=2, mlp=True))
+    blk = m.blocks[1]
+    assert blk.mlp.fc_in is blk.mlp[0] and blk.mlp.fc_out is blk.mlp[2] and isinstance(blk.mlp.act, torch.nn.GELU)
+    assert {"blocks.1.mlp.0.weight", "blocks.1.mlp.2.bias"} <= set(m.state_dict())  # the zoo's names

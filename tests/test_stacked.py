@@ -14,8 +14,9 @@ from icl_heads.checkpoint import load_model
 from icl_heads.config import ConfigError, get_preset
 from icl_heads.evaluation import evaluate
 from icl_heads.model import Transformer
-from icl_heads.stacked import (Member, StackedTransformer, clip_per_member, group_stacks, members_for, stack_dir_for,
-                               train_members, train_stack)
+from icl_heads.model.stacked import StackedTransformer
+from icl_heads.training import (Member, clip_per_member, group_stacks, members_for, stack_dir_for, train_members,
+                                train_stack)
 from icl_heads.tasks import fixed_prompts, generator, sample_prompts, stream_seed
 from icl_heads.training import TrainSpec, is_finished, snapshot_steps, train
 

@@ -8,8 +8,10 @@ import torch
 from icl_heads.checkpoint import CheckpointError, load_meta, load_model
 from icl_heads.cli import main
 from icl_heads.training import snapshot_dir, snapshot_steps, train
-from icl_heads.zoo import (CONFIGS, ZOO_DIR, ZooConfig, available, export, listing, model_path, spec_of, train_zoo,
-                           verify, write_sums)
+from icl_heads.evaluation import predict
+from icl_heads.tasks import fixed_prompts
+from icl_heads.zoo import (CONFIGS, ZOO_DIR, ZooConfig, available, cpu_kernels, export, listing, model_path, spec_of,
+                           train_zoo, verify, write_sums)
 from icl_heads.zoo_cards import card
 
 TINY = ZooConfig("T", "tiny smoke configuration",
@@ -92,6 +94,7 @@ def test_retrained_for_k_steps_matches_its_snapshot(tiny_zoo, tmp_path):
     path = model_path("T", 0, 2, root)
     spec = spec_of(path)
     torch.set_num_threads(load_meta(path)["zoo"]["threads"])
+    assert load_meta(path)["zoo"]["cpu"] == cpu_kernels()  # recorded at export: this machine
     k = snapshot_steps(spec.train)[1]
     r = train(spec, None, tmp_path / "again", "cpu", progress=False, stop_at=k)
     snap, _ = load_model(snapshot_dir(path, k))
@@ -124,7 +127,15 @@ def test_repository_zoo_model_retrains_to_its_first_snapshot(tmp_path):
     step = snapshot_steps(spec.train)[0]
     r = train(spec, None, tmp_path / "again", "cpu", progress=False, stop_at=step)
     snap, _ = load_model(snapshot_dir(path, step))
-    assert all(torch.equal(a, b) for a, b in zip(r.model.state_dict().values(), snap.state_dict().values()))
+    if load_meta(path)["zoo"].get("cpu") == cpu_kernels():  # same kernels: bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(r.model.state_dict().values(), snap.state_dict().values()))
+        return
+    # Another CPU's kernels round differently (seen: AVX512 here vs the training machine), and Adam
+    # amplifies rounding in near-zero-gradient weights (up to 1e-3 after 125 steps); the function is
+    # the same: predictions agree to ~2e-6 relative (measured), a wrong recipe or seed differs by O(1).
+    p = fixed_prompts(spec.task, 500, 0, "test")
+    a, b = predict(r.model, p), predict(snap, p)
+    assert ((a - b).pow(2).mean() / b.pow(2).mean()).sqrt() < 1e-4
 
 
 def test_set_model_fields_reach_the_trained_model(tmp_path):

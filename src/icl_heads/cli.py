@@ -437,7 +437,7 @@ def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int]) -> None
     from .checkpoint import load_meta
     from .config import TaskConfig, validate
     from .headline import risk_lines
-    from .training import evaluate_checkpoint
+    from .experiments.evaluate import evaluate_checkpoint
 
     with analysis_out(out, [ckpt], "eval"):
         rows = evaluate_checkpoint(ckpt, out, dev, prompts)

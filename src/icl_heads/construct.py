@@ -4,7 +4,7 @@ The construction is an ordinary :class:`icl_heads.model.Transformer` with
 ``ModelConfig(attention="linear", mlp=False, layer_norm=False, pos_emb=False,
 mask="full")``: every context token and the single query token see the whole
 context (``n = N - 1`` examples), and linear attention averages ``(q . k) v`` over
-them. Nothing in ``model.py`` is special-cased; only the weights are chosen.
+them. Nothing in ``icl_heads.model`` is special-cased; only the weights are chosen.
 
 Residual stream (width ``D = h * d_head``), one slot per quantity:
 

@@ -179,10 +179,16 @@ def export(run: Path, config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR
                    "h": h, "convergence": convergence(Path(run), preset), "wall_s": meta.get("wall_s"),
                    "cpu_s": json.loads((Path(run) / CPU_CLOCK).read_text())["cpu_s"]
                    if (Path(run) / CPU_CLOCK).exists() else None,
-                   "machine": machine(), "threads": 1}
+                   "machine": machine(), "cpu": cpu_kernels(), "threads": 1}
     write_json(dest / META_FILE, meta)
     write_sums(root)
     return dest
+
+
+def cpu_kernels() -> str:
+    """What decides CPU float rounding: architecture, the kernels torch dispatches (e.g. AVX512) and
+    the torch version. A retrain is bit-identical only where this matches the model's record."""
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} torch {torch.__version__}"
 
 
 def machine() -> str:
@@ -287,7 +293,7 @@ def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_
     """Train every missing member of ``configs`` and export each into the zoo; resumable.
 
     On CPU: ``jobs`` processes at once (one torch thread each), each model exported as soon as it
-    finishes. ``stacked`` (the GPU path): every member in stacks (``icl_heads.stacked``, one per
+    finishes. ``stacked`` (the GPU path): every member in stacks (``icl_heads.training.train_stack``, one per
     architecture and recipe), exported when the stacks are done.
     """
     # seed by seed across configurations, so every configuration gets seed k before any gets k + 1
@@ -308,7 +314,7 @@ def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_
             on_export(dest)
 
     if stacked:
-        from .stacked import Member, train_members
+        from .training import Member, train_members
         from .training import TrainSpec
 
         members = [Member(TrainSpec.from_preset(c.preset(k), h), runs[(c.name, k, h)]) for c, k, h in todo]

@@ -25,7 +25,7 @@ import torch
 
 from ..config import ConfigError, TaskConfig
 from ..evaluation import batches_with_cache
-from ..model import Transformer
+from ..model import Transformer, act_name
 from ..tasks import Prompts, fixed_prompts
 
 KINDS = ("zero", "mean", "resample")
@@ -54,7 +54,7 @@ def head_outputs(model: Transformer, prompts: Prompts, batch_size: int = 1024) -
     """Clean (all gates 1) head outputs of every layer, ``(P, L, T, h, d_head)`` on the model's device."""
     L, h = model.cfg.n_layers, model.cfg.n_heads
     ones = torch.ones(L, h)
-    out = [torch.stack([cache[f"blocks.{l}.attn.head_out"] for l in range(L)], dim=1)
+    out = [torch.stack([cache[act_name("head_out", l)] for l in range(L)], dim=1)
            for _, cache in batches_with_cache(model, prompts, batch_size, ones)]
     return torch.cat(out)
 

@@ -40,7 +40,8 @@ from ..evaluation import predict
 from ..io import write_csv, write_json, write_provenance
 from ..metrics import curve_from_errors, squared_errors
 from ..model import Transformer
-from ..tasks import Prompts, fixed_prompts, generator, sample_prompts
+from ..tasks import Prompts, fixed_prompts
+from ..training import fine_tune
 from .ablation import REFERENCE_STREAM, Ablation, make_ablation, make_ablations, parse_ablations
 
 ABLATE, KEEP = "ablate", "keep"
@@ -407,11 +408,7 @@ def _run_from(model: Transformer, h: torch.Tensor, layer: int, gates: torch.Tens
     """Layers ``layer..L-1`` and the read-out from the residual stream ``h`` entering ``layer``.
 
     ``values`` holds head values for layers ``layer..L-1`` only (``(..., L - layer, T, h, dh)``)."""
-    lay, mask = model.layout(n_examples, h.device)
-    for l in range(layer, model.cfg.n_layers):
-        v = None if values is None else values[..., l - layer, :, :, :]
-        h = model.blocks[l](h, mask, gates[..., l, :], None, f"blocks.{l}", v)
-    return model.read_out(model.ln_f(h[:, lay.query_index])).squeeze(-1)
+    return model.forward_from(h, layer, gates, values)  # the model's start_at_layer
 
 
 def _check_prompts(model: Transformer, prompts: Prompts) -> None:
@@ -499,18 +496,8 @@ def finetune(model: Transformer, gates: torch.Tensor, task: TaskConfig, steps: i
     tuned.head_gates.copy_(gates.to(dev))
     if steps == 0:
         return tuned
-    tuned.train()
-    opt = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
-    gen = generator(seed, "train", dev)
-    for _ in range(steps):
-        p = sample_prompts(task, batch_size, gen)
-        values = None if ablation is None else ablation.sample(batch_size, gen)
-        loss = torch.nn.functional.mse_loss(tuned(p.x, p.y, head_values=values), p.y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tuned.parameters(), grad_clip)
-        opt.step()
-    tuned.eval()
+    fine_tune(tuned, task, steps, batch_size, lr, seed, grad_clip,  # the training loop, constant lr
+              None if ablation is None else (lambda gen: ablation.sample(batch_size, gen)))
     return tuned
 
 

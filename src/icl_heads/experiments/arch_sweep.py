@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import ConfigError, Preset, validate
-from ..stacked import Member, group_stacks, members_for, stack_dir_for, train_members, train_stack
+from ..training import Member, group_stacks, members_for, stack_dir_for, train_members, train_stack
 from ..workers import run_in_processes
 
 

@@ -17,20 +17,18 @@ single-thread processes ran ~1.3x faster in total than one two-thread process
 (measured, ``docs/training.md``), and three processes on two cores finish
 together instead of leaving a core idle for the last model; more than ``cores + 1``
 models queue (seven at once ran slower in total). On CUDA they train
-as one stack (``icl_heads.stacked``): the models are too small to fill a GPU,
+as one stack (``icl_heads.training.train_stack``): the models are too small to fill a GPU,
 so the stack costs about what one model does. ``stacked=`` overrides either.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..claims.keys import ModelKey
 from ..config import Preset
-from ..workers import run_in_processes
 
 E1_ESTIMATORS = ("ols", "ridge", "lasso", "gd", "pto", "oracle_ls", "bayes")
 # ols (blows up at n = d) and oracle_ls (not an estimator; blows up at n < s) stay in the CSV, off the figure
@@ -40,42 +38,6 @@ DEPTH_STYLE = {"ls": ":", "lw": 1.6}
 
 def model_dir(out: str | Path, h: int) -> Path:
     return Path(out) / "models" / f"h{h}"
-
-
-def _train_one(spec: Any, path: str, device: str, threads: int, position: int, progress: bool = True) -> float:
-    """Worker: train (or resume) one model; returns the wall time of this call."""
-    import torch
-
-    from ..training import train
-
-    torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    train(spec, None, path, device, resume=True, progress=progress, position=position)
-    return time.perf_counter() - t0
-
-
-def train_separately(items: Sequence[tuple[Any, str | Path]], device: str = "cpu", workers: int | None = None,
-                     progress: bool = True) -> dict[str, Any]:
-    """Train each ``(TrainSpec, out)`` alone: one process per model on CPU, one after another on CUDA."""
-    cores = os.cpu_count() or 1
-    # at most cores + 1 processes: 7 concurrent quick trainings on 2 cores ran at 36 model-steps/s in
-    # total, 3 at ~47 (measured; docs/training.md), so more models queue
-    n_proc = min(len(items), cores + 1) if workers is None else max(1, min(workers, len(items)))
-    if device != "cpu":
-        n_proc = 1
-    walls: dict[str, float] = {}
-    if n_proc == 1:
-        threads = items[0][0].train.threads or (os.cpu_count() or 1) if device == "cpu" else 1
-        for spec, path in items:
-            walls[str(path)] = _train_one(spec, str(path), device, threads, 0, progress)
-    else:
-        threads = max(1, cores // n_proc)
-        # slowest first (more heads train slower on CPU), so the lone last job is a fast one
-        order = sorted(items, key=lambda it: -it[0].model.n_heads)
-        got = run_in_processes(_train_one, [(spec, str(path), device, threads, i, progress)
-                                            for i, (spec, path) in enumerate(order)], n_proc)
-        walls = {str(path): w for (_, path), w in zip(order, got)}
-    return {"call_wall_s": walls, "processes": n_proc, "threads_each": threads}
 
 
 def default_stacked(device: str) -> bool:
@@ -88,9 +50,9 @@ def train_models(preset: Preset, out: str | Path, device: str = "cpu", heads: Se
     """Train every head count of ``preset`` (reusing finished checkpoints); per-h path and wall time.
 
     ``stacked`` (default :func:`default_stacked`) trains the head counts as one
-    stack (``icl_heads.stacked``; stack state in ``out/models/stacks/``).
+    stack (``icl_heads.training.train_stack``; stack state in ``out/models/stacks/``).
     """
-    from ..stacked import members_for, train_members
+    from ..training import members_for, train_members
     from ..training import is_finished
 
     heads = list(preset.heads if heads is None else heads)
@@ -152,7 +114,7 @@ def train_seeds(presets: Sequence[Preset], outs: Sequence[str | Path], device: s
     busy until the last model ends) and, on CUDA, all seeds share one stack. Finished
     checkpoints are reused, unfinished ones resumed.
     """
-    from ..stacked import Member, train_members
+    from ..training import Member, train_members
     from ..training import TrainSpec
 
     members = [Member(TrainSpec.from_preset(p, h), model_dir(o, h)) for p, o in zip(presets, outs) for h in p.heads]
