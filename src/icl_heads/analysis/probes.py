@@ -195,7 +195,7 @@ def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare:
         policy = default_policy(model.cfg.n_layers) if prune == "default" else prune
         abls = make_ablations(model, kinds, pre.task, n, seed)
         imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()),
-                                  n_min=in_context_n_min(pre.task.d))  # ranked as E3 ranks them
+                                  n_min=in_context_n_min(pre.task.d), keep=False)  # ranked as E3 ranks them
         for kind, abl in abls.items():
             label = ModelKey(model.cfg.n_heads, Variant.PRUNED, AblationKind(kind)).e4_label
             runs.append((label, model, prune_gates(imps[kind], policy), abl.repaired(seed + 1).values(n), abl.values(n),
