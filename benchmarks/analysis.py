@@ -5,10 +5,12 @@ them (three ablation kinds for E2/E3) on one zoo configuration's seed-0 models (
 ``A``: the quick h = 4 model and its h = 1 reference), and for each stage prints
 
 * its wall time,
-* the forward-pass equivalents (FPE) it does: every transformer block applied to a token row
-  is counted (``Block.forward`` is wrapped), and one FPE is the model's ``L`` blocks over the
-  stage's base prompt set (``eval.n_test`` prompts, ``2 n_max + 1`` tokens each) -- so partial
-  passes from a layer, ablation batches and snapshot passes all count for what they cost,
+* the forward-pass equivalents (FPE) it does: every attention layer applied to a token row is
+  counted (``Attention.heads`` is wrapped: a block's attention, which E2 runs once per layer for
+  all its gate settings; the per-setting output projection and MLP are not counted), and one FPE
+  is the model's ``L`` layers over the stage's base prompt set (``eval.n_test`` prompts,
+  ``2 n_max + 1`` tokens each) -- so partial passes from a layer, ablation batches and snapshot
+  passes all count for what they cost,
 * the wall time of that many plain forward passes of the same model, measured in the same run
   (``no_grad``, batch of ``eval.n_test`` prompts), and
 * the ratio stage / forward work (the target of issue 17 is <= 3x for every stage).
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from icl_heads import model as model_mod
+from icl_heads.model import transformer as model_mod
 from icl_heads.checkpoint import load_model
 from icl_heads.tasks import fixed_prompts
 from icl_heads.zoo import available, get_config, model_path
@@ -79,7 +81,7 @@ def main() -> None:
     multi, single = model_path(cfg.name, 0, max(cfg.heads)), model_path(cfg.name, 0, min(cfg.heads))
     L, T = p.model.n_layers, 2 * p.task.n_max + 1
     fpe_rows = L * p.eval.n_test * T
-    model_mod.Block.forward = counting(model_mod.Block.forward)
+    model_mod.Attention.heads = counting(model_mod.Attention.heads)
     common = dict(preset=p, seed=p.seed, device="cpu")
     stages = {
         "E1": lambda d: run_e1(p, d, "cpu", estimators=None, models={h: model_path(cfg.name, 0, h) for h in p.heads}),

@@ -376,6 +376,22 @@ def test_several_kinds_share_the_base_pass_and_equal_single_runs():
         np.testing.assert_array_equal(both[kind].base_err, both["zero"].base_err)
 
 
+def test_ablation_only_assessment_equals_the_full_one_without_keep_settings():
+    """keep=False (E3's ranking, E7) gives the same base and ablation errors, and no keep-only errors."""
+    from icl_heads.analysis.ablation import make_ablations
+    from icl_heads.analysis.heads import assess_heads_kinds
+
+    m = random_model("softmax", heads=4, layers=3, seed=9)
+    p = fixed_prompts(TASK, 16, 4, "test")
+    abls = list(make_ablations(m, "all", TASK, 20, seed=0).values())
+    full, half = assess_heads_kinds(m, p, TASK, abls), assess_heads_kinds(m, p, TASK, abls, keep=False)
+    for kind in full:
+        np.testing.assert_array_equal(half[kind].ablate_err, full[kind].ablate_err)
+        np.testing.assert_array_equal(half[kind].base_err, full[kind].base_err)
+        assert np.isnan(half[kind].keep_err).all() and np.isfinite(full[kind].keep_err).all()
+        assert [half[kind].ranking(l) for l in range(3)] == [full[kind].ranking(l) for l in range(3)]
+
+
 def test_e3_probe_ratio_equals_a_hand_fitted_ridge_probe(hand_ckpt, tmp_path):
     from sklearn.linear_model import RidgeCV
     from sklearn.pipeline import make_pipeline

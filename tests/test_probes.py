@@ -13,7 +13,8 @@ from icl_heads.evaluation import predict
 from icl_heads.io import read_csv, read_json
 from icl_heads.model import Transformer
 from icl_heads.tasks import Prompts, fixed_prompts
-from icl_heads.analysis.probes import layer_labels, probe_layers, query_states
+from icl_heads.analysis.probes import final_probe_errors, final_readouts, layer_labels, probe_layers, query_states
+from icl_heads.metrics import squared_errors
 
 TASK = TaskConfig(d=4, s=2, sigma=0.1, n_max=8)
 
@@ -36,6 +37,17 @@ def test_query_states_are_what_the_read_out_sees(sets):
     with torch.no_grad():
         again = m.read_out(m.ln_f(torch.from_numpy(s[-1]).float())).squeeze(-1).double()
     torch.testing.assert_close(again, predict(m, test), rtol=1e-5, atol=1e-6)
+
+
+def test_final_readouts_are_the_three_separate_readouts(sets):
+    """E3's one-pass read-outs equal the model's own predictions and both final probes computed apart."""
+    m = small_model(heads=2, seed=3)
+    fit, test = sets
+    gates = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    got = final_readouts(m, fit, test, gates)
+    np.testing.assert_array_equal(got["model"], squared_errors(predict(m, test, head_gates=gates), test.f))
+    np.testing.assert_allclose(got["probe"], final_probe_errors(m, fit, test, gates), rtol=1e-9)
+    np.testing.assert_allclose(got["probe_ln"], final_probe_errors(m, fit, test, gates, after_ln=True), rtol=1e-9)
 
 
 def test_probe_recovers_a_known_linear_function_of_the_hidden_state(sets):

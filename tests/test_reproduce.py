@@ -41,6 +41,28 @@ def run(tmp_path_factory) -> Path:
     return out
 
 
+def test_statistics_match_the_reference_run(run):
+    """Every CSV cell, summary value and verdict of the smoke run equals the run made by the code
+    before the analysis-speed work (tests/reference_run.py) within 1e-6 relative."""
+    from reference_run import compare, fingerprint, load
+
+    msg = compare(load(Path(__file__).parent / "data" / "smoke_reference.json.gz"), fingerprint(run), rtol=1e-6)
+    assert msg is None, msg
+
+
+def test_reference_comparison_catches_a_changed_number(run):
+    from reference_run import compare, fingerprint
+
+    ref = fingerprint(run)
+    got = json.loads(json.dumps(ref))
+    cell = got["seed0/e3/claim2a.csv"][3]
+    key = next(k for k, v in cell.items() if isinstance(v, float) and v not in (0.0,) and v == v)
+    cell[key] *= 1 + 1e-5
+    assert compare(ref, got, rtol=1e-6) == f"/seed0/e3/claim2a.csv[3]/{key}: {ref['seed0/e3/claim2a.csv'][3][key]!r} " \
+        f"in the reference, {cell[key]!r} now"
+    assert compare(ref, got, rtol=1e-4) is None
+
+
 def rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))

@@ -8,8 +8,10 @@ import torch
 from icl_heads.checkpoint import CheckpointError, load_meta, load_model
 from icl_heads.cli import main
 from icl_heads.training import snapshot_dir, snapshot_steps, train
-from icl_heads.zoo import (CONFIGS, ZOO_DIR, ZooConfig, available, export, listing, model_path, spec_of, train_zoo,
-                           verify, write_sums)
+from icl_heads.evaluation import predict
+from icl_heads.tasks import fixed_prompts
+from icl_heads.zoo import (CONFIGS, ZOO_DIR, ZooConfig, available, cpu_kernels, export, listing, model_path, spec_of,
+                           train_zoo, verify, write_sums)
 from icl_heads.zoo_cards import card
 
 TINY = ZooConfig("T", "tiny smoke configuration",
@@ -92,6 +94,7 @@ def test_retrained_for_k_steps_matches_its_snapshot(tiny_zoo, tmp_path):
     path = model_path("T", 0, 2, root)
     spec = spec_of(path)
     torch.set_num_threads(load_meta(path)["zoo"]["threads"])
+    assert load_meta(path)["zoo"]["cpu"] == cpu_kernels()  # recorded at export: this machine
     k = snapshot_steps(spec.train)[1]
     r = train(spec, None, tmp_path / "again", "cpu", progress=False, stop_at=k)
     snap, _ = load_model(snapshot_dir(path, k))
@@ -124,7 +127,15 @@ def test_repository_zoo_model_retrains_to_its_first_snapshot(tmp_path):
     step = snapshot_steps(spec.train)[0]
     r = train(spec, None, tmp_path / "again", "cpu", progress=False, stop_at=step)
     snap, _ = load_model(snapshot_dir(path, step))
-    assert all(torch.equal(a, b) for a, b in zip(r.model.state_dict().values(), snap.state_dict().values()))
+    if load_meta(path)["zoo"].get("cpu") == cpu_kernels():  # same kernels: bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(r.model.state_dict().values(), snap.state_dict().values()))
+        return
+    # Another CPU's kernels round differently (seen: AVX512 here vs the training machine), and Adam
+    # amplifies rounding in near-zero-gradient weights (up to 1e-3 after 125 steps); the function is
+    # the same: predictions agree to ~2e-6 relative (measured), a wrong recipe or seed differs by O(1).
+    p = fixed_prompts(spec.task, 500, 0, "test")
+    a, b = predict(r.model, p), predict(snap, p)
+    assert ((a - b).pow(2).mean() / b.pow(2).mean()).sqrt() < 1e-4
 
 
 def test_set_model_fields_reach_the_trained_model(tmp_path):
@@ -161,6 +172,27 @@ def test_reproduce_on_the_zoo_analyses_its_models_without_training(tiny_zoo, tmp
     verdicts = read_json(out / "T" / "verdicts.json")
     assert {r["claim"] for r in table} == {v["claim"] for v in verdicts}
     assert (out / "e5" / "stage.json").exists()
+
+
+def test_zoo_main_job_in_worker_processes_equals_the_serial_run(tiny_zoo, tmp_path):
+    """jobs=2 runs each (configuration, seed)'s stages in a worker process first; every number, table
+    and verdict equals the serial run's, and the per-configuration run only writes the report."""
+    from reference_run import compare, fingerprint
+
+    from icl_heads.io import read_json
+    from icl_heads.zoo_reproduce import reproduce_zoo
+
+    root, _ = tiny_zoo
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers
+    try:
+        reproduce_zoo(tmp_path / "serial", [TINY], root=root, any_t=False)
+    finally:
+        torch.set_num_threads(threads)
+    reproduce_zoo(tmp_path / "jobs", [TINY], root=root, any_t=False, jobs=2)
+    assert compare(fingerprint(tmp_path / "serial"), fingerprint(tmp_path / "jobs"), rtol=1e-12) is None
+    walls = read_json(tmp_path / "jobs" / "T" / "manifest.json")["stage_wall_s"]
+    assert all(walls[f"seed0/{s}"] > 0 for s in ("e1", "e2", "e3", "e4", "e6", "e7"))
 
 
 def test_export_refuses_a_run_of_another_recipe(tiny_zoo, tmp_path):

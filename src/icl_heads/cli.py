@@ -7,6 +7,7 @@ inside the commands so ``--help`` is instant.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -315,8 +316,12 @@ def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
 @click.option("--train", "train_all", is_flag=True,
               help="quick: train every zoo configuration's models from scratch into OUT instead of analysing the "
                    "zoo's (hours on a CPU)")
+@click.option("--jobs", type=int, default=None,
+              help="quick on the zoo: analysis processes, one (configuration, seed) each, one torch thread each "
+                   "(default: the number of CPU cores)")
 def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str], stacked: Optional[bool],
-              any_t: bool, device: str, sets: tuple[str, ...], threads: int, train_all: bool) -> None:
+              any_t: bool, device: str, sets: tuple[str, ...], threads: int, train_all: bool,
+              jobs: Optional[int]) -> None:
     """Run E5, E1-E4, E6 and E7 for a preset over seeds and write report.md/report.html into OUT.
 
     On the quick preset with no --set/--seeds/--sigmas, the models are the zoo's (every
@@ -327,6 +332,8 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
     if seeds is not None and seeds < 1:
         raise ConfigError(f"seeds: must be >= 1 (got {seeds})")
     check_threads(threads)
+    if jobs is not None and not 1 <= jobs <= (os.cpu_count() or 1):
+        raise ConfigError(f"jobs: must be between 1 and the number of CPU cores, {os.cpu_count()} (got {jobs})")
     levels = check_sigmas(p, parse_floats(sigmas, "sigmas")) if sigmas else None
     import torch
 
@@ -339,7 +346,8 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
 
         if train_all or any(complete_seeds(c) for c in CONFIGS.values()):
             with writing(out):
-                report = reproduce_zoo(out, train=train_all, device=dev, any_t=any_t)
+                report = reproduce_zoo(out, train=train_all, device=dev, any_t=any_t,
+                                       jobs=jobs or (1 if dev == "cuda" else os.cpu_count() or 1))
             click.echo(f"done: factor report at {report}; one report per configuration under {out}/<config>/")
             return
         click.echo(f"note: {ZOO_DIR} holds no complete seed yet; training the quick preset's models in this run",

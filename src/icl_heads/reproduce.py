@@ -141,12 +141,8 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
     ``models(k, h)``: the finished checkpoint of seed index ``k`` with ``h`` heads (the zoo's) to
     analyse instead of training (then there is no training stage and one noise level).
     """
-    from .analysis.emergence import run_e7
-    from .analysis.heads import default_policy, run_e2, run_e3
-    from .analysis.mechanism import run_e6
-    from .analysis.probes import run_e4
     from .experiments.algorithms import run_e5
-    from .experiments.heads_sweep import E1_ESTIMATORS, model_dir, run_e1, train_seeds
+    from .experiments.heads_sweep import train_seeds
     from .report import write_report
 
     seeds = preset.seeds if seeds is None else seeds
@@ -167,31 +163,17 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
     for sigma in sigmas:
         sp = sigma_dir(preset, sigma)
         ps = preset if not sp else preset.model_copy(update={"task": preset.task.model_copy(update={"sigma": sigma})})
-        per_seed = [ps.model_copy(update={"seed": ps.seed + k, "heads": seed_heads(ps, k)}) for k in range(seeds)]
+        per_seed = [seed_preset(ps, k) for k in range(seeds)]
         dirs = [layout.stage_dir(out, "e1", k, sp) for k in range(seeds)]
         if models is None:
             runner.run(f"{sp}{layout.TRAIN}", out / f"{sp}{layout.TRAIN}",
                        lambda d: train_seeds(per_seed, dirs, device, stacked, d / "stacks"))
         for k, pk in enumerate(per_seed):
-            sd = layout.seed_dir(out, k, sp)
             # E5 ran on the first seed's prompts at the preset's own sigma: E1 reuses its estimator rows there
             e5_csv = layout.stage_dir(out, layout.E5) / layout.E5_CSV if k == 0 and not sp else None
             given = None if models is None else {h: models(k, h) for h in pk.heads}
-            runner.run(layout.stage_name("e1", k, sp), sd / "e1",
-                       lambda d: run_e1(pk, d, device, estimators=E1_ESTIMATORS if k == 0 else None, e5_csv=e5_csv,
-                                        models=given))
-            where = (lambda h: given[h]) if given else (lambda h: model_dir(sd / "e1", h))
-            multi, single = where(max(pk.heads)), where(min(pk.heads))
-            common = dict(preset=pk, seed=pk.seed, device=device)
-            runner.run(layout.stage_name("e2", k, sp), sd / "e2", lambda d: run_e2(multi, d, ablations=ABLATIONS, **common))
-            runner.run(layout.stage_name("e3", k, sp), sd / "e3", lambda d: run_e3(multi, d, ablations=ABLATIONS,
-                                                                       single_ckpt=single, **common))
-            runner.run(layout.stage_name("e4", k, sp), sd / "e4", lambda d: run_e4(multi, d, prune=default_policy(pk.model.n_layers),
-                                                                       compare=[single], **common))
-            first = k == 0  # E6c and the any-T context are model-independent or verdict-free: first seed only
-            runner.run(layout.stage_name("e6", k, sp), sd / "e6", lambda d: run_e6(multi, d, single_ckpt=single, with_construct=first,
-                                                                       with_any_t=first and any_t, **common))
-            runner.run(layout.stage_name("e7", k, sp), sd / "e7", lambda d: run_e7(multi, d, **common))
+            seed_stages(runner, layout.seed_dir(out, k, sp), f"{sp}seed{k}", pk, device, first=k == 0, any_t=any_t,
+                        e5_csv=e5_csv, given=given)
     runner.log(f"[{len(runner.stages)}/{len(runner.stages)}] report   elapsed {_hms(runner.elapsed)}")
     t = time.perf_counter()
     manifest = {"preset": preset.model_dump(), "seeds": [preset.seed + k for k in range(seeds)], "sigmas": sigmas,
@@ -206,6 +188,37 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
     write_json(out / layout.MANIFEST, manifest)
     runner.log(f"done in {_hms(runner.elapsed)}: {report}")
     return report
+
+
+def seed_preset(preset: Preset, k: int) -> Preset:
+    """The preset of seed index ``k``: its seed and the head counts it trains (:func:`seed_heads`)."""
+    return preset.model_copy(update={"seed": preset.seed + k, "heads": seed_heads(preset, k)})
+
+
+def seed_stages(runner: StageRunner, sd: Path, prefix: str, pk: Preset, device: str, first: bool, any_t: bool,
+                e5_csv: Path | None = None, given: dict[int, Path] | None = None) -> None:
+    """E1-E4, E6 and E7 of one seed into ``sd`` (stages named ``{prefix}/e1`` ...), on the models
+    ``given`` (``h -> checkpoint``) or the ones E1 trained. ``first``: the first seed also runs E6c and
+    E6's any-T context (model-independent or verdict-free); ``e5_csv``: E1 reuses E5's estimator rows."""
+    from .analysis.emergence import run_e7
+    from .analysis.heads import default_policy, run_e2, run_e3
+    from .analysis.mechanism import run_e6
+    from .analysis.probes import run_e4
+    from .experiments.heads_sweep import E1_ESTIMATORS, model_dir, run_e1
+
+    runner.run(f"{prefix}/e1", sd / "e1",
+               lambda d: run_e1(pk, d, device, estimators=E1_ESTIMATORS if first else None, e5_csv=e5_csv,
+                                models=given))
+    where = (lambda h: given[h]) if given else (lambda h: model_dir(sd / "e1", h))
+    multi, single = where(max(pk.heads)), where(min(pk.heads))
+    common = dict(preset=pk, seed=pk.seed, device=device)
+    runner.run(f"{prefix}/e2", sd / "e2", lambda d: run_e2(multi, d, ablations=ABLATIONS, **common))
+    runner.run(f"{prefix}/e3", sd / "e3", lambda d: run_e3(multi, d, ablations=ABLATIONS, single_ckpt=single, **common))
+    runner.run(f"{prefix}/e4", sd / "e4", lambda d: run_e4(multi, d, prune=default_policy(pk.model.n_layers),
+                                                           compare=[single], **common))
+    runner.run(f"{prefix}/e6", sd / "e6", lambda d: run_e6(multi, d, single_ckpt=single, with_construct=first,
+                                                           with_any_t=first and any_t, **common))
+    runner.run(f"{prefix}/e7", sd / "e7", lambda d: run_e7(multi, d, **common))
 
 
 def _hms(s: float) -> str:

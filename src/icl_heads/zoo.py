@@ -179,10 +179,16 @@ def export(run: Path, config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR
                    "h": h, "convergence": convergence(Path(run), preset), "wall_s": meta.get("wall_s"),
                    "cpu_s": json.loads((Path(run) / CPU_CLOCK).read_text())["cpu_s"]
                    if (Path(run) / CPU_CLOCK).exists() else None,
-                   "machine": machine(), "threads": 1}
+                   "machine": machine(), "cpu": cpu_kernels(), "threads": 1}
     write_json(dest / META_FILE, meta)
     write_sums(root)
     return dest
+
+
+def cpu_kernels() -> str:
+    """What decides CPU float rounding: architecture, the kernels torch dispatches (e.g. AVX512) and
+    the torch version. A retrain is bit-identical only where this matches the model's record."""
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} torch {torch.__version__}"
 
 
 def machine() -> str:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from .config import ConfigError
 from .io import atomic_write_text, read_json, write_json
-from .reproduce import reproduce
+from .reproduce import E5_FIELDS, SEED_STAGES, StageRunner, check_folder, reproduce, seed_preset, seed_stages
 from .zoo import CONFIGS, ZOO_DIR, ZooConfig, available, complete_seeds, model_path
 
 
@@ -40,9 +40,53 @@ def leading_seeds(config: ZooConfig, root: Path) -> int:
     return n
 
 
+def _pair_job(name: str, folder: Path, preset: Any, k: int, given: dict[int, Path], device: str, any_t: bool) -> None:
+    """E1-E7 of one (configuration, seed) in a worker process (one torch thread), resumable by stage."""
+    import torch
+
+    torch.set_num_threads(1)
+    runner = StageRunner(folder, preset, [f"seed{k}/{s}" for s in SEED_STAGES],
+                         log=lambda m: print(f"[zoo] {name} {m}", file=sys.stderr, flush=True))
+    seed_stages(runner, folder / f"seed{k}", f"seed{k}", seed_preset(preset, k), device, first=k == 0, any_t=any_t,
+                e5_csv=folder / "e5" / "e5_risk.csv" if k == 0 else None, given=given)
+
+
+def analyse_pairs(out: Path, plan: Sequence[tuple[ZooConfig, int]], device: str, any_t: bool, jobs: int,
+                  root: Path) -> None:
+    """Every (configuration, seed)'s stages in ``jobs`` processes, E5 first (shared, serial); the
+    per-configuration ``reproduce`` that follows finds them finished and only writes the report.
+
+    The stages are independent across (configuration, seed) and each is deterministic, so the
+    numbers equal a serial run's; a pair is the unit of work so 5 + 3 + 3 seeds keep 2 cores busy."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from .experiments.algorithms import run_e5
+
+    shared = out / "e5"
+    first = zoo_preset(plan[0][0], root)
+    StageRunner(out, first, ["e5"]).run("e5", shared, lambda d: run_e5(first, d), fields=E5_FIELDS)
+    jobs_args = []
+    for c, seeds in plan:
+        folder, preset = out / c.name, zoo_preset(c, root)
+        folder.mkdir(parents=True, exist_ok=True)
+        check_folder(folder, preset, seeds, [preset.task.sigma])
+        if not (folder / "e5").exists():
+            shutil.copytree(shared, folder / "e5")
+        for k in range(seeds):
+            given = {h: model_path(c.name, c.seeds[k], h, root) for h in seed_preset(preset, k).heads}
+            jobs_args.append((c.name, folder, preset, k, given, device, any_t))
+    with ProcessPoolExecutor(max(1, jobs), mp_context=get_context("spawn")) as ex:
+        for fut in [ex.submit(_pair_job, *a) for a in jobs_args]:
+            fut.result()
+
+
 def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: bool = False, device: str = "cpu",
-                  root: Path = ZOO_DIR, any_t: bool = True) -> Path:
-    """Run the main job over the zoo's configurations into ``out``; returns ``out/report.md``."""
+                  root: Path = ZOO_DIR, any_t: bool = True, jobs: int = 1) -> Path:
+    """Run the main job over the zoo's configurations into ``out``; returns ``out/report.md``.
+
+    ``jobs > 1`` (zoo models only): the (configuration, seed) stages run in that many processes
+    first (:func:`analyse_pairs`); the reports are the same."""
     out = Path(out)
     configs = list(CONFIGS.values()) if configs is None else list(configs)
     mode = {"source": "trained" if train else "zoo", "configs": [c.name for c in configs]}
@@ -51,6 +95,10 @@ def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: 
         raise ConfigError(f"out: {out} holds a run with models {read_json(mode_file)['source']}; use a new --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json(mode_file, mode)
+    plan = [(c, leading_seeds(c, root)) for c in configs] if not train else []
+    plan = [(c, n) for c, n in plan if n]
+    if jobs > 1 and plan:
+        analyse_pairs(out, plan, device, any_t, jobs, root)
     done: dict[str, dict[str, Any]] = {}
     for c in configs:
         seeds = len(c.seeds) if train else leading_seeds(c, root)

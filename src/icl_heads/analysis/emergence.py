@@ -46,7 +46,7 @@ def snapshot_rows(model: Any, task: TaskConfig, step: int, val: Prompts, test: P
                   n_boot: int = 1000) -> list[dict[str, Any]]:
     """E7 rows (one per layer) for one loaded snapshot: heads ranked on ``val``, pruning scored on ``test``."""
     L = model.cfg.n_layers
-    imp = assess_heads(model, val, task)
+    imp = assess_heads(model, val, task, keep=False)  # shares and ranking read the ablation scores only
     conc = imp.concentration(n_boot=n_boot, seed=seed)
     policy = default_policy(L)
     gates = {"full": torch.as_tensor(imp.base_gates), "pruned": prune_gates(imp, policy),

@@ -281,7 +281,7 @@ def gate_settings(base: torch.Tensor, layer: int) -> torch.Tensor:
 
 def assess_heads(model: Transformer, prompts: Prompts, task: TaskConfig, gates: torch.Tensor | None = None,
                  batch_rows: int = 2048, n_min: int = 1, ablation: str | Ablation = "zero",
-                 reference: Prompts | None = None, seed: int = 0) -> HeadImportance:
+                 reference: Prompts | None = None, seed: int = 0, keep: bool = True) -> HeadImportance:
     """E2 on a loaded model: errors of the base model and of all ``2 L h`` single-layer gate changes.
 
     ``gates`` (``(L, h)``, default the model's own) is the base setting that ablations start
@@ -290,26 +290,28 @@ def assess_heads(model: Transformer, prompts: Prompts, task: TaskConfig, gates: 
     donors paired with ``seed``), or a ready :class:`.ablation.Ablation`.
     """
     abl = ablation if isinstance(ablation, Ablation) else make_ablation(model, ablation, reference, seed)
-    return assess_heads_kinds(model, prompts, task, [abl], gates, batch_rows, n_min)[abl.kind]
+    return assess_heads_kinds(model, prompts, task, [abl], gates, batch_rows, n_min, keep)[abl.kind]
 
 
 @torch.no_grad()
 def assess_heads_kinds(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: Sequence[Ablation],
                        gates: torch.Tensor | None = None, batch_rows: int = 2048,
-                       n_min: int = 1) -> dict[str, HeadImportance]:
+                       n_min: int = 1, keep: bool = True) -> dict[str, HeadImportance]:
     """:func:`assess_heads` for several ablation kinds; the base pass (and the residual stream
     entering each layer) is computed once when the base gates are all 1, as it is then the same.
     A full-mask model (E6c's constructions) predicts one query per pass: it is run once per
-    context length on the prompts' prefixes (:func:`prefix_prompts`), so the errors are ``(P, N)`` too."""
+    context length on the prompts' prefixes (:func:`prefix_prompts`), so the errors are ``(P, N)`` too.
+    ``keep=False`` skips the keep-only settings (half the passes) where only the ablation ranking is
+    read (E3's ranking, E7); ``keep_err`` is then NaN."""
     _check_prompts(model, prompts)
     if model.cfg.mask == "full":
-        return _assess_per_prefix(model, prompts, task, ablations, gates, batch_rows, n_min)
-    return _assess(model, prompts, task, ablations, gates, batch_rows, n_min)
+        return _assess_per_prefix(model, prompts, task, ablations, gates, batch_rows, n_min, keep)
+    return _assess(model, prompts, task, ablations, gates, batch_rows, n_min, keep)
 
 
 @torch.no_grad()
 def _assess(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: Sequence[Ablation],
-            gates: torch.Tensor | None, batch_rows: int, n_min: int) -> dict[str, HeadImportance]:
+            gates: torch.Tensor | None, batch_rows: int, n_min: int, keep: bool = True) -> dict[str, HeadImportance]:
     """The batched passes of :func:`assess_heads_kinds` (one query per context length, or one in all)."""
     was_training = model.training
     model.eval()
@@ -318,12 +320,13 @@ def _assess(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: S
     base_gates = (model.head_gates if gates is None else gates).detach().to(dev, torch.float32)
     if base_gates.shape != (L, h):
         raise ConfigError(f"gates: expected shape ({L}, {h}) (got {tuple(base_gates.shape)})")
-    settings = [gate_settings(base_gates, l) for l in range(L)]  # each (2h, L, h)
+    A = 2 * h if keep else h  # gate settings per layer: h single-head ablations (then h keep-only)
+    settings = [gate_settings(base_gates, l)[:A] for l in range(L)]  # each (A, L, h)
     shared_base = bool((base_gates == 1).all())  # no head is off in the base: values do not matter there
     P, N = prompts.f.shape
     n_examples = prompts.x.shape[1]
     K = len(ablations)
-    preds = torch.empty(K, 1 + 2 * L * h, P, N, dtype=torch.float64)
+    preds = torch.full((K, 1 + 2 * L * h, P, N), float("nan"), dtype=torch.float64)
     chunk = max(1, batch_rows // (2 * h))
     for i in range(0, P, chunk):
         p = prompts.slice(i, i + chunk).to(dev, torch.float32)
@@ -336,14 +339,9 @@ def _assess(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: S
             preds[a, 0, i:i + b] = pred.double().cpu()
             for l in range(L):
                 h_in = cache["embed"] if l == 0 else cache[f"blocks.{l - 1}.resid_post"]
-                A = settings[l].shape[0]
-                rep = h_in.unsqueeze(0).expand(A, *h_in.shape).reshape(A * b, *h_in.shape[1:])
-                g = settings[l].repeat_interleave(b, dim=0)  # (A*b, L, h), setting-major like rep
                 v = None if vals is None else vals[..., l:, :, :, :]
-                if v is not None and v.dim() == 5:  # per prompt: setting-major like rep
-                    v = v.repeat(A, 1, 1, 1, 1)
-                out = _run_from(model, rep, l, g, n_examples, v).view(A, b, N).double().cpu()
-                preds[a, 1 + 2 * l * h: 1 + 2 * (l + 1) * h, i:i + b] = out
+                out = _run_settings(model, h_in, l, settings[l], n_examples, v).view(A, b, N).double().cpu()
+                preds[a, 1 + 2 * l * h: 1 + 2 * l * h + A, i:i + b] = out
     model.train(was_training)
     result = {}
     for a, abl in enumerate(ablations):
@@ -368,19 +366,41 @@ def prefix_errors(model: Transformer, prompts: Prompts, gates: torch.Tensor | No
 
 
 def _assess_per_prefix(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: Sequence[Ablation],
-                       gates: torch.Tensor | None, batch_rows: int, n_min: int) -> dict[str, HeadImportance]:
+                       gates: torch.Tensor | None, batch_rows: int, n_min: int,
+                       keep: bool = True) -> dict[str, HeadImportance]:
     """:func:`assess_heads_kinds` for a full-mask model: one pass per context length, errors stacked along n."""
     per_n = []
     for n in range(prompts.f.shape[1]):
         sub = prefix_prompts(prompts, n)
         _check_prompts(model, sub)
-        per_n.append(_assess(model, sub, task, ablations, gates, batch_rows, n_min))
+        per_n.append(_assess(model, sub, task, ablations, gates, batch_rows, n_min, keep))
     out = {}
     for kind, first in per_n[0].items():
         cat = lambda attr: np.concatenate([r[kind].__dict__[attr] for r in per_n], axis=-1)  # noqa: E731
         out[kind] = HeadImportance(cat("base_err"), cat("ablate_err"), cat("keep_err"), first.base_gates,
                                    first.norm, n_min, kind)
     return out
+
+
+def _run_settings(model: Transformer, h_in: torch.Tensor, layer: int, settings: torch.Tensor, n_examples: int,
+                  values: torch.Tensor | None = None) -> torch.Tensor:
+    """Predictions ``(A * b, Q)`` of ``A`` gate settings ``(A, L, h)`` that differ from layer ``layer`` on,
+    from the residual stream ``h_in (b, T, D)`` entering it (setting-major rows).
+
+    The heads of ``layer`` see the same input under every setting, so they run once; only their
+    gating, the output projection and the layers above run per setting. ``values``: head values for
+    layers ``layer..L-1`` (``(L - layer, T, h, dh)`` or per prompt ``(b, L - layer, T, h, dh)``)."""
+    _, mask = model.layout(n_examples, h_in.device)
+    A, b = settings.shape[0], h_in.shape[0]
+    rep = lambda t: t.unsqueeze(0).expand(A, *t.shape).reshape(A * b, *t.shape[1:])  # noqa: E731
+    g = settings.repeat_interleave(b, dim=0)  # (A*b, L, h), setting-major like rep
+    if values is not None and values.dim() == 5:  # per prompt: setting-major like rep
+        values = values.repeat(A, 1, 1, 1, 1)
+    block = model.blocks[layer]
+    raw = block.attn.heads(block.ln_1(h_in), mask)  # (b, T, h, dh), once for all A settings
+    v0 = None if values is None else values[..., 0, :, :, :]
+    h = block.finish(rep(h_in) + block.attn.combine(rep(raw), g[:, layer, :], values=v0))
+    return _run_from(model, h, layer + 1, g, n_examples, None if values is None else values[..., 1:, :, :, :])
 
 
 def _run_from(model: Transformer, h: torch.Tensor, layer: int, gates: torch.Tensor, n_examples: int,
@@ -660,7 +680,7 @@ def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset:
     ``summary.json`` holds the first kind at top level and every kind under ``by_ablation``.
     """
     from ..plotting import risk_vs_n
-    from .probes import final_probe_errors
+    from .probes import final_readouts
 
     out = Path(out)
     kinds = parse_ablations(ablations)
@@ -675,13 +695,12 @@ def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset:
     abls = make_ablations(model, kinds, pre.task, n, seed)
     # heads ranked by importance in the in-context regime n >= d/2 (small n would dominate the mean)
     imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()),
-                              n_min=in_context_n_min(pre.task.d))
+                              n_min=in_context_n_min(pre.task.d), keep=False)
     norm = pre.task.s * pre.task.tau ** 2
     n_min = 1
     full_gates = imps[kinds[0]].base_gates
-    full_err = squared_errors(predict(model, test, head_gates=torch.as_tensor(full_gates)), test.f)
-    full_probe = final_probe_errors(model, fit, test, torch.as_tensor(full_gates))
-    full_probe_ln = final_probe_errors(model, fit, test, torch.as_tensor(full_gates), after_ln=True)
+    full = final_readouts(model, fit, test, torch.as_tensor(full_gates))  # own read-out, probes before/after LN
+    full_err, full_probe, full_probe_ln = full["model"], full["probe"], full["probe_ln"]
     single = _single_errors(single_ckpt, pre, fit, test, device)
     n_from = in_context_n_min(pre.task.d)
     claim_rows: list[dict[str, Any]] = []
@@ -700,9 +719,8 @@ def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset:
         errs, probe, probe_ln = {"full": full_err}, {"full": full_probe}, {"full": full_probe_ln}
         for name, g in gates.items():
             gt = torch.as_tensor(g)
-            errs[name] = squared_errors(predict(models[name], test, head_gates=gt, head_values=test_v), test.f)
-            probe[name] = final_probe_errors(models[name], fit, test, gt, fit_v, test_v)
-            probe_ln[name] = final_probe_errors(models[name], fit, test, gt, fit_v, test_v, after_ln=True)
+            reads = final_readouts(models[name], fit, test, gt, fit_v, test_v)
+            errs[name], probe[name], probe_ln[name] = reads["model"], reads["probe"], reads["probe_ln"]
             label = name if len(kinds) == 1 else f"{name} [{kind}]"
             c = curve_from_errors(errs[name], pre.task).rows(
                 model=name, ablation=kind, n_heads=model.cfg.n_heads,
@@ -743,13 +761,12 @@ def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset:
 def _single_errors(ckpt: str | Path | None, pre: Preset, fit: Prompts, test: Prompts,
                    device: str) -> dict[str, np.ndarray] | None:
     """The single-head model's errors on the same test prompts: own read-out, probes before/after the final LN."""
-    from .probes import final_probe_errors
+    from .probes import final_readouts
 
     if ckpt is None:
         return None
     m, _, _ = load_for_analysis(ckpt, pre, device)
-    return dict(model=squared_errors(predict(m, test), test.f), probe=final_probe_errors(m, fit, test),
-                probe_ln=final_probe_errors(m, fit, test, after_ln=True))
+    return final_readouts(m, fit, test)
 
 
 def plot_importance(imps: HeadImportance | dict[str, HeadImportance], path: str | Path, title: str) -> Path:

@@ -48,10 +48,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from sklearn.linear_model import RidgeCV
 from sklearn.metrics import r2_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from ..claims.keys import ModelKey
 from ..config import ConfigError, Preset, TaskConfig
@@ -60,6 +57,7 @@ from ..evaluation import batches_with_cache
 from ..io import write_csv, write_json, write_provenance
 from ..model import Transformer
 from ..tasks import Prompts, fixed_prompts
+from .ridge import RidgeFit, ridge_cv
 
 ALPHAS = np.logspace(-8, 4, 25)
 FEATURE_TARGETS = ("pto_prefix", "pto_full", "yx", "x")
@@ -161,10 +159,9 @@ def activations(model: Transformer, prompts: Prompts, batch_size: int = 500) -> 
                        lay.position[lay.query_index].cpu().numpy(), lay.query_n.cpu().numpy())
 
 
-def _decoder(X: np.ndarray, Y: np.ndarray) -> Any:
-    """Standardise + RidgeCV (efficient leave-one-out, one alpha per output column)."""
-    multi = Y.ndim == 2 and Y.shape[1] > 1
-    return make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS, alpha_per_target=multi)).fit(X, Y)
+def _decoder(X: np.ndarray, Y: np.ndarray) -> RidgeFit:
+    """Standardise + RidgeCV (efficient leave-one-out, one alpha per output column) as one batched fit."""
+    return ridge_cv(X[None], Y[None], ALPHAS, alpha_per_target=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,10 +223,10 @@ def preprocessing_readout(probe_acts: Activations, probe: Prompts, test_acts: Ac
         for tgt in t_fit:
             d = t_fit[tgt].shape[-1]
             dec = _decoder(A_fit.reshape(-1, D), t_fit[tgt].reshape(-1, d))
-            pred = dec.predict(A_test.reshape(-1, D)).reshape(B, C, d)
+            pred = dec.predict(A_test.reshape(1, -1, D)).reshape(B, C, d)
             truth = t_test[tgt]
             r2 = r2_score(truth.reshape(-1, d), pred.reshape(-1, d), multioutput="raw_values")
-            alphas = np.broadcast_to(dec[-1].alpha_, (d,))
+            alphas = dec.alpha[0]
             for j in range(d):
                 rows.append(dict(labels, source=src, target=tgt, feature=str(j), r2=float(r2[j]),
                                  alpha=float(alphas[j])))
@@ -252,15 +249,12 @@ def preprocessing_readout(probe_acts: Activations, probe: Prompts, test_acts: Ac
 
 def readouts(probe_acts: Activations, probe: Prompts, others: Sequence[Activations]) -> list[dict[str, np.ndarray]]:
     """Per prompt set in ``others``: ``{"probe": (L, B, Q), "lens": (L, B, Q)}`` predictions."""
-    L, _, Q, _ = probe_acts.query.shape
+    L, P, Q, D = probe_acts.query.shape
     target = probe.f.double().numpy()[:, probe_acts.q_pos]  # (B, Q)
-    outs = [{"probe": np.empty((L, o.query.shape[1], Q)), "lens": o.lens} for o in others]
-    for l in range(L):
-        for q in range(Q):
-            dec = _decoder(probe_acts.query[l, :, q], target[:, q])
-            for o, res in zip(others, outs):
-                res["probe"][l, :, q] = dec.predict(o.query[l, :, q])
-    return outs
+    stack = lambda a: a.transpose(0, 2, 1, 3).reshape(L * Q, -1, D)  # noqa: E731  one probe per (layer, query)
+    dec = ridge_cv(stack(probe_acts.query), np.broadcast_to(target.T, (L, Q, P)).reshape(L * Q, P), ALPHAS)
+    return [{"probe": dec.predict(stack(o.query)).reshape(L, Q, -1).transpose(0, 2, 1), "lens": o.lens}
+            for o in others]
 
 
 PathCache = dict  # (id(prompts), steps, algorithm name) -> predictions; see algorithm_paths
@@ -381,6 +375,13 @@ def _rel_err(sq: np.ndarray, r2: np.ndarray) -> np.ndarray:
     return (sq.sum(-2) / r2.sum(-2)).mean(-1)
 
 
+def _counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """``(R, n)`` multiplicities of each row in each bootstrap resample ``idx (R, n)``."""
+    c = np.zeros((idx.shape[0], n))
+    np.add.at(c, (np.arange(idx.shape[0])[:, None], idx), 1.0)
+    return c
+
+
 def n_ranges(d: int, n_max: int) -> dict[str, tuple[int, int]]:
     """The context-length ranges verdicts are given for: all, ``n <= d`` and ``n > d`` (where PtO's edge differs)."""
     out = {"all": (1, n_max), f"n<={d}": (1, d)}
@@ -421,7 +422,8 @@ def verdicts(detail: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]], d: 
             boots = []
             for i in range(0, n_boot, 100):
                 idx = rng.integers(0, sp.shape[0], size=(min(100, n_boot - i), sp.shape[0]))
-                boots.append(_rel_err(sg[idx], rg[idx]) - _rel_err(sp[idx], rp[idx]))
+                c = _counts(idx, sp.shape[0])  # a resample's sums are its counts times the rows
+                boots.append((c @ sg / (c @ rg)).mean(-1) - (c @ sp / (c @ rp)).mean(-1))
             lo, hi = np.quantile(np.concatenate(boots), [0.025, 0.975])
             if min(err[best["pto"]], err[best["gd"]]) >= 1:
                 tracks = "neither"

@@ -8,8 +8,9 @@ number on the same scale as the model's own risk.
 
 One probe per (layer, n), not one per layer across n: the query representation at n = 2 and
 at n = 20 need not be decoded the same way, and the paper probes per context length. The
-regularisation is chosen per probe by scikit-learn's efficient leave-one-out ``RidgeCV`` on
-standardised features.
+regularisation is chosen per probe by efficient leave-one-out cross-validation on standardised
+features: scikit-learn's ``StandardScaler`` + ``RidgeCV``, solved for every (layer, n) at once by
+:func:`.ridge.ridge_cv` (checked against scikit-learn in ``tests/test_ridge.py``).
 
 Pruned models are probed with their gates and, for mean/resample ablation, the replacement
 head values (:mod:`.ablation`); fit and test prompts get different donor pairings.
@@ -24,9 +25,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from sklearn.linear_model import RidgeCV
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from ..claims.keys import AblationKind, ModelKey, Variant, in_context_n_min
 from ..config import ConfigError, Preset, TaskConfig
@@ -35,6 +33,7 @@ from ..evaluation import batches_with_cache
 from ..metrics import curve_from_errors, squared_errors
 from ..model import Transformer
 from ..tasks import Prompts, fixed_prompts
+from .ridge import ridge_cv
 
 ALPHAS = np.logspace(-6, 6, 25)
 
@@ -65,11 +64,6 @@ def query_states(model: Transformer, prompts: Prompts, gates: torch.Tensor | Non
     return torch.cat(out, dim=1).numpy()
 
 
-def fit_probe(feat_fit: np.ndarray, target_fit: np.ndarray, alphas: np.ndarray = ALPHAS) -> Any:
-    """A fitted standardise + RidgeCV pipeline (alpha by efficient leave-one-out CV)."""
-    return make_pipeline(StandardScaler(), RidgeCV(alphas=alphas)).fit(feat_fit, target_fit)
-
-
 def probe_errors(fit_states: np.ndarray, fit_f: np.ndarray, test_states: np.ndarray,
                  alphas: np.ndarray = ALPHAS) -> tuple[np.ndarray, np.ndarray]:
     """Held-out predictions ``(L+1, P_test, N)`` and chosen alphas ``(L+1, N)`` of per-(layer, n) probes.
@@ -77,15 +71,11 @@ def probe_errors(fit_states: np.ndarray, fit_f: np.ndarray, test_states: np.ndar
     ``fit_states``/``test_states`` are ``(L+1, P, N, D)`` from :func:`query_states`; ``fit_f``
     is ``(P_fit, N)``, the probe target at each query position.
     """
-    n_layers, _, N, _ = fit_states.shape
-    pred = np.empty((n_layers, test_states.shape[1], N))
-    alpha = np.empty((n_layers, N))
-    for l in range(n_layers):
-        for n in range(N):
-            pipe = fit_probe(fit_states[l, :, n], fit_f[:, n], alphas)
-            pred[l, :, n] = pipe.predict(test_states[l, :, n])
-            alpha[l, n] = pipe[-1].alpha_
-    return pred, alpha
+    n_layers, P, N, D = fit_states.shape
+    stack = lambda s: np.swapaxes(s, 1, 2).reshape(n_layers * N, -1, D)  # noqa: E731  (L+1)*N problems
+    fit = ridge_cv(stack(fit_states), np.broadcast_to(fit_f.T, (n_layers, N, P)).reshape(n_layers * N, P), alphas)
+    pred = fit.predict(stack(test_states)).reshape(n_layers, N, -1)
+    return np.swapaxes(pred, 1, 2), fit.alpha.reshape(n_layers, N)
 
 
 def probe_layers(model: Transformer, fit_prompts: Prompts, test_prompts: Prompts, task: TaskConfig,
@@ -130,6 +120,40 @@ def final_probe_errors(model: Transformer, fit_prompts: Prompts, test_prompts: P
 
 
 @torch.no_grad()
+def _final_states(model: Transformer, prompts: Prompts, gates: torch.Tensor | None,
+                  values: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass: own predictions ``(P, N)``, and the last residual state at the queries before and
+    after the final LayerNorm, each ``(1, P, N, D)`` float64."""
+    lay, _ = model.layout(prompts.x.shape[1], next(model.parameters()).device)
+    last = f"blocks.{model.cfg.n_layers - 1}.resid_post"
+    pred, pre, post = [], [], []
+    for p, cache in batches_with_cache(model, prompts, 1024, gates, values):
+        pred.append(p.double().cpu())
+        pre.append(cache[last][:, lay.query_index].double().cpu())
+        post.append(cache["ln_final"].double().cpu())
+    return tuple(torch.cat(t)[None].numpy() if i else torch.cat(t).numpy()  # type: ignore[return-value]
+                 for i, t in enumerate((pred, pre, post)))
+
+
+def final_readouts(model: Transformer, fit_prompts: Prompts, test_prompts: Prompts,
+                   gates: torch.Tensor | None = None, fit_values: torch.Tensor | None = None,
+                   test_values: torch.Tensor | None = None, alphas: np.ndarray = ALPHAS) -> dict[str, np.ndarray]:
+    """Held-out squared errors ``(P_test, N)`` of the three read-outs E3 judges claim 2a by: the model's
+    own (``model``) and the per-n probes after the last layer before (``probe``) and after (``probe_ln``)
+    the final LayerNorm -- from one pass over each prompt set (the same numbers as :func:`.evaluation.predict`
+    and :func:`final_probe_errors`)."""
+    _check_fit(fit_prompts)
+    _, fit_pre, fit_post = _final_states(model, fit_prompts, gates, fit_values)
+    own, test_pre, test_post = _final_states(model, test_prompts, gates, test_values)
+    f_fit = fit_prompts.f.double().numpy()
+    out = {"model": squared_errors(torch.from_numpy(own), test_prompts.f)}
+    for name, fs, ts in (("probe", fit_pre, test_pre), ("probe_ln", fit_post, test_post)):
+        pred, _ = probe_errors(fs, f_fit, ts, alphas)
+        out[name] = squared_errors(torch.from_numpy(pred[0]), test_prompts.f)
+    return out
+
+
+@torch.no_grad()
 def final_norm(model: Transformer, states: np.ndarray) -> np.ndarray:
     """The model's final LayerNorm applied to residual states (float64 in and out)."""
     p = next(model.parameters())
@@ -171,7 +195,7 @@ def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare:
         policy = default_policy(model.cfg.n_layers) if prune == "default" else prune
         abls = make_ablations(model, kinds, pre.task, n, seed)
         imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()),
-                                  n_min=in_context_n_min(pre.task.d))  # ranked as E3 ranks them
+                                  n_min=in_context_n_min(pre.task.d), keep=False)  # ranked as E3 ranks them
         for kind, abl in abls.items():
             label = ModelKey(model.cfg.n_heads, Variant.PRUNED, AblationKind(kind)).e4_label
             runs.append((label, model, prune_gates(imps[kind], policy), abl.repaired(seed + 1).values(n), abl.values(n),

@@ -72,6 +72,12 @@ class Attention(nn.Module):
     def forward(self, h: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None,
                 cache: dict[str, torch.Tensor] | None = None, name: str = "attn",
                 values: torch.Tensor | None = None) -> torch.Tensor:
+        return self.combine(self.heads(h, mask, cache, name), gates, cache, name, values)
+
+    def heads(self, h: torch.Tensor, mask: torch.Tensor, cache: dict[str, torch.Tensor] | None = None,
+              name: str = "attn") -> torch.Tensor:
+        """Every head's output ``(B, T, H, d_head)`` before gates: the part of the layer that gate
+        settings do not change, so E2 computes it once for all its settings of a layer."""
         B, T, D = h.shape
         q, k, v = (t.view(B, T, self.n_heads, self.d_head).transpose(1, 2) for t in self.qkv(h).split(D, dim=-1))
         if not self.linear and cache is not None and cache.get(PATTERNS_KEY) is not None:  # the pattern is asked for
@@ -80,12 +86,17 @@ class Attention(nn.Module):
             out = pattern @ v
         else:
             out = attend(q, k, v, mask, self.linear)
-        out = out.transpose(1, 2)  # (B, T, H, d_head)
+        return out.transpose(1, 2)  # (B, T, H, d_head)
+
+    def combine(self, out: torch.Tensor, gates: torch.Tensor | None, cache: dict[str, torch.Tensor] | None = None,
+                name: str = "attn", values: torch.Tensor | None = None) -> torch.Tensor:
+        """Gates (and head values) on the head outputs ``(B, T, H, d_head)``, then the output projection."""
+        B, T = out.shape[:2]
         if gates is not None:  # (H,) or (B, H)
             out = gate_heads(out, gates, values)
         if cache is not None:
             cache[f"{name}.head_out"] = out
-        return self.proj(out.reshape(B, T, D))
+        return self.proj(out.reshape(B, T, -1))
 
 
 class MLP(nn.Sequential):
@@ -121,7 +132,10 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None,
                 cache: dict[str, torch.Tensor] | None, name: str, values: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.attn(self.ln_1(h), mask, gates, cache, f"{name}.attn", values)
+        return self.finish(h + self.attn(self.ln_1(h), mask, gates, cache, f"{name}.attn", values), cache, name)
+
+    def finish(self, h: torch.Tensor, cache: dict[str, torch.Tensor] | None = None, name: str = "") -> torch.Tensor:
+        """The rest of the block from the residual stream after attention (``resid_mid``)."""
         if cache is not None:
             cache[f"{name}.resid_mid"] = h
         if self.mlp is not None:

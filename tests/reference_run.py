@@ -1,0 +1,108 @@
+"""The numbers of a `reproduce --preset smoke` run, for comparing runs before and after a change.
+
+A *fingerprint* holds every CSV cell and every value of the summaries and ``verdicts.json`` (paths
+made relative to the run folder; timings, provenance and package versions left out). ``compare``
+reports the first cell that differs by more than ``rtol`` (numbers) or at all (strings).
+
+``tests/data/smoke_reference.json.gz`` is the fingerprint of the smoke run made by the code before
+the analysis-speed work (issue 17); ``test_reproduce`` holds today's run to it within 1e-6 relative.
+After a change that moves the numbers on purpose, rewrite it and say why in the commit:
+
+    .venv/bin/icl-heads reproduce --preset smoke --out /tmp/smoke --device cpu
+    .venv/bin/python tests/reference_run.py /tmp/smoke tests/data/smoke_reference.json.gz
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+SKIP_FILES = {"stage.json", "config.json", "run.json", "manifest.json", "meta.json", "provenance.json"}
+# timings, and the probes' chosen ``alpha``: for an exactly decodable target (E6a's ``x`` control,
+# R^2 = 1 - 1e-12) the leave-one-out curve is flat to rounding and any alpha is the optimum; the
+# R^2, risks and verdicts it gives are compared like every other number
+SKIP_KEYS = {"elapsed_s", "wall_s", "cpu_s", "train_wall_s", "total_wall_s", "seconds", "time", "versions",
+             "git", "machine", "figures", "alpha"}
+
+
+def _cell(v: str) -> Any:
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def _norm(obj: Any, root: str) -> Any:
+    if isinstance(obj, dict):
+        return {k: _norm(v, root) for k, v in obj.items() if k not in SKIP_KEYS}
+    if isinstance(obj, list):
+        return [_norm(v, root) for v in obj]
+    if isinstance(obj, str):
+        return obj.replace(root, "<run>")
+    return obj
+
+
+def fingerprint(run: Path) -> dict[str, Any]:
+    """``relative path -> rows`` (CSVs) or normalised JSON (summaries, verdicts) of a run folder."""
+    run = Path(run)
+    root = str(run.resolve())
+    out: dict[str, Any] = {}
+    for p in sorted(run.rglob("*")):
+        rel = p.relative_to(run).as_posix()
+        if "/models/" in f"/{rel}" or p.name in SKIP_FILES or not p.is_file():
+            continue
+        if p.suffix == ".csv":
+            with open(p, newline="") as f:
+                out[rel] = [{k: _norm(_cell(v), root) for k, v in row.items() if k not in SKIP_KEYS}
+                            for row in csv.DictReader(f)]
+        elif p.suffix == ".json":
+            out[rel] = _norm(json.loads(p.read_text()), root)
+    return out
+
+
+def compare(ref: Any, got: Any, rtol: float = 1e-6, where: str = "") -> str | None:
+    """The first difference beyond ``rtol`` as a one-line message, or None."""
+    if isinstance(ref, dict) and isinstance(got, dict):
+        if set(ref) != set(got):
+            return f"{where}: keys differ: {sorted(set(ref) ^ set(got))[:5]}"
+        for k in ref:
+            msg = compare(ref[k], got[k], rtol, f"{where}/{k}")
+            if msg:
+                return msg
+        return None
+    if isinstance(ref, list) and isinstance(got, list):
+        if len(ref) != len(got):
+            return f"{where}: {len(ref)} entries in the reference, {len(got)} now"
+        for i, (a, b) in enumerate(zip(ref, got)):
+            msg = compare(a, b, rtol, f"{where}[{i}]")
+            if msg:
+                return msg
+        return None
+    if isinstance(ref, (int, float)) and isinstance(got, (int, float)) and not isinstance(ref, bool):
+        a, b = float(ref), float(got)
+        if math.isnan(a) and math.isnan(b):
+            return None
+        if a == b or abs(a - b) <= rtol * max(abs(a), abs(b)):
+            return None
+        return f"{where}: {a!r} in the reference, {b!r} now"
+    return None if ref == got else f"{where}: {ref!r} in the reference, {got!r} now"
+
+
+def load(path: Path) -> dict[str, Any]:
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
+
+
+def write(run: Path, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        json.dump(fingerprint(run), f, sort_keys=True)
+
+
+if __name__ == "__main__":
+    write(Path(sys.argv[1]), Path(sys.argv[2]))

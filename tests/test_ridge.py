@@ -1,0 +1,68 @@
+"""The batched ridge probes against scikit-learn's StandardScaler + RidgeCV pipeline."""
+
+import numpy as np
+import pytest
+from sklearn.linear_model import RidgeCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from icl_heads.analysis.ridge import ridge_cv
+
+ALPHAS = np.logspace(-6, 6, 25)
+
+
+def _problems(seed: int, G: int, P: int, D: int, K: int | None, noise: float):
+    """Fit rows and 50 held-out rows of the same design (with a constant and a nearly collinear feature)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(G, P + 50, D)) * rng.uniform(0.1, 10, size=(G, 1, D)) + rng.normal(size=(G, 1, D))
+    X[:, :, 1] = 3.0  # a constant feature: scale 1, as StandardScaler
+    X[:, :, 2] = X[:, :, 3] + 1e-9 * rng.normal(size=(G, P + 50))  # nearly collinear
+    W = rng.normal(size=(G, D) if K is None else (G, D, K))
+    Y = np.einsum("gpd,gd->gp", X, W) if K is None else np.einsum("gpd,gdk->gpk", X, W)
+    Y = Y + noise * rng.normal(size=Y.shape)
+    return X[:, :P], Y[:, :P], X[:, P:]
+
+
+def _same_choice(ref: RidgeCV, alpha: float, k: int | None = None) -> None:
+    """Our alpha is scikit-learn's, or ties with it: its LOO error within 1e-9 of scikit-learn's
+    minimum (where the LOO curve is flat to rounding, as at tiny alphas, either is the optimum)."""
+    cv = ref.cv_results_  # (P, [K,] A) squared LOO errors
+    curve = cv.mean(0) if k is None or cv.ndim == 2 else cv[:, k].mean(0)
+    curve = curve if curve.ndim == 1 else curve.mean(0)
+    mine = curve[list(ALPHAS).index(alpha)]
+    assert mine <= curve.min() * (1 + 1e-9), (alpha, ref.alpha_)
+
+
+@pytest.mark.parametrize("noise", [0.01, 1.0, 100.0])
+def test_single_target_matches_sklearn(noise):
+    X, Y, Xt = _problems(0, 4, 300, 12, None, noise)
+    fit = ridge_cv(X, Y, ALPHAS)
+    pred = fit.predict(Xt)
+    for g in range(4):
+        ref = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS, store_cv_results=True)).fit(X[g], Y[g])
+        _same_choice(ref[-1], fit.alpha[g, 0])
+        np.testing.assert_allclose(pred[g], ref.predict(Xt[g]), rtol=1e-7, atol=1e-8 * np.abs(Y[g]).max())
+
+
+@pytest.mark.parametrize("per_target", [True, False])
+def test_multi_target_matches_sklearn(per_target):
+    X, Y, Xt = _problems(1, 2, 400, 8, 5, 2.0)
+    fit = ridge_cv(X, Y, ALPHAS, alpha_per_target=per_target)
+    pred = fit.predict(Xt)
+    for g in range(2):
+        ref = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS, alpha_per_target=per_target,
+                                                      store_cv_results=True)).fit(X[g], Y[g])
+        for k in range(5):
+            _same_choice(ref[-1], fit.alpha[g, k], k if per_target else None)
+        np.testing.assert_allclose(pred[g], ref.predict(Xt[g]), rtol=1e-7, atol=1e-8 * np.abs(Y[g]).max())
+
+
+def test_exact_interpolation_small_alpha():
+    """Noiseless, well-posed: the smallest alpha wins and the fit recovers the linear map."""
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(1, 200, 5))
+    w = np.array([1.0, -2.0, 0.5, 0.0, 3.0])
+    fit = ridge_cv(X, X @ w + 0.7, ALPHAS)
+    assert fit.alpha[0, 0] == ALPHAS[0]
+    Xt = rng.normal(size=(1, 10, 5))
+    np.testing.assert_allclose(fit.predict(Xt)[0], Xt[0] @ w + 0.7, rtol=1e-5)
