@@ -1,0 +1,1 @@
+"""Run folders: :mod:`.layout` names every folder and file of a ``reproduce`` run."""
