@@ -66,4 +66,7 @@ def test_one_process_count_flag_with_the_old_name_as_alias(tmp_path, capsys):
     for flag in ("--jobs", "--workers"):
         err = bad(capsys, ["sweep-heads", "--preset", "smoke", "--out", str(tmp_path / "o"), "--device", "cpu",
                            flag, "0"])
-        assert err.startswith("error: jobs: must be >= 1")
+        assert err.startswith(f"error: {flag[2:]}: must be >= 1")  # the message names the flag given
+    err = bad(capsys, ["sweep-heads", "--preset", "smoke", "--out", str(tmp_path / "o"), "--device", "cpu",
+                       "--jobs", "1", "--workers", "2"])
+    assert err.startswith("error: jobs: --workers is its old name")

@@ -441,17 +441,21 @@ def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int], sets: t
 @device_option
 @click.option("--steps", type=int, help="override train.steps")
 @click.option("--seed", type=int, help="base seed")
-@click.option("--jobs", "--workers", "workers", type=int,
-              help="training processes on CPU (default: one per head count); --workers is an alias")
+@click.option("--jobs", type=int, help="training processes on CPU (default: one per head count)")
+@click.option("--workers", type=int, help="the old name of --jobs")
 @click.option("--stacked/--no-stacked", default=None,
               help="train the head counts as one stacked model (default: on CUDA only)")
 @sets_option
 def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed: Optional[int],
-                workers: Optional[int], stacked: Optional[bool], sets: tuple[str, ...]) -> None:
+                jobs: Optional[int], workers: Optional[int], stacked: Optional[bool], sets: tuple[str, ...]) -> None:
     """E1: one model per head count (same seed and budget) vs the estimators; e1_heads.csv/.png."""
     p = make_preset(preset, seed, sets, **{"train.steps": steps})
-    if workers is not None and workers < 1:
-        raise ConfigError(f"jobs: must be >= 1 (got {workers})")
+    for name, value in (("jobs", jobs), ("workers", workers)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}: must be >= 1 (got {value})")
+    if jobs is not None and workers is not None and jobs != workers:
+        raise ConfigError(f"jobs: --workers is its old name; give one of them (got --jobs {jobs}, --workers {workers})")
+    workers = jobs if jobs is not None else workers
     dev = resolve_device(device)
     from .experiments.heads_sweep import run_e1
 
