@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_paper.sh"
 
 SHIM = '''
@@ -35,6 +37,7 @@ else:
 '''
 
 
+@pytest.mark.slow  # end-to-end
 def test_device_script_dry_run_on_cpu(tmp_path: Path) -> None:
     shim = tmp_path / "py.py"
     shim.write_text(SHIM)
@@ -89,6 +92,7 @@ def test_device_size_from_benchmark_output(tmp_path):
     assert got["PAPER_STEPS"] == "6000"
 
 
+@pytest.mark.slow  # end-to-end
 def test_device_zoo_script_dry_run_on_cpu(tmp_path: Path) -> None:
     """scripts/device_zoo.sh on CPU at toy size: configuration A stacked, exported, cards, verified."""
     script = SCRIPT.parent / "device_zoo.sh"

@@ -41,6 +41,7 @@ def run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # end-to-end
 def test_statistics_match_the_reference_run(run):
     """Every CSV cell, summary value and verdict of the smoke run equals the run made by the code
     before the analysis-speed work (tests/reference_run.py) within 1e-6 relative."""

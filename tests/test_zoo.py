@@ -174,6 +174,7 @@ def test_reproduce_on_the_zoo_analyses_its_models_without_training(tiny_zoo, tmp
     assert (out / "e5" / "stage.json").exists()
 
 
+@pytest.mark.slow  # end-to-end
 def test_zoo_main_job_in_worker_processes_equals_the_serial_run(tiny_zoo, tmp_path):
     """jobs=2 runs each (configuration, seed)'s stages in a worker process first; every number, table
     and verdict equals the serial run's, and the per-configuration run only writes the report."""
