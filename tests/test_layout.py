@@ -14,7 +14,7 @@ SRC = Path(icl_heads.__file__).parent
 PKG = "icl_heads"
 
 # The one known cycle, inside the four analysis modules that another issue is reworking: heads.run_e3 needs
-# probes.final_probe_errors and probes.run_e4 needs heads.assess_heads_kinds / load_for_analysis (both
+# probes.final_readouts and probes.run_e4 needs heads.assess_heads_kinds / load_for_analysis (both
 # function-local imports). Remove this entry once the E2-E4 runners leave analysis/ (issue 16's layout).
 KNOWN_CYCLES = [frozenset({"icl_heads.analysis.heads", "icl_heads.analysis.probes"})]
 

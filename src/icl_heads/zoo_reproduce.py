@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 from .config import ConfigError
 from .io import atomic_write_text, read_json, write_json
-from .reproduce import E5_FIELDS, SEED_STAGES, StageRunner, check_folder, reproduce, seed_preset, seed_stages
+from .reproduce import E5_FIELDS, StageRunner, check_folder, reproduce, seed_preset, seed_stages
+from .runs.layout import SEED_STAGES
 from .zoo import CONFIGS, ZOO_DIR, ZooConfig, available, complete_seeds, model_path
 
 

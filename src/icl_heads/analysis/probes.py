@@ -14,8 +14,10 @@ features: scikit-learn's ``StandardScaler`` + ``RidgeCV``, solved for every (lay
 
 Pruned models are probed with their gates and, for mean/resample ablation, the replacement
 head values (:mod:`.ablation`); fit and test prompts get different donor pairings.
-:func:`final_probe_errors` (the probe after the last layer) is what E3 uses to judge claim 2a
-by probes rather than by the pruned model's own read-out.
+:func:`final_readouts` (the model's own read-out and the probes after the last layer, before and
+after the final LayerNorm, from one pass per prompt set) is what E3 uses to judge claim 2a;
+:func:`final_probe_errors` computes one of those probes on its own (the notebook's, and the test's
+independent reference).
 """
 
 from __future__ import annotations
