@@ -95,7 +95,7 @@ def analysis_out(out: Path, reads: list[Path], experiment: str, preset: Optional
     for ckpt in reads:
         load_model(ckpt)
     if experiment != "eval":
-        from .analysis.heads import resolve_preset
+        from .experiments.loading import resolve_preset
 
         resolve_preset(reads[0], preset)
     check_analysis_out(out, reads, experiment)
@@ -167,7 +167,7 @@ def _analysis_preset(ckpt: Path, preset: Optional[str], sets: tuple[str, ...]) -
     the overrides applied."""
     if not sets:
         return preset
-    from .analysis.heads import resolve_preset
+    from .experiments.loading import resolve_preset
     from .checkpoint import load_model
     from .config import with_overrides
 
@@ -198,7 +198,7 @@ def assess_heads_cmd(ckpt: Path, preset: Optional[str], out: Path, prompts: Opti
     if boot < 10:
         raise ConfigError(f"boot: need at least 10 bootstrap resamples (got {boot})")
     dev = resolve_device(device)
-    from .analysis.heads import run_e2
+    from .experiments.e2_importance import run_e2
 
     with analysis_out(out, [ckpt], "E2", preset):
         s = run_e2(ckpt, out, preset, prompts, seed, dev, boot, ablations=kinds)
@@ -226,7 +226,8 @@ def prune(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
     if finetune_steps < 0:
         raise ConfigError(f"finetune: steps must be >= 0 (got {finetune_steps})")
     dev = resolve_device(device)
-    from .analysis.heads import parse_policy, run_e3
+    from .analysis.pruning import parse_policy
+    from .experiments.e3_pruning import run_e3
 
     if keep is not None:
         parse_policy(keep)
@@ -255,8 +256,8 @@ def probe(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
     preset = _analysis_preset(ckpt, preset, sets)
     kinds = _check_ablation(ablation)
     dev = resolve_device(device)
-    from .analysis.heads import parse_policy
-    from .analysis.probes import run_e4
+    from .analysis.pruning import parse_policy
+    from .experiments.e4_probes import run_e4
 
     if prune_policy not in (None, "default"):
         parse_policy(prune_policy)
