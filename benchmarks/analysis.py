@@ -33,6 +33,7 @@ import torch
 from icl_heads.model import transformer as model_mod
 from icl_heads.checkpoint import load_model
 from icl_heads.tasks import fixed_prompts
+from icl_heads.workers import keep_freed_memory
 from icl_heads.zoo import available, get_config, model_path
 from icl_heads.zoo_reproduce import zoo_preset
 
@@ -63,8 +64,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="A")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="leave glibc's malloc as it is (the CLI calls workers.keep_freed_memory; so does this by default)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if not a.glibc_default:
+        keep_freed_memory()
     from icl_heads.analysis.emergence import run_e7
     from icl_heads.analysis.pruning import default_policy
     from icl_heads.experiments.e2_importance import run_e2
@@ -95,7 +100,7 @@ def main() -> None:
     }
     t_fwd = plain_forward_time(multi, p.eval.n_test, p.seed, p.task)
     print(f"config {cfg.name} (seed 0, h={max(cfg.heads)}, L={L}), {p.eval.n_test} test prompts x {T} tokens; "
-          f"threads={a.threads}; one plain forward pass: {t_fwd * 1e3:.1f} ms")
+          f"threads={a.threads}; glibc malloc {'default' if a.glibc_default else 'keeps freed memory'}; one plain forward pass: {t_fwd * 1e3:.1f} ms")
     print(f"{'stage':6s} {'wall s':>8s} {'FPE':>8s} {'FPE time s':>11s} {'ratio':>7s}")
     total = 0.0
     with tempfile.TemporaryDirectory() as tmp:

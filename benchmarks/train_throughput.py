@@ -12,6 +12,15 @@ per prompt, the same number as ours. The two are timed in alternating blocks
 
 Needs the ``bench`` extra (``pip install -e .[bench]`` for ``transformers``).
 
+``--gflops`` (issue 17) measures the achieved rate of the package's own training step
+(``training.train_step`` on a ``One``: forward, loss, backward, clip, AdamW, with fresh prompts as
+the loop samples them), its FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls
+and attention, forward and backward), against a loop of the step's largest matmul shape
+(``(batch x tokens) x D -> 3D``, the QKV projection) in alternating blocks; ``--profile`` adds
+the operator table of a few steps (where the time goes)::
+
+    .venv/bin/python benchmarks/train_throughput.py --gflops --preset quick [--set model.mlp=true]
+
 ``--stacked`` measures something else: model-steps per second of a sweep trained
 as one stack (``icl_heads.training.train_stack``) vs the same models trained one at a time,
 on one device in one run (alternating blocks again). Members: every head count
@@ -76,6 +85,61 @@ def step_fn(model: nn.Module, task, batch: int) -> Callable[[], None]:
     return step
 
 
+def step_gflops(a: argparse.Namespace) -> None:
+    """Achieved GFLOP/s of the training step vs a same-shape matmul loop, measured in the same run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from icl_heads.config import with_overrides
+    from icl_heads.training import One, lr_at, optimizer_for, train_prompts, train_step
+
+    p = get_preset(a.preset)
+    if a.set:
+        p = with_overrides(p, **dict(kv.split("=", 1) for kv in a.set))
+    torch.manual_seed(0)
+    model = Transformer(p.model_config_for(a.heads))
+    one, cfg, task = One(model), p.train, p.task
+    opt, gen, k = optimizer_for(one, cfg), generator(0, "train"), p.train.steps - 1
+
+    def step() -> None:
+        q = train_prompts(task, cfg.batch_size, gen, task.n_max, task.d)
+        train_step(one, opt, (q.x, q.y, {}), lr_at(k, cfg), cfg.grad_clip)
+
+    for _ in range(3):
+        step()
+    with FlopCounterMode(display=False) as fc:
+        step()
+    flops = fc.get_total_flops()
+    tokens = model.layout(task.n_max + 1, torch.device("cpu"))[1].shape[0]
+    D = model.cfg.d_model
+    A, W = torch.randn(cfg.batch_size * tokens, D), torch.randn(3 * D, D)
+    mm_flops = 2 * A.shape[0] * D * 3 * D
+    rates: dict[str, list[float]] = {"training step": [], "matmul": []}
+    for _ in range(a.blocks):
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        rates["training step"].append(a.steps * flops / (time.perf_counter() - t) / 1e9)
+        t = time.perf_counter()
+        for _ in range(a.steps * 20):
+            F.linear(A, W)
+        rates["matmul"].append(a.steps * 20 * mm_flops / (time.perf_counter() - t) / 1e9)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    c = model.cfg
+    print(f"preset={a.preset} L={c.n_layers} D={D} h={c.n_heads} mlp={c.mlp} tokens={c.token_format} "
+          f"batch={cfg.batch_size} x {tokens} tokens; threads={torch.get_num_threads()}; "
+          f"{flops / 1e9:.3f} GFLOP per step (FlopCounterMode); median of {a.blocks} alternating blocks")
+    print(f"  training step {med['training step']:6.1f} GFLOP/s ({med['training step'] * 1e9 / flops:.1f} steps/s)")
+    print(f"  matmul {A.shape[0]}x{D}x{3 * D}  {med['matmul']:6.1f} GFLOP/s")
+    print(f"ratio step / matmul: {med['training step'] / med['matmul']:.0%} (issue 17 target: >= 60%)")
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
 def stacked_vs_separate(a: argparse.Namespace) -> None:
     """Model-steps/s of one stack vs the same members one at a time (each as ``training.train`` steps)."""
     from pathlib import Path
@@ -137,8 +201,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--blocks", type=int, default=6, help="alternating timing blocks per model")
     ap.add_argument("--steps", type=int, default=20, help="steps per block")
+    ap.add_argument("--gflops", action="store_true", help="our training step's GFLOP/s vs a same-shape matmul (see above)")
+    ap.add_argument("--profile", action="store_true", help="--gflops: print the operator table of 10 steps")
+    ap.add_argument("--set", action="append", default=[], help="--gflops: preset override KEY=VALUE (repeatable)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.gflops:
+        return step_gflops(a)
     if a.stacked:
         return stacked_vs_separate(a)
     p = get_preset(a.preset)

@@ -225,3 +225,16 @@ def test_effective_heads_by_n_on_hand_built_importances():
     assert at[(1, 3)]["n_eff"] == pytest.approx(3.0) and at[(1, 4)]["n_eff"] == pytest.approx(1.0)
     assert at[(1, 4)]["top_head"] == 2 and at[(2, 3)]["n_eff"] == pytest.approx(1.0)
     assert at[(2, 4)]["keep_top_ratio"] == pytest.approx(2.0) and min(n for _, n in at) == 3
+
+
+def test_competent_control_with_the_gd_step_split_over_heads_does_not_reproduce_2a():
+    """Competent negative control for 2a: exact PtO (d rank-one heads in layer 1) whose GD step is split
+    over d heads by coordinate (``pto_transformer(gd_heads=d)``, the same function as the positive
+    control). Pruning the later layer to its top head keeps one feature's share of the step, so it must
+    lose the multi-head advantage: 2a not reproduced. 1b is not reproduced either (the later layer
+    needs as many heads as layer 1)."""
+    full = pto_transformer(D, 1, 0.4, gd_heads=D).float()
+    v1b, v2a = judged(full, pto_transformer(D, 1, 0.4, groups=1).float())
+    assert v2a.verdict == NOT_REPRODUCED, v2a.evidence
+    assert v2a.numbers["pruned_over_full"]["ci_low"] > 1.25
+    assert v1b.verdict == NOT_REPRODUCED, v1b.evidence

@@ -131,3 +131,20 @@ def test_bad_arguments_name_the_field():
         pto_transformer(5, -1, 0.1)
     with pytest.raises(ConfigError, match="a:"):
         pto_transformer(5, 2, 0.1, groups=2, a=-1.0)
+
+
+@pytest.mark.parametrize("d,h,a,gd_heads", [(4, 4, 0.0, 4), (5, 5, 0.0, 2), (6, 3, 1.0, 3)])
+def test_gd_step_split_over_heads_computes_the_same_function(d, h, a, gd_heads):
+    """Splitting the GD kernel over heads (the 2a negative control) changes no prediction."""
+    task = TaskConfig(d=d, s=min(2, d), sigma=0.1, n_max=12)
+    p = fixed_prompts(task, 30, 0, "test")
+    one = pto_transformer(d, 2, 0.1, groups=h, a=a)
+    split = pto_transformer(d, 2, 0.1, groups=h, a=a, gd_heads=gd_heads)
+    with torch.no_grad():
+        assert torch.allclose(split(p.x, p.y), one(p.x, p.y), atol=1e-12)
+    assert split.head_gates[1:].sum(-1).tolist() == [float(gd_heads)] * 2
+
+
+def test_gd_heads_out_of_range_is_refused():
+    with pytest.raises(ConfigError, match="gd_heads"):
+        pto_transformer(4, 1, 0.1, gd_heads=5)

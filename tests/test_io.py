@@ -25,3 +25,15 @@ def test_provenance_has_config_seed_versions_and_commit(tmp_path):
     assert set(prov["environment"]) == set(env)
     assert prov["environment"]["packages"]["torch"] == env["packages"]["torch"] is not None
     assert "git_commit" in prov["environment"]
+
+
+def test_keep_freed_memory_reaches_glibc_and_spawned_children():
+    """The CLI's malloc setting (workers.keep_freed_memory): mallopt accepts it and a spawned child sees it."""
+    import subprocess
+    import sys
+
+    code = ("import os, subprocess, sys; from icl_heads.workers import keep_freed_memory; print(keep_freed_memory()); "
+            "print(subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"MALLOC_MMAP_MAX_\"))'], "
+            "capture_output=True, text=True).stdout.strip())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split()
+    assert out == ["True", "0"]

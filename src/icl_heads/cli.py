@@ -564,8 +564,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     Ctrl-C and SIGTERM unwind the command (locks released, workers terminated: ``icl_heads.workers``)
     and end in one line saying how to resume, exit 130 (SIGINT) or 143 (SIGTERM).
     """
-    from .workers import Terminated, install_term_handler, restore_term_handler
+    from .workers import Terminated, install_term_handler, keep_freed_memory, restore_term_handler
 
+    keep_freed_memory()
     previous = install_term_handler()
     interrupted: Optional[int] = None
     try:

@@ -66,7 +66,7 @@ class Slots:
 
 
 def pto_transformer(d: int, n_steps: int, eta: float | Sequence[float], groups: int | None = None,
-                    a: float = 0.0, n_max: int = 64, mask: str = "full") -> Transformer:
+                    a: float = 0.0, n_max: int = 64, mask: str = "full", gd_heads: int = 1) -> Transformer:
     """A float64 :class:`Transformer` with ``n_steps + 1`` layers computing (grouped) PtO.
 
     ``eta`` is one fixed step size or one per step; ``groups`` is the number of
@@ -76,6 +76,9 @@ def pto_transformer(d: int, n_steps: int, eta: float | Sequence[float], groups: 
     any prompt length works). ``mask="prefix"`` puts the same weights under the all-prefixes
     mask of trained models (each token then averages over the examples it sees, so it is
     PtO-like rather than exact PtO), which lets E2/E3 analyse it as they analyse trained models.
+    ``gd_heads`` splits every GD step's kernel ``z_i . z_m`` over that many heads (contiguous groups of
+    the GD features, :func:`_gd_layer`): the same function, but no single later head suffices -- the
+    competent negative control of claim 2a (pruning the later layers to their top head must lose).
     """
     h = d if groups is None else groups
     if d < 1:
@@ -84,6 +87,9 @@ def pto_transformer(d: int, n_steps: int, eta: float | Sequence[float], groups: 
         raise ConfigError(f"groups: must be in 1..d={d} (got {h})")
     if n_steps < 0:
         raise ConfigError(f"n_steps: must be >= 0 (got {n_steps})")
+    m = h + (d if a != 0 else 0)  # GD feature width
+    if not 1 <= gd_heads <= min(h, m):
+        raise ConfigError(f"gd_heads: must be in 1..{min(h, m)} (got {gd_heads})")
     if a < 0 or not math.isfinite(a):
         raise ConfigError(f"a: must be a finite number >= 0 (got {a})")
     etas = [float(eta)] * n_steps if np.isscalar(eta) else [float(e) for e in eta]
@@ -93,7 +99,6 @@ def pto_transformer(d: int, n_steps: int, eta: float | Sequence[float], groups: 
         raise ConfigError(f"eta: step sizes must be finite (got {etas})")
 
     slots = Slots(d, h)
-    m = h + (d if a != 0 else 0)  # GD feature width
     d_head = max(m, max(len(g) for g in coordinate_groups(d, h)), math.ceil((slots.p + 1) / h))
     cfg = ModelConfig(n_dims=d, n_max=n_max, d_model=h * d_head, n_layers=n_steps + 1, n_heads=h,
                       attention="linear", mlp=False, pos_emb=False, layer_norm=False, mask=mask)
@@ -108,10 +113,10 @@ def pto_transformer(d: int, n_steps: int, eta: float | Sequence[float], groups: 
         model.read_out.weight[0, slots.p] = 1.0
         _preprocess_layer(model.blocks[0].attn, slots, d_head)
         for l, e in enumerate(etas, start=1):
-            _gd_layer(model.blocks[l].attn, slots, e, a)
+            _gd_layer(model.blocks[l].attn, slots, e, a, gd_heads, d_head)
         model.head_gates.zero_()
         model.head_gates[0] = 1.0
-        model.head_gates[1:, 0] = 1.0
+        model.head_gates[1:, :gd_heads] = 1.0
     return model
 
 
@@ -133,22 +138,25 @@ def _preprocess_layer(attn: torch.nn.Module, slots: Slots, d_head: int) -> None:
         attn.proj.weight[slots.f[k], base] = 1.0
 
 
-def _gd_layer(attn: torch.nn.Module, slots: Slots, eta: float, a: float) -> None:
-    """Head 0: ``q = k = [a x, f]``, ``v = eta (y - p)``, output added to ``p``: one GD step."""
+def _gd_layer(attn: torch.nn.Module, slots: Slots, eta: float, a: float, heads: int = 1, d_head: int = 0) -> None:
+    """One GD step on ``z = [a x, f]``: ``q = k = z``, ``v = eta (y - p)``, output added to ``p``.
+
+    With ``heads = 1`` head 0 carries the whole kernel; otherwise head ``k`` (at ``k * d_head``) carries
+    the kernel of the ``k``-th contiguous group of ``z``'s coordinates, and the heads' outputs sum to
+    the same step (the kernel is a sum over coordinates).
+    """
     Wq, Wk, Wv = _qkv(attn)
-    c = 0
-    if a != 0:
-        for j in slots.x:
-            Wq[c, j] = a
-            Wk[c, j] = a
-            c += 1
-    for fk in slots.f:
-        Wq[c, fk] = 1.0
-        Wk[c, fk] = 1.0
-        c += 1
-    Wv[0, slots.y] = eta
-    Wv[0, slots.p] = -eta
-    attn.proj.weight[slots.p, 0] = 1.0
+    z = [(j, a) for j in slots.x] if a != 0 else []
+    z += [(fk, 1.0) for fk in slots.f]
+    for k, group in enumerate(coordinate_groups(len(z), heads)):
+        base = k * d_head
+        for c, i in enumerate(group):
+            j, weight = z[int(i)]
+            Wq[base + c, j] = weight
+            Wk[base + c, j] = weight
+        Wv[base, slots.y] = eta
+        Wv[base, slots.p] = -eta
+        attn.proj.weight[slots.p, base] = 1.0
 
 
 

@@ -217,16 +217,22 @@ def preprocessing_readout(probe_acts: Activations, probe: Prompts, test_acts: Ac
     t_fit = feature_targets(probe.x.numpy(), probe.y.numpy(), probe_acts.ctx_pos, heads)
     t_test = feature_targets(test.x.numpy(), test.y.numpy(), test_acts.ctx_pos, heads)
     rows, by_pos = [], []
+    widths = [t.shape[-1] for t in t_fit.values()]
+    edges = np.cumsum([0] + widths)
     for src in SOURCES:
         A_fit, A_test = probe_acts.context[src], test_acts.context[src]
         B, C, D = A_test.shape
-        for tgt in t_fit:
-            d = t_fit[tgt].shape[-1]
-            dec = _decoder(A_fit.reshape(-1, D), t_fit[tgt].reshape(-1, d))
-            pred = dec.predict(A_test.reshape(1, -1, D)).reshape(B, C, d)
+        # one decoder fit for every target's columns: one eigendecomposition of the source's features,
+        # and each column keeps its own alpha, so this is the per-target fit done once
+        Y = np.concatenate([t.reshape(-1, t.shape[-1]) for t in t_fit.values()], axis=1)
+        dec = _decoder(A_fit.reshape(-1, D), Y)
+        pred_all = dec.predict(A_test.reshape(1, -1, D))[0]
+        for i, tgt in enumerate(t_fit):
+            d = widths[i]
+            pred = pred_all[:, edges[i]:edges[i + 1]].reshape(B, C, d)
             truth = t_test[tgt]
             r2 = r2_score(truth.reshape(-1, d), pred.reshape(-1, d), multioutput="raw_values")
-            alphas = dec.alpha[0]
+            alphas = dec.alpha[0, edges[i]:edges[i + 1]]
             for j in range(d):
                 rows.append(dict(labels, source=src, target=tgt, feature=str(j), r2=float(r2[j]),
                                  alpha=float(alphas[j])))
@@ -271,18 +277,25 @@ def algorithm_paths(task: TaskConfig, prompts: Prompts, steps: Sequence[int], al
     from ..estimators import FAMILIES
 
     out = {}
+    todo: dict[str, list[Algorithm]] = {}  # family -> algorithms not cached: one predict call per family
     for alg in algorithms:
         key = (id(prompts), tuple(steps), alg.name)
         if cache is not None and key in cache:
             out[alg.name] = cache[key]
-            continue
-        fam = FAMILIES[alg.family](task, list(steps))
-        combos = [{"step": alg.step, alg.key: e, "T": t} for e in alg.grid for t in steps]
+        else:
+            todo.setdefault(alg.family, []).append(alg)
+    for family, algs in todo.items():
+        fam = FAMILIES[family](task, list(steps))  # its step rules share one spectrum per prompt block
+        combos = [{"step": a.step, a.key: e, "T": t} for a in algs for e in a.grid for t in steps]
         pred = fam.predict(prompts.x.double(), prompts.y.double(), prompts.w.double(), combos).numpy()
-        out[alg.name] = pred.reshape(len(alg.grid), len(steps), *pred.shape[1:])
-        if cache is not None:
-            cache[key] = out[alg.name]
-    return out
+        start = 0
+        for alg in algs:
+            size = len(alg.grid) * len(steps)
+            out[alg.name] = pred[start:start + size].reshape(len(alg.grid), len(steps), *pred.shape[1:])
+            start += size
+            if cache is not None:
+                cache[(id(prompts), tuple(steps), alg.name)] = out[alg.name]
+    return {a.name: out[a.name] for a in algorithms}
 
 
 def _nan_to_inf(a: np.ndarray) -> np.ndarray:
@@ -377,9 +390,9 @@ def _rel_err(sq: np.ndarray, r2: np.ndarray) -> np.ndarray:
 
 def _counts(idx: np.ndarray, n: int) -> np.ndarray:
     """``(R, n)`` multiplicities of each row in each bootstrap resample ``idx (R, n)``."""
-    c = np.zeros((idx.shape[0], n))
-    np.add.at(c, (np.arange(idx.shape[0])[:, None], idx), 1.0)
-    return c
+    R = idx.shape[0]
+    flat = (np.arange(R)[:, None] * n + idx).ravel()  # one bincount, not np.add.at (30x slower)
+    return np.bincount(flat, minlength=R * n).reshape(R, n).astype(np.float64)
 
 
 def n_ranges(d: int, n_max: int) -> dict[str, tuple[int, int]]:

@@ -12,12 +12,20 @@ from ..config import ConfigError
 from .prefix import STEP_RULES, PrefixStats, Spectrum, Tensor, _by_chunks, _check_rule, _check_xy, _steps_arg
 
 
-def _gd_block(x: Tensor, y: Tensor, rule: str, etas: Sequence[float], steps: Sequence[int],
-              cols: Sequence[int] | None = None, guard: str = "off") -> Tensor:
+def filters(sp: Spectrum, rule: str, etas: Sequence[float], steps: Sequence[int], guard: str = "off") -> Tensor:
+    """``(E, S, B, N)`` GD predictions on one spectrum for every step size and step count."""
+    return torch.stack([sp.gd(sp.step_size(rule, e, guard), steps) for e in etas])
+
+
+def gd_spectrum(x: Tensor, y: Tensor, cols: Sequence[int] | None = None) -> Spectrum:
     st = PrefixStats.of(x, y, cols)
     H, g = st.mean_hessian()
-    sp = Spectrum.of(H, g, st.q)
-    return torch.stack([sp.gd(sp.step_size(rule, e, guard), steps) for e in etas])  # (E, S, B, N)
+    return Spectrum.of(H, g, st.q)
+
+
+def _gd_block(x: Tensor, y: Tensor, rule: str, etas: Sequence[float], steps: Sequence[int],
+              cols: Sequence[int] | None = None, guard: str = "off") -> Tensor:
+    return filters(gd_spectrum(x, y, cols), rule, etas, steps, guard)
 
 
 def gd(x: Any, y: Any, T: int | Sequence[int] = 100, eta: float = 0.1, *, step: str = "fixed",
@@ -47,11 +55,13 @@ def _pto_problem(st: PrefixStats, gamma: float, normalized: bool) -> tuple[Tenso
     return D[..., :, None] * H * D[..., None, :], D * g, D * st.q
 
 
+def pto_spectrum(x: Tensor, y: Tensor, gamma: float, normalized: bool, cols: Sequence[int] | None = None) -> Spectrum:
+    return Spectrum.of(*_pto_problem(PrefixStats.of(x, y, cols), gamma, normalized))
+
+
 def _pto_block(x: Tensor, y: Tensor, rule: str, etas: Sequence[float], steps: Sequence[int], gamma: float,
                cols: Sequence[int] | None = None, guard: str = "off") -> Tensor:
-    st = PrefixStats.of(x, y, cols)
-    sp = Spectrum.of(*_pto_problem(st, gamma, rule == "normalized"))
-    return torch.stack([sp.gd(sp.step_size(rule, e, guard), steps) for e in etas])
+    return filters(pto_spectrum(x, y, gamma, rule == "normalized", cols), rule, etas, steps, guard)
 
 
 def pto(x: Any, y: Any, T: int | Sequence[int] = 100, eta: float = 1.0, *, gamma: float = 1.0,
@@ -93,11 +103,13 @@ def _groups_problem(st: PrefixStats, h: int, a: float) -> tuple[Tensor, Tensor, 
     return Mt @ H @ M, (Mt @ g[..., None])[..., 0], (Mt @ st.q[..., None])[..., 0]
 
 
+def groups_spectrum(x: Tensor, y: Tensor, h: int, a: float, cols: Sequence[int] | None = None) -> Spectrum:
+    return Spectrum.of(*_groups_problem(PrefixStats.of(x, y, cols), h, a))
+
+
 def _groups_block(x: Tensor, y: Tensor, h: int, a: float, rule: str, etas: Sequence[float], steps: Sequence[int],
                   cols: Sequence[int] | None = None, guard: str = "off") -> Tensor:
-    st = PrefixStats.of(x, y, cols)
-    sp = Spectrum.of(*_groups_problem(st, h, a))
-    return torch.stack([sp.gd(sp.step_size(rule, e, guard), steps) for e in etas])
+    return filters(groups_spectrum(x, y, h, a, cols), rule, etas, steps, guard)
 
 
 def pto_groups(x: Any, y: Any, h: int, a: float = 0.0, T: int | Sequence[int] = 100, eta: float = 1.0, *,

@@ -16,9 +16,9 @@ from ..metrics import curve_from_errors
 from ..tasks import Prompts, fixed_prompts
 from .bayes_posterior import bayes
 from .closed_form import _pinv_predict, _ridge_block, oracle_ls
-from .gradient_descent import _gd_block, _groups_block, _pto_block
+from .gradient_descent import filters, gd_spectrum, groups_spectrum, pto_spectrum
 from .lasso_homotopy import _lasso_block
-from .prefix import Tensor, _by_chunks
+from .prefix import Spectrum, Tensor, _by_chunks
 
 RIDGE_LAMBDAS = [float(10.0**e) for e in np.arange(-4, 3.01, 0.5)]
 LASSO_ALPHAS = [float(10.0**e) for e in np.arange(-4, 0.51, 0.25)]
@@ -127,22 +127,45 @@ class _GDLike(Family):
             out += [{"step": rule, key: e, "T": t} for e in etas for t in self.T_grid]
         return out
 
-    def block(self, x: Tensor, y: Tensor, rule: str, etas: list[float], steps: list[int],
-              cols: Sequence[int] | None, guard: str) -> Tensor:
+    def spectrum(self, x: Tensor, y: Tensor, rule: str, cols: Sequence[int] | None) -> Spectrum:
+        """The quadratic the step rule ``rule`` descends on, for one block of prompts."""
         raise NotImplementedError
 
+    def problem(self, rule: str) -> Any:
+        """Rules with the same key descend on the same quadratic (so share one eigendecomposition)."""
+        return None
+
     def predict(self, x, y, w, combos, cols: Sequence[int] | None = None, guard: str = "off"):
-        """(len(combos), B, K) predictions; ``cols`` restricts to those context lengths (K of them)."""
+        """(len(combos), B, K) predictions; ``cols`` restricts to those context lengths (K of them).
+
+        One pass over prompt blocks serves every step rule; rules on the same quadratic share its
+        spectrum (E6 asks for fixed and scale-free steps together).
+        """
         K = y.shape[1] if cols is None else len(cols)
         out = torch.empty(len(combos), y.shape[0], K, dtype=y.dtype)
+        plan = {}  # rule -> (combo indices, step sizes, step counts)
         for rule in dict.fromkeys(c["step"] for c in combos):
             sel = [i for i, c in enumerate(combos) if c["step"] == rule]
-            etas = list(dict.fromkeys(combos[i].get("c", combos[i].get("eta")) for i in sel))
-            steps = list(dict.fromkeys(combos[i]["T"] for i in sel))
-            p = _by_chunks(lambda a, b: self.block(a, b, rule, etas, steps, cols, guard), x, y, m=self.width(x.shape[2]))
+            plan[rule] = (sel, list(dict.fromkeys(combos[i].get("c", combos[i].get("eta")) for i in sel)),
+                          list(dict.fromkeys(combos[i]["T"] for i in sel)))
+
+        def block(a: Tensor, b: Tensor) -> Tensor:
+            spectra: dict[Any, Spectrum] = {}
+            parts = []
+            for rule, (_, etas, steps) in plan.items():
+                key = self.problem(rule)
+                if key not in spectra:
+                    spectra[key] = self.spectrum(a, b, rule, cols)
+                parts.append(filters(spectra[key], rule, etas, steps, guard).flatten(0, 1))  # (E * S, B, K)
+            return torch.cat(parts)
+
+        p = _by_chunks(block, x, y, m=self.width(x.shape[2]))
+        start = 0
+        for rule, (sel, etas, steps) in plan.items():
             for i in sel:
                 c = combos[i]
-                out[i] = p[etas.index(c.get("c", c.get("eta"))), steps.index(c["T"])]
+                out[i] = p[start + etas.index(c.get("c", c.get("eta"))) * len(steps) + steps.index(c["T"])]
+            start += len(etas) * len(steps)
         return out
 
     def width(self, d: int) -> int:
@@ -153,8 +176,8 @@ class _GD(_GDLike):
     name, description = "gd", "GD from 0, best of fixed/scale-free step and T per n"
     rules = {"fixed": GD_ETAS, "scale_free": SCALE_FREE_CS}
 
-    def block(self, x, y, rule, etas, steps, cols, guard):
-        return _gd_block(x, y, rule, etas, steps, cols, guard)
+    def spectrum(self, x, y, rule, cols):
+        return gd_spectrum(x, y, cols)
 
 
 class _PtO(_GDLike):
@@ -162,8 +185,11 @@ class _PtO(_GDLike):
     rules = {"scale_free": SCALE_FREE_CS}
     gamma = 1.0
 
-    def block(self, x, y, rule, etas, steps, cols, guard):
-        return _pto_block(x, y, rule, etas, steps, self.gamma, cols, guard)
+    def spectrum(self, x, y, rule, cols):
+        return pto_spectrum(x, y, self.gamma, rule == "normalized", cols)
+
+    def problem(self, rule):
+        return rule == "normalized"
 
 
 class _PtONormalized(_PtO):
@@ -200,8 +226,8 @@ class PtOGroups(_GDLike):
             out[sel] = super().predict(x, y, w, [{k: v for k, v in combos[i].items() if k != "a"} for i in sel], cols, guard)
         return out
 
-    def block(self, x, y, rule, etas, steps, cols, guard):
-        return _groups_block(x, y, self.h, self._a, rule, etas, steps, cols, guard)
+    def spectrum(self, x, y, rule, cols):
+        return groups_spectrum(x, y, self.h, self._a, cols)
 
     def width(self, d):
         return d + self.h
