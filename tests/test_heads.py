@@ -454,7 +454,7 @@ def test_report_judges_2a_per_kind_by_read_out_and_by_probe(hand_ckpt, tmp_path)
     from icl_heads.experiments.e2_importance import run_e2
     from icl_heads.experiments.e3_pruning import run_e3
     from icl_heads.claims import rules
-    from icl_heads.report import claims_1b, claims_2a
+    from icl_heads.claims.rules import claims_1b, claims_2a
 
     run_e3(hand_ckpt, tmp_path / "e3", n_prompts=40, n_boot=100, ablations="all", single_ckpt=hand_ckpt)
     vs = claims_2a(tmp_path / "e3")
