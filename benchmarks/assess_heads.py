@@ -19,7 +19,7 @@ import time
 import torch
 
 from icl_heads.analysis.ablation import make_ablations
-from icl_heads.analysis.heads import assess_heads, assess_heads_kinds
+from icl_heads.analysis.importance import assess_heads, assess_heads_kinds
 from icl_heads.config import get_preset
 from icl_heads.evaluation import evaluate
 from icl_heads.model import Transformer

@@ -153,7 +153,7 @@ def test_e1_depth_matched_rows_equal_direct_calls():
 
 def test_report_e1_depth_sentence_reads_the_cis():
     """The report's sentence: lower / higher only for disjoint 95% CIs, at n = d and 2d, every model."""
-    from icl_heads.report import e1_depth_sentence
+    from icl_heads.report.build import e1_depth_sentence
 
     preset = get_preset("smoke")  # d = 5, n_max = 10, 2 layers
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from icl_heads.analysis.heads import (HeadImportance, assess_heads, claim2a_stats, control_policy, default_policy,
-                                      effective_heads, prefix_errors, prune_gates)
+from icl_heads.analysis.importance import HeadImportance, assess_heads, effective_heads, prefix_errors
+from icl_heads.analysis.pruning import claim2a_stats, control_policy, default_policy, prune_gates
 from icl_heads.claims.across_seeds import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Stat, Verdict, across_seeds,
                                            power, power_table, summarise)
 from icl_heads.claims.keys import AblationKind, ClaimDataError, ModelKey, Readout, Variant, select

@@ -29,7 +29,7 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> No
         (["--s", "12"], ["task.s", "must be <= d"]),
         (["--sigma", "-0.5"], ["task.sigma"]),
         (["--n-max", "0"], ["task.n_max"]),
-        (["--prompts", "1"], ["eval.n_test"]),
+        (["--prompts", "1"], ["prompts", "eval.n_val", "eval.n_test"]),
         (["--preset", "huge"], ["preset", "huge"]),
         (["--only", "ridge,magic"], ["estimator", "magic"]),
         (["--d", "ten"], ["--d"]),

@@ -13,10 +13,8 @@ from icl_heads.evaluation import predict
 from icl_heads.io import read_csv, read_json
 from icl_heads.model import Transformer
 from icl_heads.tasks import fixed_prompts, generator, sample_prompts
-from icl_heads.analysis.heads import (
-    ABLATE, KEEP, HeadImportance, assess_heads, claim1_verdict, control_policy, default_policy, finetune, paired_ratio,
-    parse_policy, prune_gates, top_share,
-)
+from icl_heads.analysis.importance import ABLATE, KEEP, HeadImportance, assess_heads, claim1_verdict, top_share
+from icl_heads.analysis.pruning import control_policy, default_policy, finetune, paired_ratio, parse_policy, prune_gates
 
 TASK = TaskConfig(d=4, s=2, sigma=0.1, n_max=12)
 A, B = 0.25, 0.2  # weights of the layer-1 half-GD heads and of the layer-2 GD head
@@ -363,7 +361,7 @@ def test_resample_and_mean_ablation_equal_patching_the_head_by_hand(kind):
 
 def test_several_kinds_share_the_base_pass_and_equal_single_runs():
     from icl_heads.analysis.ablation import make_ablations
-    from icl_heads.analysis.heads import assess_heads_kinds
+    from icl_heads.analysis.importance import assess_heads_kinds
 
     m = random_model("softmax", heads=2, layers=2, seed=8)
     p = fixed_prompts(TASK, 16, 3, "test")
@@ -379,7 +377,7 @@ def test_several_kinds_share_the_base_pass_and_equal_single_runs():
 def test_ablation_only_assessment_equals_the_full_one_without_keep_settings():
     """keep=False (E3's ranking, E7) gives the same base and ablation errors, and no keep-only errors."""
     from icl_heads.analysis.ablation import make_ablations
-    from icl_heads.analysis.heads import assess_heads_kinds
+    from icl_heads.analysis.importance import assess_heads_kinds
 
     m = random_model("softmax", heads=4, layers=3, seed=9)
     p = fixed_prompts(TASK, 16, 4, "test")
@@ -397,7 +395,7 @@ def test_e3_probe_ratio_equals_a_hand_fitted_ridge_probe(hand_ckpt, tmp_path):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from icl_heads.analysis.heads import run_e3
+    from icl_heads.experiments.e3_pruning import run_e3
     from icl_heads.analysis.probes import ALPHAS
 
     s = run_e3(hand_ckpt, tmp_path / "e3", "1:top1,2:top1", n_prompts=60, seed=5, n_boot=200)
@@ -453,9 +451,10 @@ def test_cli_ablation_all_writes_every_kind_and_rejects_a_bad_kind(hand_ckpt, tm
 def test_report_judges_2a_per_kind_by_read_out_and_by_probe(hand_ckpt, tmp_path):
     """2a per ablation kind by own read-out and by the post-LN probe, from e3/claim2a.csv (pooled n >= d/2);
     1b per kind from e2/claim1b.csv; the verdicts follow from the CSVs' CIs and the named thresholds."""
-    from icl_heads.analysis.heads import run_e2, run_e3
+    from icl_heads.experiments.e2_importance import run_e2
+    from icl_heads.experiments.e3_pruning import run_e3
     from icl_heads.claims import rules
-    from icl_heads.report import claims_1b, claims_2a
+    from icl_heads.claims.rules import claims_1b, claims_2a
 
     run_e3(hand_ckpt, tmp_path / "e3", n_prompts=40, n_boot=100, ablations="all", single_ckpt=hand_ckpt)
     vs = claims_2a(tmp_path / "e3")

@@ -13,10 +13,8 @@ import icl_heads
 SRC = Path(icl_heads.__file__).parent
 PKG = "icl_heads"
 
-# The one known cycle, inside the four analysis modules that another issue is reworking: heads.run_e3 needs
-# probes.final_readouts and probes.run_e4 needs heads.assess_heads_kinds / load_for_analysis (both
-# function-local imports). Remove this entry once the E2-E4 runners leave analysis/ (issue 16's layout).
-KNOWN_CYCLES = [frozenset({"icl_heads.analysis.heads", "icl_heads.analysis.probes"})]
+# No cycle is allowed (the E2-E4 runners that caused the last one moved from analysis/ to experiments/).
+KNOWN_CYCLES: list[frozenset[str]] = []
 
 
 def module_names() -> dict[str, Path]:
@@ -102,7 +100,7 @@ def test_the_cycle_finder_finds_a_cycle_and_local_imports() -> None:
     g = import_graph()
     assert "icl_heads.training.loop" in g["icl_heads.training"]  # a package's __init__ imports
     assert "icl_heads.model" in g["icl_heads.training.loop"]  # a module-level relative import
-    assert "icl_heads.analysis.probes" in g["icl_heads.analysis.heads"]  # a function-local import counts
+    assert "icl_heads.experiments.loading" in g["icl_heads.analysis.mechanism"]  # a function-local import counts
 
 
 def test_no_import_cycle_inside_the_package() -> None:
@@ -140,10 +138,10 @@ ALLOWED = {
     "plotting": {"io"},
     "claims": {"config", "io", "runs"},
     "training": {"checkpoint", "config", "evaluation", "folders", "io", "model", "tasks", "workers"},
-    "analysis": {"checkpoint", "claims", "config", "construct", "estimators", "evaluation", "io", "metrics", "model",
-                 "plotting", "tasks", "training"},
-    "experiments": {"checkpoint", "claims", "config", "estimators", "evaluation", "io", "metrics", "plotting", "tasks",
-                    "training", "workers"},
+    # analysis is pure functions on loaded models and arrays: no file I/O (io, checkpoint, runs) and no experiments
+    "analysis": {"claims", "config", "construct", "estimators", "evaluation", "metrics", "model", "tasks", "training"},
+    "experiments": {"analysis", "checkpoint", "claims", "config", "construct", "estimators", "evaluation", "io",
+                    "metrics", "model", "plotting", "runs", "tasks", "training", "workers"},
 }
 
 
@@ -152,7 +150,13 @@ def _part(module: str) -> str:
     return parts[1] if len(parts) > 1 else parts[0]
 
 
+# Still to move (issue 16): the E6/E7 runners (run_e6, run_e6c, run_e7, plots) read and write files from these two
+# analysis modules; they move to experiments/ after main's concurrent edits of the same files land. Empty it then.
+PENDING = {"icl_heads.analysis.mechanism", "icl_heads.analysis.emergence"}
+
+
 def test_each_layer_imports_only_the_layers_below_it() -> None:
     bad = sorted(f"{a} -> {b}" for a, bs in import_graph().items() for b in bs
-                 if _part(a) in ALLOWED and _part(b) != _part(a) and _part(b) not in ALLOWED[_part(a)])
+                 if _part(a) in ALLOWED and _part(b) != _part(a) and _part(b) not in ALLOWED[_part(a)]
+                 and a not in PENDING)
     assert not bad, "imports across the layering of docs/architecture.md: " + ", ".join(bad)

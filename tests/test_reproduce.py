@@ -215,7 +215,7 @@ def test_verdicts_follow_from_the_csvs(run):
 def test_verdicts_across_seeds_use_every_seed(run, tmp_path):
     """Identical seeds decide a claim by its own rule; one flipped seed makes the claim inconclusive."""
     from icl_heads.config import get_preset
-    from icl_heads.report import compute_verdicts, seed_verdicts
+    from icl_heads.claims.rules import compute_verdicts, seed_verdicts
 
     same = tmp_path / "same"
     shutil.copytree(run, same)

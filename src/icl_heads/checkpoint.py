@@ -48,7 +48,7 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     try:
         return json.loads((path / META_FILE).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: not a checkpoint (no {META_FILE})") from None
+        raise CheckpointError(f"checkpoint: {path}: not a checkpoint (no {META_FILE})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / META_FILE}: corrupted JSON ({e.msg if hasattr(e, 'msg') else e})") from None
 

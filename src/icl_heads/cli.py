@@ -66,6 +66,20 @@ def out_option(f: Any) -> Any:
                         help="output folder (created; results are written atomically)")(f)
 
 
+PROMPTS_HELP = ("prompts per set: every prompt set the command samples (test; val, probe and reference where it "
+                "uses them) has this many (default: the preset's eval.n_test)")
+
+
+def prompts_option(f: Any) -> Any:
+    """``--prompts``, one meaning for every command: the size of each prompt set (docs/cli.md)."""
+    return click.option("--prompts", type=int, help=PROMPTS_HELP)(f)
+
+
+def check_prompts(prompts: Optional[int], minimum: int, why: str) -> None:
+    if prompts is not None and prompts < minimum:
+        raise ConfigError(f"prompts: need at least {minimum} prompts per set {why} (got {prompts})")
+
+
 def device_option(f: Any) -> Any:
     return click.option("--device", default="auto", show_default=True, help="cpu | cuda | auto")(f)
 
@@ -95,7 +109,7 @@ def analysis_out(out: Path, reads: list[Path], experiment: str, preset: Optional
     for ckpt in reads:
         load_model(ckpt)
     if experiment != "eval":
-        from .analysis.heads import resolve_preset
+        from .experiments.loading import resolve_preset
 
         resolve_preset(reads[0], preset)
     check_analysis_out(out, reads, experiment)
@@ -114,7 +128,7 @@ def echo_lines(lines: list[str]) -> None:
 @click.option("--s", type=int, help="override task.s")
 @click.option("--sigma", type=float, help="override task.sigma")
 @click.option("--n-max", type=int, help="override task.n_max")
-@click.option("--prompts", type=int, help="number of test prompts (eval.n_test)")
+@prompts_option
 @click.option("--seed", type=int, help="base seed")
 @click.option("--only", help="comma-separated estimator names (default: all)")
 @sets_option
@@ -122,8 +136,9 @@ def estimators(preset: str, out: Path, d: Optional[int], s: Optional[int], sigma
                n_max: Optional[int], prompts: Optional[int], seed: Optional[int], only: Optional[str],
                sets: tuple[str, ...]) -> None:
     """E5: PtO vs GD, ridge, lasso, OLS and the Bayes floor; risk vs n and vs T."""
+    check_prompts(prompts, 2, "(eval.n_val, eval.n_test)")
     p = make_preset(preset, seed, sets, **{"task.d": d, "task.s": s, "task.sigma": sigma, "task.n_max": n_max,
-                                     "eval.n_test": prompts})
+                                     "eval.n_val": prompts, "eval.n_test": prompts})
     from .experiments.algorithms import run_e5
     from .headline import risk_lines
 
@@ -136,11 +151,11 @@ def estimators(preset: str, out: Path, d: Optional[int], s: Optional[int], sigma
 
 def _analysis_options(f: Any) -> Any:
     """Options shared by the analysis commands (preset defaults to the checkpoint's; ``--set`` overrides any of
-    its fields, ``--prompts`` and ``--seed`` are short for ``--set eval.n_test=...`` and ``--set seed=...``)."""
+    its fields; ``--prompts`` is the size of every prompt set, ``--seed`` short for ``--set seed=...``)."""
     for opt in reversed([
         click.option("--preset", default=None, help="preset for prompts (default: the one in the checkpoint's meta.json)"),
         out_option,
-        click.option("--prompts", type=int, help="prompts per set (default: the preset's eval.n_test)"),
+        prompts_option,
         click.option("--seed", type=int, help="prompt seed (default: the preset's)"),
         device_option,
         sets_option,
@@ -167,7 +182,7 @@ def _analysis_preset(ckpt: Path, preset: Optional[str], sets: tuple[str, ...]) -
     the overrides applied."""
     if not sets:
         return preset
-    from .analysis.heads import resolve_preset
+    from .experiments.loading import resolve_preset
     from .checkpoint import load_model
     from .config import with_overrides
 
@@ -178,8 +193,7 @@ def _analysis_preset(ckpt: Path, preset: Optional[str], sets: tuple[str, ...]) -
 def _check_analysis_args(preset: Optional[str], prompts: Optional[int], seed: Optional[int]) -> None:
     if preset is not None:
         get_preset(preset)
-    if prompts is not None and prompts < 3:
-        raise ConfigError(f"prompts: need at least 3 prompts (got {prompts})")
+    check_prompts(prompts, 3, "(the probes' cross-validation)")
     if seed is not None and seed < 0:
         raise ConfigError(f"seed: must be >= 0 (got {seed})")
 
@@ -198,7 +212,7 @@ def assess_heads_cmd(ckpt: Path, preset: Optional[str], out: Path, prompts: Opti
     if boot < 10:
         raise ConfigError(f"boot: need at least 10 bootstrap resamples (got {boot})")
     dev = resolve_device(device)
-    from .analysis.heads import run_e2
+    from .experiments.e2_importance import run_e2
 
     with analysis_out(out, [ckpt], "E2", preset):
         s = run_e2(ckpt, out, preset, prompts, seed, dev, boot, ablations=kinds)
@@ -226,7 +240,8 @@ def prune(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
     if finetune_steps < 0:
         raise ConfigError(f"finetune: steps must be >= 0 (got {finetune_steps})")
     dev = resolve_device(device)
-    from .analysis.heads import parse_policy, run_e3
+    from .analysis.pruning import parse_policy
+    from .experiments.e3_pruning import run_e3
 
     if keep is not None:
         parse_policy(keep)
@@ -255,8 +270,8 @@ def probe(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
     preset = _analysis_preset(ckpt, preset, sets)
     kinds = _check_ablation(ablation)
     dev = resolve_device(device)
-    from .analysis.heads import parse_policy
-    from .analysis.probes import run_e4
+    from .analysis.pruning import parse_policy
+    from .experiments.e4_probes import run_e4
 
     if prune_policy not in (None, "default"):
         parse_policy(prune_policy)
@@ -409,9 +424,9 @@ def train_cmd(preset: str, heads: int, out: Path, resume: bool, device: str, ste
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @out_option
 @device_option
-@click.option("--prompts", type=int, help="number of test prompts (default: the preset's eval.n_test)")
+@prompts_option
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="eval.n_test=N (the one field eval reads; the same as --prompts)")
+              help="eval.n_test=N (the one field eval reads; the same as --prompts: eval samples one set, test)")
 def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int], sets: tuple[str, ...]) -> None:
     """Risk vs n (95% bands) of a checkpoint on the test prompts: risk.csv, risk.png, config.json."""
     ov = parse_sets(sets)
@@ -421,8 +436,7 @@ def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int], sets: t
         if not isinstance(ov["eval.n_test"], int) or isinstance(ov["eval.n_test"], bool):
             raise ConfigError(f"eval.n_test: must be an integer (got {ov['eval.n_test']!r})")
         prompts = ov["eval.n_test"] if prompts is None else prompts
-    if prompts is not None and prompts < 2:
-        raise ConfigError(f"prompts: need at least 2 test prompts (got {prompts})")
+    check_prompts(prompts, 2, "(a confidence band)")
     dev = resolve_device(device)
     from .checkpoint import load_meta
     from .config import TaskConfig, validate

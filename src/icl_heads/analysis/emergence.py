@@ -4,7 +4,7 @@ Training keeps log-spaced snapshots (``train.snapshots``, ``training.snapshot_st
 ``<checkpoint>/snapshots/step{N}/``. For each snapshot of a seed's largest-head model,
 :func:`emergence_rows` runs
 
-* head assessment (E2's :func:`~icl_heads.analysis.heads.assess_heads`) on the ``val`` prompts:
+* head assessment (E2's :func:`~icl_heads.analysis.importance.assess_heads`) on the ``val`` prompts:
   per-layer top-head share with its bootstrap CI, and the head ranking;
 * the pruning test (E3's default policy ``1:all,l:top1`` and its control) on the ``test``
   prompts: pruned/full risk by the model's own read-out, with a paired bootstrap CI;
@@ -28,8 +28,9 @@ from ..evaluation import predict
 from ..io import read_csv, write_csv, write_json, write_provenance
 from ..metrics import squared_errors
 from ..tasks import Prompts, fixed_prompts
-from .heads import (assess_heads, control_policy, default_policy, load_for_analysis, paired_ratio, prune_gates,
-                    resolve_preset)
+from ..experiments.loading import load_for_analysis, resolve_preset
+from .importance import assess_heads
+from .pruning import control_policy, default_policy, paired_ratio, prune_gates
 
 SNAPSHOT_DIR = "snapshots"
 LEARNING = 0.9  # a snapshot counts as "learning started" once its risk at n = d is below this (zero predictor: 1)

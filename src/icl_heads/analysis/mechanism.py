@@ -571,7 +571,7 @@ def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = N
     ``with_any_t`` the final-output-vs-any-T context (:func:`final_output_any_t`, half of E6's time
     on quick; ``reproduce`` runs it for the first seed only, as E6c, since no verdict reads it).
     """
-    from .heads import load_for_analysis
+    from ..experiments.loading import load_for_analysis
 
     out = Path(out)
     model, meta, pre = load_for_analysis(ckpt, preset, device)

@@ -17,24 +17,21 @@ head values (:mod:`.ablation`); fit and test prompts get different donor pairing
 :func:`final_readouts` (the model's own read-out and the probes after the last layer, before and
 after the final LayerNorm, from one pass per prompt set) is what E3 uses to judge claim 2a;
 :func:`final_probe_errors` computes one of those probes on its own (the notebook's, and the test's
-independent reference).
+independent reference). No file I/O here: :mod:`icl_heads.experiments.e4_probes` is E4's runner.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ..claims.keys import AblationKind, ModelKey, Variant, in_context_n_min
-from ..config import ConfigError, Preset, TaskConfig
-from ..io import write_csv, write_json, write_provenance
+from ..config import ConfigError, TaskConfig
 from ..evaluation import batches_with_cache
 from ..metrics import curve_from_errors, squared_errors
 from ..model import Transformer
-from ..tasks import Prompts, fixed_prompts
+from ..tasks import Prompts
 from .ridge import ridge_cv
 
 ALPHAS = np.logspace(-6, 6, 25)
@@ -167,123 +164,3 @@ def _check_fit(fit_prompts: Prompts) -> None:
         raise ConfigError(f"probe: need at least 3 fit prompts for cross-validation (got {fit_prompts.batch})")
 
 
-def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare: Sequence[str | Path] = (),
-           preset: Preset | str | None = None, n_prompts: int | None = None, seed: int | None = None,
-           device: str = "cpu", ablations: str | Sequence[str] = ("zero",)) -> dict[str, Any]:
-    """E4: probes for the model in ``ckpt``, its pruned version (``prune`` policy) and ``compare`` models.
-
-    ``prune="default"`` means all heads in layer 1, the top head in every later layer; heads are
-    ranked by E2 importance on "val" prompts, under each ablation kind in ``ablations``, and the
-    pruned heads are ablated the same way (model label ``h=H pruned``, plus `` (mean)`` /
-    `` (resample)`` for those kinds). All models are probed on the same prompts.
-    """
-    from ..evaluation import evaluate
-    from .ablation import REFERENCE_STREAM, make_ablations, parse_ablations
-    from .heads import assess_heads_kinds, default_policy, load_for_analysis, parse_policy, prune_gates
-
-    out = Path(out)
-    kinds = parse_ablations(ablations)
-    if prune not in (None, "default"):
-        parse_policy(prune)
-    model, meta, pre = load_for_analysis(ckpt, preset, device)
-    seed = pre.seed if seed is None else seed
-    n = n_prompts or pre.eval.n_test
-    fit, test = fixed_prompts(pre.task, n, seed, "probe"), fixed_prompts(pre.task, n, seed, "test")
-    # (label, model, gates, fit values, test values, checkpoint)
-    runs: list[tuple[str, Transformer, Any, Any, Any, str]] = [(ModelKey(model.cfg.n_heads).e4_label, model, None, None,
-                                                                None, str(ckpt))]
-    policy = None
-    if prune is not None:
-        policy = default_policy(model.cfg.n_layers) if prune == "default" else prune
-        abls = make_ablations(model, kinds, pre.task, n, seed)
-        imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()),
-                                  n_min=in_context_n_min(pre.task.d), keep=False)  # ranked as E3 ranks them
-        for kind, abl in abls.items():
-            label = ModelKey(model.cfg.n_heads, Variant.PRUNED, AblationKind(kind)).e4_label
-            runs.append((label, model, prune_gates(imps[kind], policy), abl.repaired(seed + 1).values(n), abl.values(n),
-                         str(ckpt)))
-    for other in compare:
-        m2, _, _ = load_for_analysis(other, pre, device)
-        if m2.cfg.n_layers != model.cfg.n_layers:
-            raise ConfigError(f"compare: {other} has {m2.cfg.n_layers} layers, {ckpt} has {model.cfg.n_layers}")
-        label = ModelKey(m2.cfg.n_heads).e4_label
-        if any(label == r[0] for r in runs):
-            label = f"{label} ({Path(other).name})"
-        runs.append((label, m2, None, None, None, str(other)))
-    rows: list[dict[str, Any]] = []
-    gates_used = {}
-    for label, m, g, fit_v, test_v, path in runs:
-        rows += probe_layers(m, fit, test, pre.task, gates=g, labels=dict(model=label, checkpoint=path),
-                             fit_values=fit_v, test_values=test_v)
-        gates_used[label] = None if g is None else g.tolist()
-        # the model's own read-out on the same test prompts, as a reference panel
-        rows += [{**r, "layer_index": m.cfg.n_layers + 1, "alpha": float("nan")}
-                 for r in evaluate(m, test, pre.task, head_gates=g, head_values=test_v).rows(
-                     model=label, checkpoint=path, layer="model output")]
-    write_csv(out / "probes.csv", rows)
-    plot_probes(rows, out / "probes.png", f"E4 linear probes of <w*, x_q> ({pre.name})")
-    summary = dict(checkpoint=str(ckpt), compare=[str(c) for c in compare], prune_policy=policy,
-                   ablations=list(kinds), reference_stream=REFERENCE_STREAM,
-                   gates=gates_used, n_fit=n, n_test=n, fit_stream="probe", test_stream="test",
-                   probe="one RidgeCV per (layer, n) on standardised features",
-                   mean_probe_risk_norm=_mean_by_layer(rows))
-    write_json(out / "summary.json", summary)
-    write_provenance(out, pre, seed, experiment="E4", checkpoint=str(ckpt), compare=[str(c) for c in compare],
-                     prune_policy=policy, alphas=ALPHAS, ablations=list(kinds), reference_stream=REFERENCE_STREAM)
-    return summary
-
-
-def _mean_by_layer(rows: list[dict[str, Any]], n_min: int = 1) -> dict[str, dict[str, float]]:
-    """Per model and layer: normalised probe risk averaged over ``n >= n_min``."""
-    acc: dict[str, dict[str, list[float]]] = {}
-    for r in rows:
-        if r["n"] >= n_min:
-            acc.setdefault(r["model"], {}).setdefault(str(r["layer"]), []).append(r["risk_norm"])
-    return {m: {l: float(np.mean(v)) for l, v in d.items()} for m, d in acc.items()}
-
-
-def plot_probes(rows: list[dict[str, Any]], path: str | Path, title: str, n_min: int = 1) -> Path:
-    """Left: probe risk vs layer (mean over n >= n_min), one line per model. Then one panel per
-    layer (probe risk vs n) and a last panel with the models' own outputs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..io import save_figure
-
-    layers = sorted({(r["layer_index"], str(r["layer"])) for r in rows})
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(layers) + 1, figsize=(3.0 * (len(layers) + 1), 3.4), squeeze=False)
-    summary = _mean_by_layer(rows, n_min)
-    ax0 = axes[0][0]
-    for i, m in enumerate(models):
-        ax0.plot(range(len(layers)), [summary[m].get(name, np.nan) for _, name in layers], "o-", color=f"C{i}", label=m)
-    ax0.set_xticks(range(len(layers)), [name if name != "model output" else "out" for _, name in layers])
-    ax0.set_yscale("log")
-    ax0.set_xlabel("layer")
-    ax0.set_ylabel(f"normalised probe excess risk (mean n >= {n_min})")
-    ax0.grid(True, which="both", alpha=0.3)
-    ax0.legend(fontsize=7)
-    lo_all = min(max(r["ci_low"], 1e-6) for r in rows if r["n"] >= n_min)
-    hi_all = max(r["ci_high"] for r in rows if r["n"] >= n_min)
-    for ax, (li, name) in zip(axes[0][1:], layers):
-        for i, m in enumerate(models):
-            sel = sorted((r for r in rows if r["model"] == m and r["layer_index"] == li and r["n"] >= n_min),
-                         key=lambda r: r["n"])
-            if not sel:
-                continue
-            n = [r["n"] for r in sel]
-            (line,) = ax.plot(n, [r["risk_norm"] for r in sel], label=m, color=f"C{i}")
-            ax.fill_between(n, [max(r["ci_low"], 1e-6) for r in sel], [r["ci_high"] for r in sel],
-                            color=line.get_color(), alpha=0.15, lw=0)
-        ax.set_yscale("log")
-        ax.set_ylim(lo_all * 0.8, hi_all * 1.25)
-        ax.set_title(name if name in ("embed", "model output") else f"after layer {name}", fontsize=9)
-        ax.set_xlabel("context length n")
-        ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = save_figure(fig, path)
-    plt.close(fig)
-    return out

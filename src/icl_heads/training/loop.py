@@ -5,7 +5,7 @@
 forward, loss, backward, clip, AdamW. A :class:`Trainee` says how for what is trained:
 
 * :class:`One` — one :class:`~icl_heads.model.Transformer` (a stack of one *is* a model): MSE,
-  ``clip_grad_norm_``. :func:`train` and fine-tuning (``analysis.heads.finetune``) use it.
+  ``clip_grad_norm_``. :func:`train` and fine-tuning (``analysis.pruning.finetune``) use it.
 * :class:`Stack` — a :class:`~icl_heads.model.stacked.StackedTransformer`: the *sum* of the
   members' MSEs, so each member's gradient is its own; AdamW is elementwise, so one AdamW over the
   stack is per-member AdamW; gradient clipping is per member (each member's global norm).

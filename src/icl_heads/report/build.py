@@ -1,8 +1,7 @@
 """The reproduction report: verdicts computed from the experiments' CSVs, then one section per experiment.
 
 The claim rules, their thresholds and the across-seed rule live in :mod:`icl_heads.claims`
-(``rules`` and ``across_seeds``; docs/report.md states each with its rationale); the names
-``claim_1a`` ... ``compute_verdicts`` are re-exported here for older imports.
+(``rules`` and ``across_seeds``; docs/report.md states each with its rationale); import them from there.
 """
 
 from __future__ import annotations
@@ -15,15 +14,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import Preset
+from ..config import Preset
 from .document import Document
-from .io import atomic_write_text, read_csv, read_json, save_figure, write_json
-from .plotting import new_figure
-from .runs import layout
-from .claims.across_seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Stat, Verdict, across_seeds  # noqa: F401
-from .claims.rules import (RULE_1B, RULE_2A, ablation_kinds, band_compare, claim_1a, claim_1b,  # noqa: F401  re-exports
-                           claim_2a, claim_2b, claim_2c, claim_3, claims_1b, claims_2a, compute_verdicts, curves,
-                           layer1_probe, seed_verdicts)
+from ..io import atomic_write_text, read_csv, read_json, save_figure, write_json
+from ..plotting import new_figure
+from ..runs import layout
+from ..claims.across_seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Verdict
+from ..claims.rules import compute_verdicts, curves
 
 
 def write_report(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float] = ()) -> Path:
@@ -317,7 +314,7 @@ def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -
 
 def _e7_section(doc: Document, out: Path, preset: Preset, seeds: int) -> None:
     """E7: the emergence figure over seeds, one sentence per claim, the per-snapshot table."""
-    from .analysis.emergence import plot_emergence, read_emergence, trend
+    from ..analysis.emergence import plot_emergence, read_emergence, trend
 
     paths = [layout.stage_dir(out, "e7", k) / layout.E7_CSV for k in range(seeds)]
     if not all(p.exists() for p in paths):
