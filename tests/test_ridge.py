@@ -23,14 +23,25 @@ def _problems(seed: int, G: int, P: int, D: int, K: int | None, noise: float):
     return X[:, :P], Y[:, :P], X[:, P:]
 
 
-def _same_choice(ref: RidgeCV, alpha: float, k: int | None = None) -> None:
-    """Our alpha is scikit-learn's, or ties with it: its LOO error within 1e-9 of scikit-learn's
-    minimum (where the LOO curve is flat to rounding, as at tiny alphas, either is the optimum)."""
+def _loo_curve(ref: RidgeCV, k: int | None) -> np.ndarray:
     cv = ref.cv_results_  # (P, [K,] A) squared LOO errors
     curve = cv.mean(0) if k is None or cv.ndim == 2 else cv[:, k].mean(0)
-    curve = curve if curve.ndim == 1 else curve.mean(0)
-    mine = curve[list(ALPHAS).index(alpha)]
-    assert mine <= curve.min() * (1 + 1e-9), (alpha, ref.alpha_)
+    return curve if curve.ndim == 1 else curve.mean(0)
+
+
+def _same_choice(ref: RidgeCV, alpha: float, k: int | None = None, X=None, Y=None) -> None:
+    """Our alpha is scikit-learn's, or ties with it: its LOO error within 1e-9 of the minimum of
+    scikit-learn's curve -- the default one, or the ``svd`` or ``eigen`` mode's. The modes compute the
+    same curve in exact arithmetic, but on the nearly collinear design they differ by ~5e-7 relative
+    at tiny alphas (measured), and which of those alphas wins then depends on the machine's BLAS:
+    the curve is not determined more finely than that, by scikit-learn either."""
+    curves = [_loo_curve(ref, k)]
+    if X is not None:
+        args = dict(alphas=ALPHAS, alpha_per_target=ref.alpha_per_target, store_cv_results=True)
+        curves += [_loo_curve(make_pipeline(StandardScaler(), RidgeCV(gcv_mode=m, **args)).fit(X, Y)[-1], k)
+                   for m in ("svd", "eigen")]
+    a = list(ALPHAS).index(alpha)
+    assert any(c[a] <= c.min() * (1 + 1e-9) for c in curves), (alpha, ref.alpha_, [c[a] / c.min() - 1 for c in curves])
 
 
 @pytest.mark.parametrize("noise", [0.01, 1.0, 100.0])
@@ -40,7 +51,7 @@ def test_single_target_matches_sklearn(noise):
     pred = fit.predict(Xt)
     for g in range(4):
         ref = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS, store_cv_results=True)).fit(X[g], Y[g])
-        _same_choice(ref[-1], fit.alpha[g, 0])
+        _same_choice(ref[-1], fit.alpha[g, 0], None, X[g], Y[g])
         np.testing.assert_allclose(pred[g], ref.predict(Xt[g]), rtol=1e-7, atol=1e-8 * np.abs(Y[g]).max())
 
 
@@ -53,7 +64,7 @@ def test_multi_target_matches_sklearn(per_target):
         ref = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS, alpha_per_target=per_target,
                                                       store_cv_results=True)).fit(X[g], Y[g])
         for k in range(5):
-            _same_choice(ref[-1], fit.alpha[g, k], k if per_target else None)
+            _same_choice(ref[-1], fit.alpha[g, k], k if per_target else None, X[g], Y[g])
         np.testing.assert_allclose(pred[g], ref.predict(Xt[g]), rtol=1e-7, atol=1e-8 * np.abs(Y[g]).max())
 
 

@@ -73,6 +73,11 @@ CONFIGS: dict[str, ZooConfig] = {c.name: c for c in (
               {"model.mlp": True, "model.token_format": "interleaved", "train.steps": 16000, "train.lr": 1e-3,
                "train.curriculum": True, "train.curriculum_d": True, **_SNAP},
               seeds=(0, 1, 2), heads=(1, 4)),
+    # the deeper variant (issue 14, 2.): is depth what keeps A above ridge at n >= d? Twice A's layers,
+    # half its lr (the issue's L = 6 trial: 0.143 at n = d after 8k steps, against A's 0.165), twice its steps
+    ZooConfig("D", "paired tokens, attention-only, L = 6",
+              {"model.mlp": False, "model.n_layers": 6, "train.steps": 32000, "train.lr": 2e-3, **_SNAP},
+              seeds=(0, 1, 2), heads=(1, 4)),
 )}
 
 
