@@ -239,3 +239,5 @@ def test_factor_sentence_names_the_factor_that_moves_a_verdict():
     s = factor_sentence("2a", {"A": "not reproduced", "B": "not reproduced", "C": "inconclusive"})
     assert "leaves it unchanged" in s and "interleaving" not in s
     assert "one configuration only" in factor_sentence("3", {"A": "reproduced"})
+    s = factor_sentence("1b", {"A": "not reproduced", "B": "not reproduced", "D": "reproduced"})
+    assert "doubling the depth (A -> D) changes the verdict" in s and "MLP" not in s

@@ -162,7 +162,8 @@ def _cell(r: dict[str, Any]) -> str:
 
 
 # pairs of configurations that differ in exactly one factor
-FACTORS = {("A", "B"): "adding the MLP (A -> B)", ("B", "C"): "interleaving the tokens (B -> C)"}
+FACTORS = {("A", "B"): "adding the MLP (A -> B)", ("B", "C"): "interleaving the tokens (B -> C)",
+           ("A", "D"): "doubling the depth (A -> D)"}
 
 
 def factor_sentence(claim: str, verdicts: dict[str, str]) -> str:
