@@ -8,8 +8,9 @@ reports the first cell that differs by more than ``rtol`` (numbers) or at all (s
 the code before the analysis-speed work (issue 17, commit aa4b2e4) on a machine whose torch dispatches
 those CPU kernels; ``test_reproduce`` holds today's run to the file of this machine's kernels within
 1e-6 relative. One file per kernel set because the smoke run *trains* its models: AVX2 and AVX512
-round differently, Adam amplifies it, and the trained models (so every statistic) differ between the
-two -- measured: E1's first CI bound 1.08911 (AVX512) vs 1.08847 (AVX2), from the same code. A machine
+round differently, and so do Intel and AMD CPUs with the same kernels (MKL's vendor-specific paths);
+Adam amplifies it, and the trained models (so every statistic) differ -- measured: E1's first CI
+bound 1.08911 (AVX512, Intel), 1.08952 (AVX512, AMD), 1.08847 (AVX2, AMD), from the same code. A machine
 with kernels that have no file skips the test. To add one, run the pre-speed-work code there:
 
     git worktree add --detach /tmp/ref aa4b2e4
@@ -101,12 +102,16 @@ def compare(ref: Any, got: Any, rtol: float = 1e-6, where: str = "") -> str | No
 
 
 def kernels() -> str:
-    """This machine's architecture and the CPU kernels torch dispatches, e.g. ``x86_64-AVX2``."""
+    """This machine's architecture, the CPU kernels torch dispatches and the CPU vendor, e.g.
+    ``x86_64-AVX2-AuthenticAMD``: MKL takes vendor-specific paths, so an AMD and an Intel AVX512
+    machine train different smoke models (measured: E1's first CI bound 1.08952 vs 1.08911)."""
     import platform
 
     import torch
 
-    return f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}"
+    from icl_heads.zoo import cpu_vendor
+
+    return f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}-{cpu_vendor()}"
 
 
 def reference_path() -> Path:

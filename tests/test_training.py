@@ -100,6 +100,16 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path: Path) -> None:
     assert not weights_equal(other.model, full.model)
 
 
+def test_attention_only_resume_is_bit_identical(tmp_path: Path) -> None:
+    """The quick models (A, D) have no MLP: their unused ``ln_2`` gets no gradient and no optimizer
+    state, which the resume check must accept (it refused every attention-only run)."""
+    p = get_preset("smoke", **{**_tiny_over(24), "model.mlp": False})
+    full = train(p, 2, tmp_path / "full", progress=False)
+    train(p, 2, tmp_path / "cut", progress=False, stop_at=13)
+    resumed = train(p, 2, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.meta["finished"] and weights_equal(resumed.model, full.model)
+
+
 def _tiny_over(steps: int) -> dict[str, object]:
     return {"train.steps": steps, "train.warmup_steps": 4, "train.eval_every": 8, "train.checkpoint_every": 8,
             "train.n_eval_prompts": 32, "train.batch_size": 16, "model.d_model": 16}

@@ -32,6 +32,7 @@ import torch
 from .checkpoint import META_FILE, MODEL_FILE, CheckpointError, load_meta, load_model
 from .config import ConfigError, ModelConfig, Preset, TaskConfig, TrainConfig, get_preset
 from .io import atomic_write_text, write_json
+from .workers import run_in_processes
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "zoo"
 SUMS_FILE = "SHA256SUMS"
@@ -190,10 +191,22 @@ def export(run: Path, config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR
     return dest
 
 
+def cpu_vendor() -> str:
+    """The CPU vendor (``GenuineIntel``, ``AuthenticAMD``): MKL takes other code paths on each, so the
+    same AVX512 kernels round differently (measured: the smoke run's first E1 CI bound differs at 4e-4)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def cpu_kernels() -> str:
-    """What decides CPU float rounding: architecture, the kernels torch dispatches (e.g. AVX512) and
-    the torch version. A retrain is bit-identical only where this matches the model's record."""
-    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} torch {torch.__version__}"
+    """What decides CPU float rounding: architecture, the kernels torch dispatches (e.g. AVX512), the
+    CPU vendor and the torch version. A retrain is bit-identical only where this matches the model's record."""
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {cpu_vendor()} torch {torch.__version__}"
 
 
 def machine() -> str:
@@ -328,12 +341,8 @@ def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_
         for c, k, h in todo:
             land(c, k, h)
         return done
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
-
-    with ProcessPoolExecutor(max(1, jobs), mp_context=get_context("spawn")) as ex:
-        futs = {ex.submit(_train_member, c, k, h, str(work), 1): (c, k, h) for c, k, h in todo}
-        for fut in as_completed(futs):
-            fut.result()
-            land(*futs[fut])
+    # workers.run_in_processes, not a ProcessPoolExecutor: SIGTERM or Ctrl-C must end the running
+    # trainings (they resume from their last checkpoint), not wait hours for them to finish
+    run_in_processes(_train_member, [(c, k, h, str(work), 1) for c, k, h in todo], max(1, jobs),
+                     on_done=lambda i, _: land(*todo[i]))
     return done
