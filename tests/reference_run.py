@@ -10,7 +10,8 @@ those CPU kernels; ``test_reproduce`` holds today's run to the file of this mach
 1e-6 relative. One file per kernel set because the smoke run *trains* its models: AVX2 and AVX512
 round differently, and so do Intel and AMD CPUs with the same kernels (MKL's vendor-specific paths);
 Adam amplifies it, and the trained models (so every statistic) differ -- measured: E1's first CI
-bound 1.08911 (AVX512, Intel), 1.08952 (AVX512, AMD), 1.08847 (AVX2, AMD), from the same code. A machine
+bound 1.08911 (AVX512, an earlier box whose vendor was not recorded: filed as GenuineIntel because
+an AMD AVX512 box gives 1.08952), 1.08952 (AVX512, AMD EPYC), 1.08847 (AVX2, AMD EPYC), same code. A machine
 with kernels that have no file skips the test. To add one, run the pre-speed-work code there:
 
     git worktree add --detach /tmp/ref aa4b2e4
