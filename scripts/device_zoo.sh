@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session: train the whole zoo (configurations A, B, C; every seed and head count) as
+# One GPU session: train the whole zoo (configurations A, B, C, D; every seed and head count) as
 # stacks on one GPU, write the model cards, then (with the time left) the paper preset longer.
 #
 #   scripts/device_zoo.sh OUT
@@ -11,12 +11,12 @@
 #      (ZOO_SET: extra "--set k=v" for every configuration, e.g. a dry run's tiny sizes).
 #   2. icl-heads zoo cards and zoo verify on OUT/zoo (copy OUT/zoo over the repository's zoo/ and commit).
 #   3. SKIP_PAPER=0: icl-heads reproduce --preset paper --seeds 1 --set train.steps=$PAPER_STEPS.
-# Environment: DEVICE [cuda] PYTHON [python] ZOO_CONFIGS [A,B,C] PAPER_STEPS [20000] SKIP_PAPER [0]
+# Environment: DEVICE [cuda] PYTHON [python] ZOO_CONFIGS [A,B,C,D] PAPER_STEPS [20000] SKIP_PAPER [0]
 #   PAPER_SET (extra --set for the paper run) BENCH [0].
 # tests/test_device_script.py dry-runs this script on the CPU with tiny sizes so it cannot rot.
 set -euo pipefail
 OUT=${1:?usage: scripts/device_zoo.sh OUT}
-DEVICE=${DEVICE:-cuda}; PY=${PYTHON:-python}; CONFIGS=${ZOO_CONFIGS:-A,B,C}
+DEVICE=${DEVICE:-cuda}; PY=${PYTHON:-python}; CONFIGS=${ZOO_CONFIGS:-A,B,C,D}
 ICL=("$PY" -m icl_heads.cli)
 mkdir -p "$OUT"
 say() { echo "[device] $(date +%H:%M:%S) $*"; }
