@@ -21,6 +21,8 @@ from ..plotting import new_figure
 from ..runs import layout
 from ..claims.across_seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Verdict
 from ..claims.rules import compute_verdicts, curves
+from ..analysis.emergence import trend
+from ..experiments.e7_emergence import plot_emergence, read_emergence
 
 
 def write_report(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float] = ()) -> Path:
@@ -314,8 +316,6 @@ def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -
 
 def _e7_section(doc: Document, out: Path, preset: Preset, seeds: int) -> None:
     """E7: the emergence figure over seeds, one sentence per claim, the per-snapshot table."""
-    from ..analysis.emergence import plot_emergence, read_emergence, trend
-
     paths = [layout.stage_dir(out, "e7", k) / layout.E7_CSV for k in range(seeds)]
     if not all(p.exists() for p in paths):
         return
