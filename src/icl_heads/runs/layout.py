@@ -40,6 +40,7 @@ SEED_STAGES = ("e1", "e2", "e3", "e4", "e6", "e7")
 E1_CSV, E1_PNG = "e1_heads.csv", "e1_heads.png"
 E2_CONCENTRATION, E2_PNG = "concentration.csv", "head_importance.png"
 E2_CLAIM1B, E2_EFFECTIVE_HEADS = "claim1b.csv", "effective_heads.csv"
+E2_PATTERNS_PNG, E2_PATTERNS_CSV = "attention_patterns.png", "attention_patterns.csv"  # softmax models only
 SUMMARY = "summary.json"  # E2's, E3's and E4's summaries share the name
 E3_SUMMARY, E3_PNG, E3_CLAIM2A = SUMMARY, "pruning.png", "claim2a.csv"
 E4_CSV, E4_SUMMARY, E4_PNG = "probes.csv", SUMMARY, "probes.png"
