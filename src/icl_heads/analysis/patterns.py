@@ -22,6 +22,7 @@ from ..config import ConfigError
 from ..evaluation import batches_with_cache
 from ..model import Transformer, act_name
 from ..tasks import Prompts
+from .importance import HeadImportance
 
 PATTERN_PROMPTS = 300  # prompts averaged over: the figure is descriptive, a few hundred are plenty
 Y_BINS = 8  # quantile bins of |y_k|
@@ -73,9 +74,9 @@ def query_attention(model: Transformer, prompts: Prompts, heads: Sequence[tuple[
     return QueryAttention(list(heads), weight, abs_y)
 
 
-def top_heads(ranking: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """``(layer, head)`` of each layer's first-ranked head, from per-layer rankings (best first)."""
-    return [(l, int(r[0])) for l, r in enumerate(ranking)]
+def top_heads(importance: HeadImportance) -> list[tuple[int, int]]:
+    """``(layer, head)`` (0-based) of each layer's most important head (:meth:`HeadImportance.ranking`)."""
+    return [(l, importance.ranking(l)[0]) for l in range(importance.shape[0])]
 
 
 def pattern_rows(att: QueryAttention, bins: int = Y_BINS, **labels: Any) -> list[dict[str, Any]]:

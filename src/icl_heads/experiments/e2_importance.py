@@ -82,8 +82,7 @@ def write_attention_patterns(model: Transformer, prompts: Prompts, imp: HeadImpo
                              title: str) -> list[dict[str, Any]]:
     """``attention_patterns.csv`` and ``.png``: each layer's top head by ``imp`` (E2's ranking), its attention at
     the longest-context query on the first ``PATTERN_PROMPTS`` prompts (:mod:`icl_heads.analysis.patterns`)."""
-    heads = top_heads([imp.ranking(l) for l in range(model.cfg.n_layers)])
-    att = query_attention(model, prompts.slice(0, PATTERN_PROMPTS), heads)
+    att = query_attention(model, prompts.slice(0, PATTERN_PROMPTS), top_heads(imp))
     rows = pattern_rows(att, ranked_by=imp.ablation, n_prompts=att.weight.shape[0])
     write_csv(out / layout.E2_PATTERNS_CSV, rows)
     save_figure(attention_patterns_figure(rows, title), out / layout.E2_PATTERNS_PNG)
@@ -115,20 +114,19 @@ def attention_patterns_figure(rows: Sequence[dict[str, Any]], title: str) -> Fig
 
 
 def plot_importance(imps: HeadImportance | dict[str, HeadImportance], path: str | Path, title: str) -> Path:
+    """:func:`importance_figure` saved to ``path``."""
+    return save_figure(importance_figure(imps, title), path)
+
+
+def importance_figure(imps: HeadImportance | dict[str, HeadImportance], title: str) -> Figure:
     """Heat-maps (layers x heads): raw importance, normalised per layer, and keep-only risk change;
     one column per ablation kind, so the kinds sit side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-
     if isinstance(imps, HeadImportance):
         imps = {imps.ablation: imps}
     first = next(iter(imps.values()))
     L, h = first.shape
     K = len(imps)
-    fig, axes = plt.subplots(3, K, figsize=(1.5 + (2.5 + 0.9 * h) * K, 3 * (1.2 + 0.8 * L)), squeeze=False)
+    fig, axes = new_figure(3, K, figsize=(1.5 + (2.5 + 0.9 * h) * K, 3 * (1.2 + 0.8 * L)), squeeze=False)
     for j, (kind, imp) in enumerate(imps.items()):
         panels = [("importance: risk increase when ablated", imp.score(ABLATE), "magma"),
                   ("normalised per layer (share of positive total)", per_layer_share(imp.score(ABLATE)), "magma"),
@@ -137,22 +135,19 @@ def plot_importance(imps: HeadImportance | dict[str, HeadImportance], path: str 
             _heatmap(fig, ax, val, cmap, f"{kind} ablation\n{name}")
     fig.suptitle(title + f" (normalised excess risk, mean over n >= {first.n_min})", fontsize=9)
     fig.tight_layout()
-    out = save_figure(fig, path)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def plot_effective_heads(rows: list[dict[str, Any]], path: str | Path, n_from: int, title: str) -> Path:
+    """:func:`effective_heads_figure` saved to ``path``."""
+    return save_figure(effective_heads_figure(rows, n_from, title), path)
+
+
+def effective_heads_figure(rows: list[dict[str, Any]], n_from: int, title: str) -> Figure:
     """N_eff (left) and keep-top ratio (right) vs n, one line per layer, one row of panels per ablation kind;
     a dotted line marks n = d/2, where the claims' regime starts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-
     kinds = list(dict.fromkeys(r["ablation"] for r in rows))
-    fig, axes = plt.subplots(len(kinds), 2, figsize=(9, 3 * len(kinds)), squeeze=False)
+    fig, axes = new_figure(len(kinds), 2, figsize=(9, 3 * len(kinds)), squeeze=False)
     for i, kind in enumerate(kinds):
         sel = [r for r in rows if r["ablation"] == kind]
         for layer in sorted({r["layer"] for r in sel}):
@@ -168,9 +163,7 @@ def plot_effective_heads(rows: list[dict[str, Any]], path: str | Path, n_from: i
         axes[i, 0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out = save_figure(fig, path)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def _heatmap(fig: Any, ax: Any, val: np.ndarray, cmap: str, title: str) -> None:
