@@ -10,8 +10,8 @@
         seed{k}/     one folder per seed index k = 0 .. seeds-1 (seed = preset.seed + k)
           e1/ e2/ e3/ e4/ e6/ e7/     one per stage, each with a stage.json marker
 
-The file names inside a stage folder are those its experiment writes (``experiments/``,
-``analysis/``); the ones read across modules are named below.
+The file names inside a stage folder are those its runner in ``experiments/`` writes; the ones read
+across modules (or added to a stage, such as E2's attention figure) are named below.
 """
 
 from __future__ import annotations
