@@ -70,12 +70,12 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     if not a.glibc_default:
         keep_freed_memory()
-    from icl_heads.analysis.emergence import run_e7
     from icl_heads.analysis.pruning import default_policy
     from icl_heads.experiments.e2_importance import run_e2
     from icl_heads.experiments.e3_pruning import run_e3
-    from icl_heads.analysis.mechanism import run_e6
     from icl_heads.experiments.e4_probes import run_e4
+    from icl_heads.experiments.e6_mechanism import run_e6
+    from icl_heads.experiments.e7_emergence import run_e7
     from icl_heads.experiments.heads_sweep import run_e1
     from icl_heads.reproduce import ABLATIONS
 

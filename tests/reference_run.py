@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 SKIP_FILES = {"stage.json", "config.json", "run.json", "manifest.json", "meta.json", "provenance.json"}
+# files added after the reference was made (descriptive, no verdict reads them): absent from the reference files
+NOT_IN_REFERENCE = {"attention_patterns.csv"}
 # timings, and the probes' chosen ``alpha``: for an exactly decodable target (E6a's ``x`` control,
 # R^2 = 1 - 1e-12) the leave-one-out curve is flat to rounding and any alpha is the optimum; the
 # R^2, risks and verdicts it gives are compared like every other number
@@ -63,7 +65,7 @@ def fingerprint(run: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in sorted(run.rglob("*")):
         rel = p.relative_to(run).as_posix()
-        if "/models/" in f"/{rel}" or p.name in SKIP_FILES or not p.is_file():
+        if "/models/" in f"/{rel}" or p.name in SKIP_FILES | NOT_IN_REFERENCE or not p.is_file():
             continue
         if p.suffix == ".csv":
             with open(p, newline="") as f:

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from icl_heads.analysis.mechanism import (ALGORITHMS, Activations, Algorithm, activations, analyse_model,
-                                          feature_targets, optimisation_readout, run_e6, summarise_e6b, verdicts)
+from icl_heads.analysis.mechanism import (ALGORITHMS, Activations, Algorithm, activations, algorithm_paths,
+                                          analyse_model, decodable_directions, feature_targets, final_output_any_t,
+                                          optimisation_readout, preprocessing_readout, summarise_e6b, verdicts)
 from icl_heads.checkpoint import save_checkpoint
 from icl_heads.config import TaskConfig, get_preset
 from icl_heads.construct import pto_transformer
-from icl_heads.estimators import gd
+from icl_heads.estimators import gd, group_slices, pto
+from icl_heads.experiments.e6_mechanism import run_e6
 from icl_heads.io import read_csv
 from icl_heads.model import Transformer
 from icl_heads.tasks import fixed_prompts
@@ -162,9 +164,6 @@ def test_cli_missing_checkpoint(tmp_path):
 
 def test_final_any_t_finds_the_planted_number_of_steps():
     """A 'model' that outputs scale-free PtO after 5 steps (c = 0.5) is matched best at T = 5 by pto_scale_free."""
-    from icl_heads.analysis.mechanism import final_output_any_t
-    from icl_heads.estimators import pto
-
     task = TaskConfig(d=3, s=1, sigma=0.1, n_max=6)
     val, test = fixed_prompts(task, 80, 2, "val"), fixed_prompts(task, 80, 2, "test")
     planted = [pto(p.x, p.y, 5, 0.5, step="scale_free").numpy() for p in (val, test)]
@@ -178,8 +177,6 @@ def test_final_any_t_finds_the_planted_number_of_steps():
 
 def test_path_cache_reuses_and_equals_fresh_paths():
     """E6 shares the (model-independent) algorithm paths between models: cached paths equal fresh ones."""
-    from icl_heads.analysis.mechanism import algorithm_paths
-
     p = fixed_prompts(TASK, 30, 0, "val")
     algs = [Algorithm("pto_fixed", "pto", "fixed", (0.05, 0.1)), Algorithm("gd_sf", "gd", "scale_free", (0.5, 1.0))]
     cache: dict = {}
@@ -194,8 +191,6 @@ def test_path_cache_reuses_and_equals_fresh_paths():
 
 
 def test_group_targets_sum_the_features_of_each_group():
-    from icl_heads.estimators import group_slices
-
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(2, 5, 5)), rng.normal(size=(2, 5))
     t = feature_targets(x, y, np.arange(4), heads=2)
@@ -206,8 +201,6 @@ def test_group_targets_sum_the_features_of_each_group():
 
 
 def test_decodable_directions_closed_form():
-    from icl_heads.analysis.mechanism import decodable_directions
-
     rng = np.random.default_rng(2)
     truth = rng.normal(size=(4000, 3)) @ np.array([[1.0, 0.3, 0], [0, 1, 0.5], [0.2, 0, 1]])
     pred = truth.copy()
@@ -222,7 +215,6 @@ def test_decodable_directions_closed_form():
 def test_layer1_of_the_construction_carries_h_preprocessed_directions(h):
     """The grouped construction with h heads writes h group features: E6a decodes the h-group targets with
     R^2 = 1 and counts h directions of diag(r) x, not d (h = d = 4: all four)."""
-    from icl_heads.analysis.mechanism import preprocessing_readout
 
     model = pto_transformer(TASK.d, 1, ETA, groups=h)
     probe, test = fixed_prompts(TASK, 400, 0, "probe"), fixed_prompts(TASK, 200, 0, "test")

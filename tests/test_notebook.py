@@ -1,4 +1,5 @@
-"""The example notebook runs top to bottom without a cell error (smoke-sized, a few seconds)."""
+"""The example notebook runs top to bottom without a cell error on the zoo model (a few seconds), prints
+E2 and E3 for every ablation kind and shows the library's Figures inline."""
 
 from __future__ import annotations
 
@@ -23,5 +24,10 @@ def test_head_analysis_notebook_executes(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs)
     for kind in ("zero", "mean", "resample"):
-        assert f"{kind:>8}: kept" in text
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+        assert f"{kind:>8}: top-head share layer 1: head" in text  # E2
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"{kind:>8}: kept"))  # E3
+        assert line.startswith(f"{kind:>8}: kept [[1, 1, 1, 1], ") and "own read-out" in line
+        assert "control" in line and "last-layer probe" in line
+    figures = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(figures) == 3  # E2 importance, E2 attention, E4 probes: returned Figures shown inline
+    assert all(o["output_type"] == "execute_result" and o["data"]["text/plain"].startswith("<Figure") for o in figures)

@@ -215,6 +215,7 @@ def test_high_level_load_gives_model_task_and_float32_prompts(tiny_zoo):
     run = icl_heads.load(model_path("T", 0, 2, root))
     x, y, f = run.prompts(64)
     assert x.dtype == torch.float32 and run.task.d == 5 and run.seed == 0
+    assert torch.equal(run.prompt_set(64).x.to(x.dtype), x) and torch.equal(run.prompt_set(64, "val").x, fixed_prompts(run.task, 64, 0, "val").x)
     with torch.no_grad():
         pred, cache = run.model.run_with_cache(x, y, patterns=True)
     ref = evaluate(run.model, fixed_prompts(run.task, 64, 0, "test"), run.task).risk_norm

@@ -5,6 +5,7 @@
     x, y, f = run.prompts(500)                      # test prompts of the model's task and seed, float32
     pred, cache = run.model.run_with_cache(x, y, patterns=True)
     run.risk(pred, f)                               # normalised excess risk per context length
+    test = run.prompt_set(500)                      # the same prompts as a Prompts object, for icl_heads.analysis
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from .checkpoint import CheckpointError, load_model
 from .config import TaskConfig
 from .model import Transformer
-from .tasks import fixed_prompts
+from .tasks import Prompts, fixed_prompts
 
 
 @dataclass
@@ -33,9 +34,14 @@ class Loaded:
     def prompts(self, n: int, stream: str = "test") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x, y, f)`` of ``n`` fixed prompts of the model's task (the stream E1-E7 use), in the
         model's dtype; ``f`` is the noiseless target ``<w*, x>``."""
-        p = fixed_prompts(self.task, n, self.seed, stream)
+        p = self.prompt_set(n, stream)
         dtype = self.model.read_in.weight.dtype
         return p.x.to(dtype), p.y.to(dtype), p.f.to(dtype)
+
+    def prompt_set(self, n: int, stream: str = "test") -> Prompts:
+        """The same ``n`` prompts as one :class:`~icl_heads.tasks.Prompts` (``x, y, w, f``), as the
+        :mod:`icl_heads.analysis` functions take them (streams: test, val, probe, ablation, ...)."""
+        return fixed_prompts(self.task, n, self.seed, stream)
 
     def risk(self, pred: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """Normalised excess risk per context length: ``mean_b (pred - f)^2 / (s tau^2)`` (no gradient)."""

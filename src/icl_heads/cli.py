@@ -294,7 +294,7 @@ def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
     _check_analysis_args(preset, prompts, seed)
     preset = _analysis_preset(ckpt, preset, sets)
     dev = resolve_device(device)
-    from .analysis.mechanism import run_e6
+    from .experiments.e6_mechanism import run_e6
 
     with analysis_out(out, [ckpt] + ([single] if single else []), "E6", preset):
         s = run_e6(ckpt, out, single, preset=preset, n_prompts=prompts, seed=seed, device=dev,
@@ -555,7 +555,7 @@ def emergence(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
     _check_analysis_args(preset, prompts, seed)
     preset = _analysis_preset(ckpt, preset, sets)
     dev = resolve_device(device)
-    from .analysis.emergence import run_e7
+    from .experiments.e7_emergence import run_e7
     from .io import read_json
 
     run_e7(ckpt, out, preset=preset, n_prompts=prompts, seed=seed, device=dev)

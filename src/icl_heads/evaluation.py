@@ -15,12 +15,13 @@ from .tasks import Prompts
 @torch.no_grad()
 def batches_with_cache(model: Transformer, prompts: Prompts, batch_size: int = 1024,
                        head_gates: torch.Tensor | None = None, head_values: torch.Tensor | None = None,
-                       ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+                       patterns: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """Run ``model`` over ``prompts`` in chunks (eval mode, no autograd, in the model's dtype and device).
 
     Yields ``(predictions, cache)`` per chunk; the model's train/eval mode is restored afterwards.
     ``head_gates`` may be ``(L, h)`` or ``(B, L, h)`` (one gate set per prompt); ``head_values``
     (what gated-off heads output, see ``model``) ``(L, T, h, d_head)`` or ``(B, L, T, h, d_head)``.
+    ``patterns=True`` adds the attention patterns (``run_with_cache``; the explicit softmax path).
     """
     was_training = model.training
     model.eval()
@@ -30,7 +31,7 @@ def batches_with_cache(model: Transformer, prompts: Prompts, batch_size: int = 1
             p = prompts.slice(i, i + batch_size).to(p0.device, p0.dtype)
             g = _rows(head_gates, i, batch_size, 3, p0.device)
             v = _rows(head_values, i, batch_size, 5, p0.device)
-            yield model.run_with_cache(p.x, p.y, g, v)
+            yield model.run_with_cache(p.x, p.y, g, v, patterns=patterns)
     finally:
         model.train(was_training)
 

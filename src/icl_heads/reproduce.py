@@ -200,12 +200,12 @@ def seed_stages(runner: StageRunner, sd: Path, prefix: str, pk: Preset, device: 
     """E1-E4, E6 and E7 of one seed into ``sd`` (stages named ``{prefix}/e1`` ...), on the models
     ``given`` (``h -> checkpoint``) or the ones E1 trained. ``first``: the first seed also runs E6c and
     E6's any-T context (model-independent or verdict-free); ``e5_csv``: E1 reuses E5's estimator rows."""
-    from .analysis.emergence import run_e7
     from .analysis.pruning import default_policy
     from .experiments.e2_importance import run_e2
     from .experiments.e3_pruning import run_e3
-    from .analysis.mechanism import run_e6
     from .experiments.e4_probes import run_e4
+    from .experiments.e6_mechanism import run_e6
+    from .experiments.e7_emergence import run_e7
     from .experiments.heads_sweep import E1_ESTIMATORS, model_dir, run_e1
 
     runner.run(f"{prefix}/e1", sd / "e1",

@@ -2,7 +2,7 @@
 
 Training keeps log-spaced snapshots (``train.snapshots``, ``training.snapshot_steps``) under
 ``<checkpoint>/snapshots/step{N}/``. For each snapshot of a seed's largest-head model,
-:func:`emergence_rows` runs
+:func:`snapshot_rows` runs
 
 * head assessment (E2's :func:`~icl_heads.analysis.importance.assess_heads`) on the ``val`` prompts:
   per-layer top-head share with its bootstrap CI, and the head ranking;
@@ -13,34 +13,25 @@ Training keeps log-spaced snapshots (``train.snapshots``, ``training.snapshot_st
 Ranking on ``val`` and scoring on ``test`` is E3's design; using the same assessment for the
 shares costs one assessment per snapshot instead of two. :func:`trend` turns a seed's snapshots
 into "strengthens / fades / flat" by comparing CIs (rule in its docstring).
+
+No file is read or written here: :mod:`icl_heads.experiments.e7_emergence` finds the snapshots,
+loads them, writes ``emergence.csv`` and draws the report's figure.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from ..config import Preset, TaskConfig
+from ..config import TaskConfig
 from ..evaluation import predict
-from ..io import read_csv, write_csv, write_json, write_provenance
 from ..metrics import squared_errors
-from ..tasks import Prompts, fixed_prompts
-from ..experiments.loading import load_for_analysis, resolve_preset
+from ..tasks import Prompts
 from .importance import assess_heads
 from .pruning import control_policy, default_policy, paired_ratio, prune_gates
 
-SNAPSHOT_DIR = "snapshots"
 LEARNING = 0.9  # a snapshot counts as "learning started" once its risk at n = d is below this (zero predictor: 1)
-
-
-def snapshot_dirs(ckpt: str | Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every snapshot of ``ckpt``, by step."""
-    root = Path(ckpt) / SNAPSHOT_DIR
-    found = [(int(p.name.removeprefix("step")), p) for p in root.glob("step*") if (p / "meta.json").exists()]
-    return sorted(found)
 
 
 def snapshot_rows(model: Any, task: TaskConfig, step: int, val: Prompts, test: Prompts, seed: int,
@@ -64,31 +55,6 @@ def snapshot_rows(model: Any, task: TaskConfig, step: int, val: Prompts, test: P
                  pruned_ratio=pruned["ratio"], pruned_ci_low=pruned["ci_low"], pruned_ci_high=pruned["ci_high"],
                  control_ratio=control["ratio"], risk_norm_at_d=risk_d, ablation="zero", n_prompts=test.batch)
             for c in conc]
-
-
-def run_e7(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None, n_prompts: int | None = None,
-           seed: int | None = None, device: str = "cpu", n_boot: int = 1000) -> list[dict[str, Any]]:
-    """E7 for one checkpoint's snapshots: ``emergence.csv`` and ``summary.json`` in ``out``."""
-    from ..config import ConfigError
-
-    out = Path(out)
-    snaps = snapshot_dirs(ckpt)
-    if not snaps:
-        raise ConfigError(f"snapshots: {ckpt} has no training snapshots (train with train.snapshots > 0)")
-    pre = resolve_preset(snaps[0][1], preset)  # every snapshot of a run shares its task and seed
-    seed = pre.seed if seed is None else seed
-    n = n_prompts or pre.eval.n_emergence
-    val, test = fixed_prompts(pre.task, n, seed, "val"), fixed_prompts(pre.task, n, seed, "test")
-    rows: list[dict[str, Any]] = []
-    for step, path in snaps:
-        model, _, _ = load_for_analysis(path, pre, device)
-        rows += snapshot_rows(model, pre.task, step, val, test, seed, n_boot)
-    write_csv(out / "emergence.csv", rows)
-    write_json(out / "summary.json", {"checkpoint": str(ckpt), "steps": [s for s, _ in snaps],
-                                      "trend": trend(rows)})
-    write_provenance(out, pre, seed, experiment="E7", checkpoint=str(ckpt),
-                     snapshots=[str(p) for _, p in snaps], share_stream="val", ratio_stream="test")
-    return rows
 
 
 # --------------------------------------------------------------------------- trends
@@ -128,68 +94,3 @@ def trend(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "pruned_ratio": p, "claim_2a": c2a,
             "first": {"shares": [r["top_share"] for r in first], "pruned_ratio": first[0]["pruned_ratio"]},
             "last": {"shares": [r["top_share"] for r in last], "pruned_ratio": last[0]["pruned_ratio"]}}
-
-
-def read_emergence(paths: Sequence[Path]) -> dict[int, list[dict[str, Any]]]:
-    """``seed index -> numeric rows`` from several seeds' ``emergence.csv``."""
-    out = {}
-    for k, p in enumerate(paths):
-        out[k] = [{key: (float(v) if key not in ("ablation",) else v) for key, v in r.items()} for r in read_csv(p)]
-    return out
-
-
-def _yerr(rs: Sequence[dict[str, Any]], mid: str, lo: str, hi: str) -> np.ndarray:
-    """Error bars from CI columns; a percentile bootstrap CI need not contain the point, so clip at 0."""
-    e = np.array([[r[mid] - r[lo] for r in rs], [r[hi] - r[mid] for r in rs]], dtype=float)
-    return np.nan_to_num(np.clip(e, 0, None))
-
-
-def plot_emergence(per_seed: dict[int, list[dict[str, Any]]], seeds: Sequence[int], path: str | Path,
-                   title: str) -> Path:
-    """Left: top-head share per layer vs training step (every seed, log x); right: risk at n = d."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..io import save_figure
-
-    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    markers = "osd^v<>"
-    for k, rows in per_seed.items():
-        layers = sorted({int(r["layer"]) for r in rows})
-        for l in layers:
-            rs = sorted((r for r in rows if int(r["layer"]) == l), key=lambda r: r["step"])
-            x = [r["step"] for r in rs]
-            ax.errorbar(x, [r["top_share"] for r in rs],
-                        yerr=_yerr(rs, "top_share", "ci_low", "ci_high"),
-                        color=f"C{l - 1}", marker=markers[k % len(markers)], ms=4, capsize=2, lw=1,
-                        label=f"layer {l}" if k == 0 else None)
-        rs = sorted((r for r in rows if int(r["layer"]) == 1), key=lambda r: r["step"])
-        x = [r["step"] for r in rs]
-        ax2.plot(x, [r["risk_norm_at_d"] for r in rs], marker=markers[k % len(markers)], label=f"seed {seeds[k]}")
-        ax3.errorbar(x, [r["pruned_ratio"] for r in rs],
-                     yerr=_yerr(rs, "pruned_ratio", "pruned_ci_low", "pruned_ci_high"),
-                     marker=markers[k % len(markers)], capsize=2, label=f"seed {seeds[k]}")
-    for a in (ax, ax2, ax3):
-        a.set_xscale("log")
-        a.set_xlabel("training step")
-        a.grid(True, which="both", alpha=0.3)
-    ax.axhline(0.5, color="k", lw=0.6, ls=":")
-    ax.set_ylabel("top-head share of layer importance")
-    ax.set_title("E2 on snapshots (markers: seeds)")
-    ax.legend(fontsize=8)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("normalised risk at n = d")
-    ax2.set_title("risk")
-    ax2.legend(fontsize=8)
-    ax3.axhline(1.25, color="k", lw=0.6, ls=":")
-    ax3.set_yscale("log")
-    ax3.set_ylabel("pruned / full risk (own read-out)")
-    ax3.set_title("E3 on snapshots")
-    ax3.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = save_figure(fig, path)
-    plt.close(fig)
-    return out

@@ -3,6 +3,8 @@
 * :func:`parse_policy` / :func:`prune_gates` turn a policy such as ``"1:all,2:top1,3:top1"``
   (1-based layers, as in the paper) into gates from a :class:`~.importance.HeadImportance`;
   :func:`control_policy` is the same policy with layer 1 cut to its top head too.
+* :func:`policy_gates` gives a policy's pruned and control gates; :func:`gated_readouts` scores gated
+  models by the three read-outs E3 judges (own read-out, last-layer probes before/after the final LN).
 * :func:`finetune` is a short fine-tune with the gates fixed ("does training recover what pruning lost?").
 * :func:`paired_ratio` and :func:`claim2a_stats` are claim 2a's statistics with paired bootstrap CIs.
 
@@ -13,16 +15,18 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from ..config import ConfigError, TaskConfig
 from ..model import Transformer
+from ..tasks import Prompts
 from ..training import fine_tune
 from .ablation import Ablation
 from .importance import HeadImportance
+from .probes import final_readouts
 
 
 _SPEC = re.compile(r"^(all|top([1-9][0-9]*))$")
@@ -82,6 +86,25 @@ def prune_gates(importance: HeadImportance, policy: str) -> torch.Tensor:
             raise ConfigError(f"keep: layer {l} asks for top{k} but the model has {h} heads")
         gates[l - 1, importance.ranking(l - 1)[:k]] = 1.0
     return gates * torch.as_tensor(importance.base_gates, dtype=gates.dtype)
+
+
+def policy_gates(importance: HeadImportance, policy: str) -> dict[str, torch.Tensor]:
+    """``{"pruned": gates of policy, "control": gates of its control}`` ``(L, h)``, ranked by ``importance``."""
+    return {"pruned": prune_gates(importance, policy), "control": prune_gates(importance, control_policy(policy))}
+
+
+def gated_readouts(models: Transformer | Mapping[str, Transformer], gates: Mapping[str, torch.Tensor],
+                   ablation: Ablation, fit: Prompts, test: Prompts, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """``name -> {"model", "probe", "probe_ln"} -> (P, N)`` squared errors of each gating in ``gates``.
+
+    Gated-off heads output ``ablation``'s values on ``test``, and on ``fit`` (where the probes are fitted)
+    those of another donor pairing (``seed + 1``), so the probe is not fitted on the test prompts' donors.
+    ``models`` maps names to models (fine-tuned ones) or is the one model every gating applies to.
+    """
+    test_v, fit_v = ablation.values(test.batch), ablation.repaired(seed + 1).values(fit.batch)
+    by_name = models if isinstance(models, Mapping) else {name: models for name in gates}
+    return {name: final_readouts(by_name[name], fit, test, torch.as_tensor(g), fit_v, test_v)
+            for name, g in gates.items()}
 
 
 def finetune(model: Transformer, gates: torch.Tensor, task: TaskConfig, steps: int, batch_size: int = 64,

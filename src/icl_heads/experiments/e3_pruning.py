@@ -14,7 +14,8 @@ import torch
 from ..analysis.ablation import REFERENCE_STREAM, make_ablations, parse_ablations
 from ..analysis.importance import assess_heads_kinds
 from ..analysis.probes import final_readouts
-from ..analysis.pruning import claim2a_stats, control_policy, default_policy, finetune, paired_ratio, parse_policy, prune_gates
+from ..analysis.pruning import (claim2a_stats, control_policy, default_policy, finetune, gated_readouts, paired_ratio,
+                                parse_policy, policy_gates)
 from ..claims.keys import in_context_n_min
 from ..config import Preset
 from ..io import write_csv, write_json, write_provenance
@@ -66,18 +67,15 @@ def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset:
     curves = {"full": rows[:]}
     by_kind = {}
     for kind, abl in abls.items():
-        gates = {"pruned": prune_gates(imps[kind], policy).numpy(), "control": prune_gates(imps[kind], control).numpy()}
+        gates = policy_gates(imps[kind], policy)
         models = {name: model for name in gates}
         if finetune_steps:
             for name in ("pruned", "control"):
                 models[f"{name}+ft"] = finetune(model, torch.as_tensor(gates[name]), pre.task, finetune_steps,
                                                 pre.train.batch_size, lr=pre.train.lr * 0.1, seed=seed, ablation=abl)
                 gates[f"{name}+ft"] = gates[name]
-        test_v, fit_v = abl.values(n), abl.repaired(seed + 1).values(n)
         errs, probe, probe_ln = {"full": full_err}, {"full": full_probe}, {"full": full_probe_ln}
-        for name, g in gates.items():
-            gt = torch.as_tensor(g)
-            reads = final_readouts(models[name], fit, test, gt, fit_v, test_v)
+        for name, reads in gated_readouts(models, gates, abl, fit, test, seed).items():
             errs[name], probe[name], probe_ln[name] = reads["model"], reads["probe"], reads["probe_ln"]
             label = name if len(kinds) == 1 else f"{name} [{kind}]"
             c = curve_from_errors(errs[name], pre.task).rows(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from ..analysis.ablation import REFERENCE_STREAM, make_ablations, parse_ablations
 from ..analysis.importance import assess_heads_kinds
@@ -19,6 +20,7 @@ from ..config import ConfigError, Preset
 from ..evaluation import evaluate
 from ..io import save_figure, write_csv, write_json, write_provenance
 from ..model import Transformer
+from ..plotting import new_figure
 from ..tasks import fixed_prompts
 from .loading import load_for_analysis
 
@@ -95,17 +97,16 @@ def _mean_by_layer(rows: list[dict[str, Any]], n_min: int = 1) -> dict[str, dict
 
 
 def plot_probes(rows: list[dict[str, Any]], path: str | Path, title: str, n_min: int = 1) -> Path:
+    """:func:`probes_figure` saved to ``path``."""
+    return save_figure(probes_figure(rows, title, n_min), path)
+
+
+def probes_figure(rows: list[dict[str, Any]], title: str, n_min: int = 1) -> Figure:
     """Left: probe risk vs layer (mean over n >= n_min), one line per model. Then one panel per
     layer (probe risk vs n) and a last panel with the models' own outputs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-
     layers = sorted({(r["layer_index"], str(r["layer"])) for r in rows})
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(layers) + 1, figsize=(3.0 * (len(layers) + 1), 3.4), squeeze=False)
+    fig, axes = new_figure(1, len(layers) + 1, figsize=(3.0 * (len(layers) + 1), 3.4), squeeze=False)
     summary = _mean_by_layer(rows, n_min)
     ax0 = axes[0][0]
     for i, m in enumerate(models):
@@ -135,6 +136,4 @@ def plot_probes(rows: list[dict[str, Any]], path: str | Path, title: str, n_min:
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = save_figure(fig, path)
-    plt.close(fig)
-    return out
+    return fig

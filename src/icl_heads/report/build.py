@@ -21,6 +21,8 @@ from ..plotting import new_figure
 from ..runs import layout
 from ..claims.across_seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Verdict
 from ..claims.rules import compute_verdicts, curves
+from ..analysis.emergence import trend
+from ..experiments.e7_emergence import plot_emergence, read_emergence
 
 
 def write_report(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float] = ()) -> Path:
@@ -279,6 +281,9 @@ def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -
               [[r.get("ablation", "zero"), r["layer"], r["top_head"], float(r["top_share"]),
                 f"[{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}]", float(r["uniform_share"])]
                for r in read_csv(sd / "e2" / layout.E2_CONCENTRATION)])
+    if (sd / "e2" / layout.E2_PATTERNS_PNG).exists():  # softmax models only
+        doc.figure(sd / "e2" / layout.E2_PATTERNS_PNG, "Attention of each layer's top head (zero ablation) at the query "
+                   "with the longest context: mean weight on each context example, and weight vs |y_k|.")
     doc.heading("E3 — pruning")
     doc.figure(sd / "e3" / layout.E3_PNG, "Full vs pruned (layer 1 all heads, later layers top head) vs control.")
     e3 = read_json(sd / "e3" / layout.E3_SUMMARY)
@@ -314,8 +319,6 @@ def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -
 
 def _e7_section(doc: Document, out: Path, preset: Preset, seeds: int) -> None:
     """E7: the emergence figure over seeds, one sentence per claim, the per-snapshot table."""
-    from ..analysis.emergence import plot_emergence, read_emergence, trend
-
     paths = [layout.stage_dir(out, "e7", k) / layout.E7_CSV for k in range(seeds)]
     if not all(p.exists() for p in paths):
         return

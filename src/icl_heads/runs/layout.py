@@ -10,8 +10,8 @@
         seed{k}/     one folder per seed index k = 0 .. seeds-1 (seed = preset.seed + k)
           e1/ e2/ e3/ e4/ e6/ e7/     one per stage, each with a stage.json marker
 
-The file names inside a stage folder are those its experiment writes (``experiments/``,
-``analysis/``); the ones read across modules are named below.
+The file names inside a stage folder are those its runner in ``experiments/`` writes; the ones read
+across modules (or added to a stage, such as E2's attention figure) are named below.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ SEED_STAGES = ("e1", "e2", "e3", "e4", "e6", "e7")
 E1_CSV, E1_PNG = "e1_heads.csv", "e1_heads.png"
 E2_CONCENTRATION, E2_PNG = "concentration.csv", "head_importance.png"
 E2_CLAIM1B, E2_EFFECTIVE_HEADS = "claim1b.csv", "effective_heads.csv"
+E2_PATTERNS_PNG, E2_PATTERNS_CSV = "attention_patterns.png", "attention_patterns.csv"  # softmax models only
 SUMMARY = "summary.json"  # E2's, E3's and E4's summaries share the name
 E3_SUMMARY, E3_PNG, E3_CLAIM2A = SUMMARY, "pruning.png", "claim2a.csv"
 E4_CSV, E4_SUMMARY, E4_PNG = "probes.csv", SUMMARY, "probes.png"
