@@ -13,7 +13,7 @@ from icl_heads.evaluation import predict
 from icl_heads.io import read_csv, read_json
 from icl_heads.model import Transformer
 from icl_heads.tasks import fixed_prompts, generator, sample_prompts
-from icl_heads.analysis.importance import ABLATE, KEEP, HeadImportance, assess_heads, claim1_verdict, top_share
+from icl_heads.analysis.importance import ABLATE, KEEP, HeadImportance, assess_heads, top_share
 from icl_heads.analysis.pruning import control_policy, default_policy, finetune, paired_ratio, parse_policy, prune_gates
 
 TASK = TaskConfig(d=4, s=2, sigma=0.1, n_max=12)
@@ -195,14 +195,8 @@ def test_concentration_share_ci_and_stability_against_numpy():
     assert conc[1]["top_head_stability"] == 1.0 and conc[0]["top_head_stability"] < 0.9
     assert np.isnan(conc[2]["top_share"]) and np.isnan(top_share(np.zeros((1, 4))))[0]
     assert conc[1]["share_minus_layer1_ci_low"] > 0.4  # layer 2 clearly more concentrated than layer 1
-    v = claim1_verdict(imp.rows(), conc[:2])
-    assert v["all_layer1_heads_matter"] and v["one_head_dominates_later_layers"]
-    assert v["later_layers_more_concentrated"] and v["reproduces"]
     swapped = _synthetic(d[[1, 0]]).concentration(n_boot=300)  # concentrated first layer, spread second
     assert swapped[1]["share_minus_layer1_ci_high"] < 0
-    v = claim1_verdict(_synthetic(d[[1, 0]]).rows(), swapped)
-    assert not v["all_layer1_heads_matter"] and not v["one_head_dominates_later_layers"]
-    assert not v["later_layers_more_concentrated"] and not v["reproduces"]
     # constant deltas: every resample gives the same share, so the CI collapses
     const = imp.__class__(imp.base_err, imp.ablate_err.copy(), imp.keep_err, imp.base_gates, 1.0)
     const.ablate_err[..., 1] = 1.0 + np.array([2.0, 1.0, 1.0, 0.0])[None, :, None]
@@ -271,6 +265,8 @@ def test_cli_assess_heads_and_prune_on_the_hand_model(hand_ckpt, tmp_path):
 
     main(["prune", str(hand_ckpt), "--out", str(tmp_path / "e3"), "--keep", "1:all,2:top1", "--finetune", "2"])
     s = read_json(tmp_path / "e3" / "summary.json")
+    assert s["experiment"] == "E3" and s["ablations"] == ["zero"] and "kept_heads" not in s  # kinds own their numbers
+    s = s["by_ablation"]["zero"]
     assert s["kept_heads"]["pruned"] == [[1, 2], [SIGNAL + 1]]
     assert s["risk_ratio_vs_full"]["pruned"]["ratio"] == pytest.approx(1.0, abs=1e-5)
     assert s["risk_ratio_vs_full"]["control"]["ratio"] > 1.0
@@ -398,7 +394,7 @@ def test_e3_probe_ratio_equals_a_hand_fitted_ridge_probe(hand_ckpt, tmp_path):
     from icl_heads.experiments.e3_pruning import run_e3
     from icl_heads.analysis.probes import ALPHAS
 
-    s = run_e3(hand_ckpt, tmp_path / "e3", "1:top1,2:top1", n_prompts=60, seed=5, n_boot=200)
+    s = run_e3(hand_ckpt, tmp_path / "e3", "1:top1,2:top1", n_prompts=60, seed=5, n_boot=200)["by_ablation"]["zero"]
     m = hand_model()
     fit, test = fixed_prompts(TASK, 60, 5, "probe"), fixed_prompts(TASK, 60, 5, "test")
     q = m.layout(TASK.n_max + 1)[0].query_index
@@ -427,7 +423,6 @@ def test_e3_probe_ratio_equals_a_hand_fitted_ridge_probe(hand_ckpt, tmp_path):
     assert abs(want - 1) > 1e-3  # pruning changes the probe's risk
     lo, hi = s["probe_ratio_ci"]
     assert lo <= s["probe_ratio"] <= hi
-    assert s["by_ablation"]["zero"]["probe_ratio"] == s["probe_ratio"]
     own = s["risk_ratio_vs_full"]["pruned"]["ratio"]
     assert own != pytest.approx(want, rel=1e-3)  # the probe is not the model's own read-out
 

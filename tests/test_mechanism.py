@@ -136,7 +136,7 @@ def test_run_e6_writes_everything(tiny_ckpts, tmp_path):
     s = run_e6(tiny_ckpts[0], out, single_ckpt=tiny_ckpts[1], n_prompts=40)
     for f in ("e6a_r2.csv", "e6a_r2_by_position.csv", "e6b_agreement.csv", "e6b_summary.csv", "e6b_verdict.csv",
               "e6c_construct.csv", "e6a_r2.png", "e6b_agreement_h2.png", "e6b_agreement_h1.png",
-              "e6_summary.json", "config.json"):
+              "summary.json", "config.json"):
         assert (out / f).exists(), f
     assert s["e6c_max_abs_dev"] < 1e-8
     models = {r["model"] for r in read_csv(out / "e6b_agreement.csv")}

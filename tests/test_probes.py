@@ -102,7 +102,8 @@ def test_cli_probe_full_pruned_and_compare(tmp_path):
     assert {r["layer"] for r in rows} == {"embed", "1", "2", "model output"}
     s = read_json(tmp_path / "e4" / "summary.json")
     assert s["prune_policy"] == "1:all,2:top1"
-    assert np.asarray(s["gates"]["h=2 pruned"]).sum(1).tolist() == [2.0, 1.0]
+    assert s["experiment"] == "E4" and set(s["models"]) == {"h=2 full", "h=1 full"}
+    assert np.asarray(s["by_ablation"]["zero"]["h=2 pruned"]["gates"]).sum(1).tolist() == [2.0, 1.0]
     assert (tmp_path / "e4" / "probes.png").exists() and (tmp_path / "e4" / "config.json").exists()
     with pytest.raises(SystemExit) as e:
         main(["probe", str(tmp_path / "h2"), "--prune", "1:every", "--out", str(tmp_path / "bad")])
@@ -126,7 +127,7 @@ def test_probe_pruned_with_mean_and_resample_ablation(tmp_path):
     for kind in ("mean", "resample"):
         assert by[(f"h=2 pruned ({kind})", "1", "5")] == pytest.approx(by[("h=2 full", "1", "5")], rel=1e-9)
     abl = make_ablations(m, ["resample"], TASK, 40, seed=pre.seed)["resample"]
-    g = torch.tensor(s["gates"]["h=2 pruned (resample)"])
+    g = torch.tensor(s["by_ablation"]["resample"]["h=2 pruned (resample)"]["gates"])
     test = fixed_prompts(TASK, 40, pre.seed, "test")
     want = evaluate(m, test, TASK, head_gates=g, head_values=abl.values(40)).rows()
     got = sorted((r for r in rows if r["model"] == "h=2 pruned (resample)" and r["layer"] == "model output"),

@@ -187,7 +187,7 @@ def test_cli_train_eval_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     assert {"transformer h=1", "transformer h=2", "ridge", "lasso", "bayes"} <= labels
     for lab in labels:
         assert sorted(int(r["n"]) for r in rows if r["label"] == lab) == list(range(1, 11))
-    assert (e1 / "e1_heads.png").exists() and (e1 / "e1_summary.json").exists()
+    assert (e1 / "e1_heads.png").exists() and (e1 / "summary.json").exists()
     # a finished model is reused, not retrained
     mtime = (e1 / "models" / "h1" / "model.safetensors").stat().st_mtime_ns
     info = train_models(small, e1, "cpu")

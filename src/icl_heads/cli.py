@@ -271,14 +271,14 @@ def probe(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
     kinds = _check_ablation(ablation)
     dev = resolve_device(device)
     from .analysis.pruning import parse_policy
-    from .experiments.e4_probes import run_e4
+    from .experiments.e4_probes import run_e4, summary_models
 
     if prune_policy not in (None, "default"):
         parse_policy(prune_policy)
     with analysis_out(out, [ckpt, *compare], "E4", preset):
         s = run_e4(ckpt, out, prune_policy, list(compare), preset, prompts, seed, dev, ablations=kinds)
-    for m, by_layer in s["mean_probe_risk_norm"].items():
-        click.echo(f"{m}: " + ", ".join(f"{l}={v:.3f}" for l, v in by_layer.items()))
+    for m, v in summary_models(s).items():
+        click.echo(f"{m}: " + ", ".join(f"{l}={r:.3f}" for l, r in v["mean_probe_risk_norm"].items()))
     click.echo(f"E4 written to {out}")
 
 

@@ -13,7 +13,8 @@
 * :meth:`HeadImportance.concentration` is the per-layer concentration score: the share of the
   top head in the layer's total (positive) importance, ``1/h`` when all heads matter equally
   and 1 when one head carries everything, with a paired bootstrap CI over prompts.
-* :func:`claim1_verdict` turns those statistics into SPEC claim 1's three checks.
+* Claim 1b is judged from :meth:`HeadImportance.claim1b_stats` (effective heads, keep-top ratio) by
+  :mod:`icl_heads.claims.rules`; the top-head shares stay as a secondary view.
 
 No file is read or written here: :mod:`icl_heads.experiments.e2_importance` is the runner (CLI,
 ``reproduce``) that loads a checkpoint and writes the run folder. Pruning is :mod:`.pruning`.
@@ -405,28 +406,5 @@ def _check_prompts(model: Transformer, prompts: Prompts) -> None:
     if prompts.x.shape[1] > model.cfg.n_max + 1:
         raise ConfigError(f"task.n_max: prompts have {prompts.x.shape[1] - 1} context examples, "
                           f"the model at most {model.cfg.n_max}")
-
-
-
-def claim1_verdict(rows: list[dict[str, Any]], conc: list[dict[str, Any]]) -> dict[str, Any]:
-    """SPEC claim 1 as three checks with 95% CIs (needs h > 1):
-
-    * every layer-1 head matters: its importance CI is above 0 (a weak, statistical "matters");
-    * one head dominates every later layer: its share of the layer's importance has CI above 1/2;
-    * every later layer is more concentrated than layer 1: the paired CI of the share gap is above 0.
-    """
-    l1 = [r for r in rows if r["layer"] == 1]
-    later = [c for c in conc if c["layer"] > 1]
-    all_l1 = all(r["ci_low"] > 0 for r in l1)
-    dominant = bool(later) and all(c["ci_low"] > 0.5 for c in later)
-    conc_later = bool(later) and all(c["share_minus_layer1_ci_low"] > 0 for c in later)
-    return dict(all_layer1_heads_matter=all_l1, one_head_dominates_later_layers=dominant,
-                later_layers_more_concentrated=conc_later,
-                reproduces=all_l1 and dominant and conc_later and len(l1) > 1,
-                layer1_importance_ci_low=[r["ci_low"] for r in l1],
-                top_share=[c["top_share"] for c in conc],
-                rule="all layer-1 head importances have 95% CI > 0; every later layer's top-head share has "
-                     "95% CI > 1/2; and for every later layer the paired bootstrap 95% CI of (top share - "
-                     "layer-1 top share) is > 0; needs h > 1")
 
 

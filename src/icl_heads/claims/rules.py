@@ -113,8 +113,8 @@ def _ci_text(s: Stat, lo: float, hi: float) -> str:
 
 
 def ablation_kinds(folder: Path) -> list[AblationKind]:
-    """Ablation kinds an E2/E3 folder holds (``summary.json``; older runs: zero only)."""
-    return [AblationKind(k) for k in read_json(folder / layout.SUMMARY).get("ablations", ["zero"])]
+    """Ablation kinds an E2/E3 folder holds (its ``summary.json``)."""
+    return [AblationKind(k) for k in read_json(folder / layout.SUMMARY)["ablations"]]
 
 
 def _stat_row(rows: list[dict[str, Any]], source: Path | str, what: str, stat: str) -> tuple[float, float, float]:

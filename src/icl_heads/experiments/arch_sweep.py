@@ -83,8 +83,8 @@ def run_arch_sweep(preset: Preset, out: str | Path, layers: Sequence[int], mlps:
 
 
 def _kinds(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per-ablation-kind parts of an E2/E3 summary (older summaries: the zero ablation only)."""
-    return summary.get("by_ablation") or {"zero": summary}
+    """Per-ablation-kind parts of an E2/E3 summary."""
+    return summary["by_ablation"]
 
 
 def arch_table(preset: Preset, out: str | Path, device: str = "cpu") -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..analysis.ablation import REFERENCE_STREAM, make_ablations, parse_ablations
-from ..analysis.importance import ABLATE, KEEP, HeadImportance, assess_heads_kinds, claim1_verdict, per_layer_share
+from ..analysis.importance import ABLATE, KEEP, HeadImportance, assess_heads_kinds, per_layer_share
 from ..analysis.patterns import PATTERN_PROMPTS, pattern_rows, query_attention, top_heads
 from ..claims.keys import in_context_n_min
 from ..config import Preset
@@ -33,7 +33,7 @@ def run_e2(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
     """E2 for one checkpoint: CSVs, heat-map figure, concentration with CIs, summary JSON.
 
     Several ``ablations`` share the base pass and go into the same CSVs (column ``ablation``);
-    ``summary.json`` holds the first kind at top level and every kind under ``by_ablation``.
+    ``summary.json`` holds the run's settings and every kind's numbers under ``by_ablation``.
     """
     out = Path(out)
     kinds = parse_ablations(ablations)
@@ -52,7 +52,7 @@ def run_e2(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
         layer_rows, model_rows = imp.claim1b_stats(n_from, n_boot, seed)
         eff, c1b, eff_n = eff + layer_rows, c1b + model_rows, eff_n + imp.effective_heads_by_n()
         base = curve_from_errors(imp.base_err, pre.task)
-        by_kind[kind] = dict(claim1=claim1_verdict(r, conc), base_risk_norm_mean=float(base.risk_norm[imp.n_min:].mean()),
+        by_kind[kind] = dict(base_risk_norm_mean=float(base.risk_norm[imp.n_min:].mean()),
                              importance=imp.score(ABLATE).tolist(), keep_importance=imp.score(KEEP).tolist(),
                              concentration=conc)
     write_csv(out / "head_importance.csv", rows)
@@ -68,7 +68,7 @@ def run_e2(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
     if model.cfg.attention == "softmax":  # linear attention has no softmax pattern to show
         write_attention_patterns(model, prompts, imps.get("zero", imps[kinds[0]]), out,
                                  title=f"E2 attention of each layer's top head, {model_label(model)} ({ckpt})")
-    summary = dict(**by_kind[kinds[0]], checkpoint=str(ckpt), n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads,
+    summary = dict(experiment="E2", checkpoint=str(ckpt), n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads,
                    n_prompts=prompts.batch, n_min=1, ablations=list(kinds), reference_stream=REFERENCE_STREAM,
                    by_ablation=by_kind)
     write_json(out / "summary.json", summary)

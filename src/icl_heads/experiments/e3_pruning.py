@@ -38,7 +38,7 @@ def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset:
     seed's h = 1 model, scored on the same prompts) also the fraction of the multi-head advantage
     that pruning loses.
     For every kind in ``ablations`` heads are ranked and pruned heads ablated that way;
-    ``summary.json`` holds the first kind at top level and every kind under ``by_ablation``.
+    ``summary.json`` holds the run's settings and every kind's numbers under ``by_ablation``.
     """
 
     out = Path(out)
@@ -101,8 +101,8 @@ def run_e3(ckpt: str | Path, out: str | Path, policy: str | None = None, preset:
     write_csv(out / "claim2a.csv", claim_rows)
     risk_vs_n(curves, out / "pruning.png", f"E3 pruning, {model_label(model)}: full vs {policy} vs control {control}"
               + ("" if kinds == ("zero",) else f" ({', '.join(kinds)} ablation)"))
-    summary = dict(checkpoint=str(ckpt), policy=policy, control=control, finetune_steps=finetune_steps,
-                   **by_kind[kinds[0]], n_prompts=n, n_min=n_min, ablations=list(kinds),
+    summary = dict(experiment="E3", checkpoint=str(ckpt), policy=policy, control=control,
+                   finetune_steps=finetune_steps, n_prompts=n, n_min=n_min, ablations=list(kinds),
                    reference_stream=REFERENCE_STREAM, probe="one RidgeCV per n on the residual stream after the last "
                    "layer, standardised features, fitted per model and gating on 'probe', scored on 'test'",
                    single_checkpoint=None if single_ckpt is None else str(single_ckpt), claim2a_n_from=n_from,

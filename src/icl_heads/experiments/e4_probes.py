@@ -46,6 +46,7 @@ def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare:
     # (label, model, gates, fit values, test values, checkpoint)
     runs: list[tuple[str, Transformer, Any, Any, Any, str]] = [(ModelKey(model.cfg.n_heads).e4_label, model, None, None,
                                                                 None, str(ckpt))]
+    kind_of: dict[str, str] = {}  # pruned model label -> the ablation kind that ranked and pruned it
     policy = None
     if prune is not None:
         policy = default_policy(model.cfg.n_layers) if prune == "default" else prune
@@ -54,6 +55,7 @@ def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare:
                                   n_min=in_context_n_min(pre.task.d), keep=False)  # ranked as E3 ranks them
         for kind, abl in abls.items():
             label = ModelKey(model.cfg.n_heads, Variant.PRUNED, AblationKind(kind)).e4_label
+            kind_of[label] = kind
             runs.append((label, model, prune_gates(imps[kind], policy), abl.repaired(seed + 1).values(n), abl.values(n),
                          str(ckpt)))
     for other in compare:
@@ -76,15 +78,24 @@ def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare:
                      model=label, checkpoint=path, layer="model output")]
     write_csv(out / "probes.csv", rows)
     plot_probes(rows, out / "probes.png", f"E4 linear probes of <w*, x_q> ({pre.name})")
-    summary = dict(checkpoint=str(ckpt), compare=[str(c) for c in compare], prune_policy=policy,
+    mean = _mean_by_layer(rows)
+    per_model = {label: {"gates": gates_used[label], "mean_probe_risk_norm": mean[label]} for label, *_ in runs}
+    summary = dict(experiment="E4", checkpoint=str(ckpt), compare=[str(c) for c in compare], prune_policy=policy,
                    ablations=list(kinds), reference_stream=REFERENCE_STREAM,
-                   gates=gates_used, n_fit=n, n_test=n, fit_stream="probe", test_stream="test",
+                   n_fit=n, n_test=n, fit_stream="probe", test_stream="test",
                    probe="one RidgeCV per (layer, n) on standardised features",
-                   mean_probe_risk_norm=_mean_by_layer(rows))
+                   models={label: v for label, v in per_model.items() if label not in kind_of},
+                   by_ablation={kind: {label: per_model[label] for label, k in kind_of.items() if k == kind}
+                                for kind in kinds} if kind_of else {})
     write_json(out / "summary.json", summary)
     write_provenance(out, pre, seed, experiment="E4", checkpoint=str(ckpt), compare=[str(c) for c in compare],
                      prune_policy=policy, alphas=ALPHAS, ablations=list(kinds), reference_stream=REFERENCE_STREAM)
     return summary
+
+
+def summary_models(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every probed model of an E4 ``summary.json`` by label: the unpruned ones and each kind's pruned one."""
+    return {**summary["models"], **{label: v for by in summary["by_ablation"].values() for label, v in by.items()}}
 
 
 def _mean_by_layer(rows: list[dict[str, Any]], n_min: int = 1) -> dict[str, dict[str, float]]:

@@ -2,7 +2,7 @@
 
 The statistics are :mod:`icl_heads.analysis.mechanism` (E6a decoders, E6b readouts vs algorithms,
 E6c's construction check); this module loads the checkpoints, runs them and writes the CSVs,
-figures, ``e6_summary.json`` and provenance.
+figures, ``summary.json`` and provenance.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..claims.keys import ModelKey
 from ..config import ConfigError, Preset
 from ..io import save_figure, write_csv, write_json, write_provenance
 from ..plotting import new_figure
+from ..runs import layout
 from ..tasks import fixed_prompts
 from .loading import load_for_analysis
 
@@ -81,7 +82,7 @@ def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = N
     figs = [plot_e6a(results["r2"], out / "e6a_r2.png", results["r2_position"])]
     figs += [plot_e6b(results["agreement"], lab, out / f"e6b_agreement_{lab}.png") for lab in labels]
     e6c = run_e6c(out) if with_construct else []
-    headline = dict(
+    headline = dict(experiment="E6",
         checkpoints={lab: str(p) for lab, (p, _) in zip(labels, models)}, seed=seed, **sizes,
         e6a_mean_r2={f"{r['model']}/{r['source']}/{r['target']}": r["r2"]
                      for r in results["r2"] if r["feature"] == "mean"},
@@ -95,7 +96,7 @@ def run_e6(ckpt: str | Path, out: str | Path, single_ckpt: str | Path | None = N
         e6c_max_abs_dev=max((r["max_abs_dev"] for r in e6c), default=None),
         figures=[str(f) for f in figs],
     )
-    write_json(out / "e6_summary.json", headline)
+    write_json(out / layout.E6_SUMMARY, headline)
     write_provenance(out, pre, seed, experiment="E6", checkpoints=headline["checkpoints"], sizes=sizes,
                      eta_grid=ETA_GRID, c_grid=C_GRID, decoder_alphas=ALPHAS.tolist())
     return headline

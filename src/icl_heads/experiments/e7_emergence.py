@@ -17,6 +17,7 @@ from ..analysis.emergence import snapshot_rows, trend
 from ..config import ConfigError, Preset
 from ..io import read_csv, save_figure, write_csv, write_json, write_provenance
 from ..plotting import new_figure
+from ..runs import layout
 from ..tasks import fixed_prompts
 from .loading import load_for_analysis, resolve_preset
 
@@ -46,7 +47,7 @@ def run_e7(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
         model, _, _ = load_for_analysis(path, pre, device)
         rows += snapshot_rows(model, pre.task, step, val, test, seed, n_boot)
     write_csv(out / "emergence.csv", rows)
-    write_json(out / "summary.json", {"checkpoint": str(ckpt), "steps": [s for s, _ in snaps],
+    write_json(out / layout.E7_SUMMARY, {"experiment": "E7", "checkpoint": str(ckpt), "steps": [s for s, _ in snaps],
                                       "trend": trend(rows)})
     write_provenance(out, pre, seed, experiment="E7", checkpoint=str(ckpt),
                      snapshots=[str(p) for _, p in snaps], share_stream="val", ratio_stream="test")

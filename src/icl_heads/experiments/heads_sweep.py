@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from ..claims.keys import ModelKey
 from ..config import Preset
+from ..runs import layout
 
 E1_ESTIMATORS = ("ols", "ridge", "lasso", "gd", "pto", "oracle_ls", "bayes")
 # ols (blows up at n = d) and oracle_ls (not an estimator; blows up at n < s) stay in the CSV, off the figure
@@ -169,9 +170,9 @@ def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | 
     write_csv(out / "e1_heads.csv", rows)
     risk_vs_n(curves, out / "e1_heads.png", f"E1: heads sweep ({preset.name}, d={preset.task.d}, "
               f"s={preset.task.s}, sigma={preset.task.sigma})", styles)
-    summary = _summary(rows, preset, marker_ns(preset.task))
+    summary = {"experiment": "E1", **_summary(rows, preset, marker_ns(preset.task))}
     summary.update(train_wall_s=train_wall, total_wall_s=time.perf_counter() - t0, models=trained)
-    write_json(out / "e1_summary.json", summary)
+    write_json(out / layout.E1_SUMMARY, summary)
     return summary
 
 

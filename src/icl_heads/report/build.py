@@ -22,6 +22,7 @@ from ..runs import layout
 from ..claims.across_seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Verdict
 from ..claims.rules import compute_verdicts, curves
 from ..analysis.emergence import trend
+from ..experiments.e4_probes import summary_models
 from ..experiments.e7_emergence import plot_emergence, read_emergence
 
 
@@ -291,10 +292,10 @@ def _experiment_sections(doc: Document, out: Path, preset: Preset, seeds: int) -
               [[kind, name, r["ratio"], f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"]
                + ([k["probe_ratio_vs_full"][name]["ratio"], "[{ci_low:.3f}, {ci_high:.3f}]".format(
                    **k["probe_ratio_vs_full"][name])] if "probe_ratio_vs_full" in k else ["-", "-"])
-               for kind, k in e3.get("by_ablation", {"zero": e3}).items() for name, r in k["risk_ratio_vs_full"].items()])
+               for kind, k in e3["by_ablation"].items() for name, r in k["risk_ratio_vs_full"].items()])
     doc.heading("E4 — layer-wise probes")
     doc.figure(sd / "e4" / layout.E4_PNG, "Ridge-probe excess risk per layer: full, pruned and single-head models.")
-    mp = read_json(sd / "e4" / layout.E4_SUMMARY)["mean_probe_risk_norm"]
+    mp = {m: v["mean_probe_risk_norm"] for m, v in summary_models(read_json(sd / "e4" / layout.E4_SUMMARY)).items()}
     layers = list(next(iter(mp.values())))
     doc.table(["model"] + layers, [[m] + [v[layer] for layer in layers] for m, v in mp.items()])
     doc.heading("E5 — algorithms")

@@ -41,11 +41,15 @@ E1_CSV, E1_PNG = "e1_heads.csv", "e1_heads.png"
 E2_CONCENTRATION, E2_PNG = "concentration.csv", "head_importance.png"
 E2_CLAIM1B, E2_EFFECTIVE_HEADS = "claim1b.csv", "effective_heads.csv"
 E2_PATTERNS_PNG, E2_PATTERNS_CSV = "attention_patterns.png", "attention_patterns.csv"  # softmax models only
-SUMMARY = "summary.json"  # E2's, E3's and E4's summaries share the name
+# every stage folder's summary (E1-E4, E6, E7): one name and one shape -- ``experiment``, the run's
+# settings, and, where a stage measures several ablation kinds (E2-E4), everything that depends on the
+# kind under ``by_ablation: {kind: ...}`` and nothing kind-dependent outside it
+SUMMARY = "summary.json"
+E1_SUMMARY = E2_SUMMARY = E7_SUMMARY = SUMMARY
 E3_SUMMARY, E3_PNG, E3_CLAIM2A = SUMMARY, "pruning.png", "claim2a.csv"
 E4_CSV, E4_SUMMARY, E4_PNG = "probes.csv", SUMMARY, "probes.png"
 E5_CSV, E5_PNG = "e5_risk.csv", "e5_risk.png"
-E6_SUMMARY, E6A_PNG, E6B_VERDICT, E6C_CSV = "e6_summary.json", "e6a_r2.png", "e6b_verdict.csv", "e6c_construct.csv"
+E6_SUMMARY, E6A_PNG, E6B_VERDICT, E6C_CSV = SUMMARY, "e6a_r2.png", "e6b_verdict.csv", "e6c_construct.csv"
 E6B_PNG_GLOB = "e6b_agreement_*.png"
 E7_CSV = "emergence.csv"
 
