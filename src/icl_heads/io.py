@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 PACKAGES = ("icl-heads", "torch", "numpy", "scikit-learn", "matplotlib", "click", "pydantic", "safetensors")
 
 
@@ -124,8 +126,6 @@ def write_provenance(out: str | Path, config: Any, seed: int, **extra: Any) -> P
 
 
 def _jsonable(o: Any) -> Any:
-    import numpy as np
-
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):

@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .analysis.pruning import default_policy
 from .config import ConfigError, Preset
+from .experiments.algorithms import run_e5
+from .experiments.e2_importance import run_e2
+from .experiments.e3_pruning import run_e3
+from .experiments.e4_probes import run_e4
+from .experiments.e6_mechanism import run_e6
+from .experiments.e7_emergence import run_e7
+from .experiments.heads_sweep import E1_ESTIMATORS, model_dir, run_e1, train_seeds
 from .io import environment, read_json, write_json
+from .report import write_report
 from .runs import layout
 from .runs.layout import SEED_STAGES, sigma_dir, stage_names  # noqa: F401  (the names reproduce has always had)
 
@@ -96,8 +107,6 @@ class StageRunner:
 
 def machine() -> str:
     """This machine in a few words, for the ETA: host, CPU cores and torch threads."""
-    import os
-    import platform
 
     import torch
 
@@ -141,9 +150,6 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
     ``models(k, h)``: the finished checkpoint of seed index ``k`` with ``h`` heads (the zoo's) to
     analyse instead of training (then there is no training stage and one noise level).
     """
-    from .experiments.algorithms import run_e5
-    from .experiments.heads_sweep import train_seeds
-    from .report import write_report
 
     seeds = preset.seeds if seeds is None else seeds
     if seeds < 1:
@@ -200,13 +206,6 @@ def seed_stages(runner: StageRunner, sd: Path, prefix: str, pk: Preset, device: 
     """E1-E4, E6 and E7 of one seed into ``sd`` (stages named ``{prefix}/e1`` ...), on the models
     ``given`` (``h -> checkpoint``) or the ones E1 trained. ``first``: the first seed also runs E6c and
     E6's any-T context (model-independent or verdict-free); ``e5_csv``: E1 reuses E5's estimator rows."""
-    from .analysis.pruning import default_policy
-    from .experiments.e2_importance import run_e2
-    from .experiments.e3_pruning import run_e3
-    from .experiments.e4_probes import run_e4
-    from .experiments.e6_mechanism import run_e6
-    from .experiments.e7_emergence import run_e7
-    from .experiments.heads_sweep import E1_ESTIMATORS, model_dir, run_e1
 
     runner.run(f"{prefix}/e1", sd / "e1",
                lambda d: run_e1(pk, d, device, estimators=E1_ESTIMATORS if first else None, e5_csv=e5_csv,

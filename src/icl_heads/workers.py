@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -156,8 +157,6 @@ def _collect(proc: BaseProcess, recv: Connection) -> Any:
 
 def stop_processes(procs: Sequence[BaseProcess], grace_s: float = 5.0) -> None:
     """Terminate ``procs`` (SIGTERM; SIGKILL for any still alive ``grace_s`` later) and reap them."""
-    import time
-
     for p in procs:
         if p.is_alive():
             p.terminate()

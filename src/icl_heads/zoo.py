@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ import torch
 from .checkpoint import META_FILE, MODEL_FILE, CheckpointError, load_meta, load_model
 from .config import ConfigError, ModelConfig, Preset, TaskConfig, TrainConfig, get_preset
 from .io import atomic_write_text, write_json
+from .tasks import fixed_prompts
+from .training import Member, TrainSpec, marker_ns, snapshot_dir, snapshot_steps, train, train_members
 from .workers import run_in_processes
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "zoo"
@@ -111,7 +115,6 @@ def complete_seeds(config: ZooConfig, root: Path = ZOO_DIR) -> list[int]:
 
 def snapshot_errors(run: Path, step: int, test: Any, ns: list[int], scale: float) -> np.ndarray:
     """Per-prompt normalised squared excess error ``(B, len(ns))`` of the snapshot at ``step``."""
-    from .training import snapshot_dir
 
     model, _ = load_model(snapshot_dir(run, step) if step else run)
     model.eval()
@@ -124,8 +127,6 @@ def convergence(run: Path, preset: Preset, tol: float = CONVERGENCE_TOL, n_boot:
     """The last-doubling test on the *test* prompts: risk at n = d/2, d, 2d of the snapshot at ``S/2``
     and at ``S`` (the last two log-spaced snapshots), the relative improvement with a paired bootstrap
     95% CI over prompts; converged when the improvement at n = d and at n = 2d is below ``tol``."""
-    from .tasks import fixed_prompts
-    from .training import marker_ns, snapshot_steps
 
     task = preset.task
     ns = marker_ns(task)
@@ -210,7 +211,6 @@ def cpu_kernels() -> str:
 
 
 def machine() -> str:
-    import os
 
     return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}".strip()
 
@@ -270,7 +270,6 @@ def spec_of(path: Path) -> Any:
 
     Bit-identical retraining also needs the recorded torch thread count (``meta["zoo"]["threads"]``,
     1 for every zoo model): CPU matmuls split their sums differently with more threads."""
-    from .training import TrainSpec
 
     meta = load_meta(path)
     return TrainSpec(TaskConfig.model_validate(meta["task"]), ModelConfig.model_validate(meta["model_config"]),
@@ -281,9 +280,7 @@ def spec_of(path: Path) -> Any:
 
 def _train_member(config: ZooConfig, seed: int, h: int, work: str, threads: int) -> str:
     """Worker: train (or resume) one member of a configuration into ``work``; progress lines to stdout."""
-    import time
 
-    from .training import train
 
     torch.set_num_threads(threads)
     tag = f"{config.name}/seed{seed}/h{h}"
@@ -332,8 +329,6 @@ def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_
             on_export(dest)
 
     if stacked:
-        from .training import Member, train_members
-        from .training import TrainSpec
 
         members = [Member(TrainSpec.from_preset(c.preset(k), h), runs[(c.name, k, h)]) for c, k, h in todo]
         if members:

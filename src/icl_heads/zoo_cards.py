@@ -10,7 +10,9 @@ validation prompts, as in E5).
 from __future__ import annotations
 
 from pathlib import Path
+
 from .checkpoint import load_meta
+from .estimators import estimator_table
 from .io import atomic_write_text
 from .training import marker_ns
 from .zoo import CONFIGS, SUMS_FILE, ZooConfig, available, model_path
@@ -20,7 +22,6 @@ BASELINES = ("ridge", "lasso", "pto_depth", "pto", "bayes")
 
 def baseline_risks(config: ZooConfig) -> dict[str, dict[int, float]]:
     """Normalised risk of the baselines at the marker n's on the configuration's seed-0 test prompts."""
-    from .estimators import estimator_table
 
     preset = config.preset(0)
     rows = estimator_table(preset, ["ridge", "lasso", "pto", "bayes"], depth_steps=preset.model.n_layers - 1)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import shutil
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
 
 from .config import ConfigError
+from .experiments.algorithms import run_e5
 from .io import atomic_write_text, read_json, write_json
 from .reproduce import E5_FIELDS, StageRunner, check_folder, reproduce, seed_preset, seed_stages
 from .runs.layout import SEED_STAGES
@@ -59,10 +62,7 @@ def analyse_pairs(out: Path, plan: Sequence[tuple[ZooConfig, int]], device: str,
 
     The stages are independent across (configuration, seed) and each is deterministic, so the
     numbers equal a serial run's; a pair is the unit of work so 5 + 3 + 3 seeds keep 2 cores busy."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
 
-    from .experiments.algorithms import run_e5
 
     shared = out / "e5"
     first = zoo_preset(plan[0][0], root)

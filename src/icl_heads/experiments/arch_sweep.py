@@ -15,8 +15,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..checkpoint import load_model
 from ..config import ConfigError, Preset, validate
-from ..training import Member, group_stacks, members_for, stack_dir_for, train_members, train_stack
+from ..evaluation import evaluate
+from ..io import read_json, write_csv, write_json, write_provenance
+from ..tasks import fixed_prompts
+from ..training import Member, group_stacks, is_finished, members_for, stack_dir_for, train_members, train_stack
 from ..workers import run_in_processes
 
 
@@ -56,8 +60,6 @@ def run_arch_sweep(preset: Preset, out: str | Path, layers: Sequence[int], mlps:
                    jobs: int = 1) -> dict[str, Any]:
     """Train the sweep (finished models reused). ``jobs > 1`` trains that many stacks at once, one
     process each: on a GPU these small stacks are bound by kernel launches, so several overlap."""
-    from ..io import write_json, write_provenance
-    from ..training import is_finished
 
     if seeds < 1 or jobs < 1 or not layers or not mlps or not heads:
         raise ConfigError("sweep: need at least one seed, job, depth, MLP setting and head count")
@@ -89,10 +91,6 @@ def _kinds(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def arch_table(preset: Preset, out: str | Path, device: str = "cpu") -> list[dict[str, Any]]:
     """``out/table.csv``: one row per (L, MLP, seed) from the models and their ``h{h}-e2/e3`` folders."""
-    from ..checkpoint import load_model
-    from ..evaluation import evaluate
-    from ..io import read_json, write_csv
-    from ..tasks import fixed_prompts
 
     out = Path(out)
     info = read_json(out / "sweep.json")

@@ -27,9 +27,16 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..checkpoint import load_model
 from ..claims.keys import ModelKey
 from ..config import Preset
+from ..estimators import estimator_table
+from ..evaluation import evaluate
+from ..io import read_csv, write_csv, write_json, write_provenance
+from ..plotting import risk_vs_n
 from ..runs import layout
+from ..tasks import fixed_prompts
+from ..training import Member, TrainSpec, is_finished, marker_ns, members_for, train_members
 
 E1_ESTIMATORS = ("ols", "ridge", "lasso", "gd", "pto", "oracle_ls", "bayes")
 # ols (blows up at n = d) and oracle_ls (not an estimator; blows up at n < s) stay in the CSV, off the figure
@@ -53,8 +60,6 @@ def train_models(preset: Preset, out: str | Path, device: str = "cpu", heads: Se
     ``stacked`` (default :func:`default_stacked`) trains the head counts as one
     stack (``icl_heads.training.train_stack``; stack state in ``out/models/stacks/``).
     """
-    from ..training import members_for, train_members
-    from ..training import is_finished
 
     heads = list(preset.heads if heads is None else heads)
     stacked = default_stacked(device) if stacked is None else stacked
@@ -89,8 +94,6 @@ def estimator_rows(preset: Preset, estimators: Sequence[str], depth_matched: boo
     val/test prompts and tuning): its rows are taken instead of tuning every estimator again,
     which is most of E1's time on the paper preset.
     """
-    from ..estimators import estimator_table
-    from ..io import read_csv
 
     T = depth_steps(preset) if depth_matched else None
     todo = list(estimators)
@@ -115,8 +118,6 @@ def train_seeds(presets: Sequence[Preset], outs: Sequence[str | Path], device: s
     busy until the last model ends) and, on CUDA, all seeds share one stack. Finished
     checkpoints are reused, unfinished ones resumed.
     """
-    from ..training import Member, train_members
-    from ..training import TrainSpec
 
     members = [Member(TrainSpec.from_preset(p, h), model_dir(o, h)) for p, o in zip(presets, outs) for h in p.heads]
     return train_members(members, device, stacked=stacked, stack_root=stack_root)
@@ -131,12 +132,6 @@ def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | 
     ``e5_csv``: reuse E5's tuned estimator rows (same task, eval sizes and seed; see :func:`estimator_rows`).
     ``models``: finished checkpoints per head count (e.g. the zoo's) to evaluate instead of training.
     """
-    from ..checkpoint import load_model
-    from ..evaluation import evaluate
-    from ..io import write_csv, write_json, write_provenance
-    from ..plotting import risk_vs_n
-    from ..tasks import fixed_prompts
-    from ..training import marker_ns
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
