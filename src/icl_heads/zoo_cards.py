@@ -77,7 +77,7 @@ def card(config: ZooConfig, root: Path, baselines: dict[str, dict[int, float]] |
 def write_cards(root: Path, with_baselines: bool = True) -> Path:
     """Write ``root/README.md`` from the models under ``root``."""
     parts = ["# The model zoo", "",
-             "Reference models of the factor study (issue 14): the quick task under three configurations, "
+             "Reference models of the factor study (issue 14): the quick task under the configurations below (A, B, C: the factor study; D: its deeper variant), "
              "trained with the recipes below. Each model is `CONFIG/seed{k}/h{h}/` (safetensors + meta.json, no "
              "optimizer state); the h=4 models keep their log-spaced snapshots (E7). "
              f"`{SUMS_FILE}` lists every file's SHA-256: `icl-heads zoo verify` checks them. "
