@@ -79,8 +79,11 @@ def test_interleaved_weights_sum_each_example_and_leave_the_rest_to_the_query():
     att = query_attention(model, p, [(0, 0), (1, 1)])
     with torch.no_grad():
         _, cache = model.run_with_cache(p.x, p.y, patterns=True)
-    q, to_example = example_weights(model, TASK.n_max + 1)
+    q, to_example, uniform = example_weights(model, TASK.n_max + 1)
     assert q == 2 * TASK.n_max and to_example.sum() == 2 * TASK.n_max  # x and y token of every example k < n
+    n = TASK.n_max
+    assert uniform == pytest.approx(2 / (2 * n + 1))  # the query sees 2n context tokens and itself
+    assert example_weights(softmax_model(1), n + 1)[2] == pytest.approx(1 / (n + 1))  # paired: n and itself
     own = cache["blocks.1.attn.pattern"][:, 1, q, q].double().numpy()
     np.testing.assert_allclose(att.weight[:, 1].sum(-1) + own, 1.0, rtol=1e-6)
     assert len([r for r in pattern_rows(att, bins=4) if r["quantity"] == "abs_y"]) == 2 * 4

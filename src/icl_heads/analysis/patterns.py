@@ -37,20 +37,25 @@ class QueryAttention:
     heads: list[tuple[int, int]]
     weight: np.ndarray
     abs_y: np.ndarray
+    uniform: float  # weight on one example under uniform attention over the tokens the query sees
 
     @property
     def n(self) -> int:
         return self.weight.shape[-1]
 
 
-def example_weights(model: Transformer, n_examples: int) -> tuple[int, torch.Tensor]:
-    """The longest-context query's token index and a ``(T, n)`` 0/1 matrix summing each key token into
-    its example ``k < n`` (the query token itself excluded: that weight is the query's own)."""
-    lay, _ = model.layout(n_examples, "cpu")
+def example_weights(model: Transformer, n_examples: int) -> tuple[int, torch.Tensor, float]:
+    """The longest-context query's token index, a ``(T, n)`` 0/1 matrix summing each key token into
+    its example ``k < n`` (the query token itself excluded: that weight is the query's own), and the
+    weight per example under uniform attention over the tokens the query sees (1/(n+1) for paired
+    tokens, 2/(2n+1) for interleaved ones)."""
+    lay, mask = model.layout(n_examples, "cpu")
     q, n = int(lay.query_index[-1]), int(lay.query_n[-1])
     one_hot = (lay.position[:, None] == torch.arange(n)[None, :]).double()
     one_hot[q] = 0.0
-    return q, one_hot
+    seen = mask[q]  # boolean: the key tokens the query attends to
+    uniform = float(one_hot[seen].sum(0).mean() / seen.sum())
+    return q, one_hot, uniform
 
 
 @torch.no_grad()
@@ -62,7 +67,7 @@ def query_attention(model: Transformer, prompts: Prompts, heads: Sequence[tuple[
     bad = [lk for lk in heads if not (0 <= lk[0] < L and 0 <= lk[1] < h)]
     if bad or not heads:
         raise ConfigError(f"heads: need 0-based (layer, head) pairs within ({L}, {h}) (got {list(heads)})")
-    q, to_example = example_weights(model, prompts.x.shape[1])
+    q, to_example, uniform = example_weights(model, prompts.x.shape[1])
     T = to_example.shape[0]
     chunk = max(1, PATTERN_ELEMENTS // (L * h * T * T))
     out = []
@@ -71,7 +76,7 @@ def query_attention(model: Transformer, prompts: Prompts, heads: Sequence[tuple[
         out.append(rows.double().cpu() @ to_example)
     weight = torch.cat(out).numpy()
     abs_y = prompts.y[:, : weight.shape[-1]].abs().double().numpy()
-    return QueryAttention(list(heads), weight, abs_y)
+    return QueryAttention(list(heads), weight, abs_y, uniform)
 
 
 def top_heads(importance: HeadImportance) -> list[tuple[int, int]]:
@@ -88,7 +93,7 @@ def pattern_rows(att: QueryAttention, bins: int = Y_BINS, **labels: Any) -> list
     P = att.weight.shape[0]
     rows: list[dict[str, Any]] = []
     for i, (l, k) in enumerate(att.heads):
-        head = dict(labels, layer=l + 1, head=k + 1, n_context=att.n)
+        head = dict(labels, layer=l + 1, head=k + 1, n_context=att.n, uniform=att.uniform)
         w = att.weight[:, i]
         rows += [dict(head, quantity="position", x=float(j), x_low=float(j), x_high=float(j),
                       weight=float(w[:, j].mean()), count=P) for j in range(att.n)]

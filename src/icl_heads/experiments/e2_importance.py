@@ -100,7 +100,8 @@ def attention_patterns_figure(rows: Sequence[dict[str, Any]], title: str) -> Fig
             a.plot([r["x"] for r in rs], [r["weight"] for r in rs], "o-", ms=3, label=f"layer {l}, head {k}")
     n = rows[0]["n_context"] if rows else 0
     for a in (ax, ax2):
-        a.axhline(1 / (n + 1), color="k", lw=0.6, ls=":", label="uniform 1/(n+1)" if a is ax else None)
+        if rows:  # 1/(n+1) for paired tokens, 2/(2n+1) for interleaved ones (the query sees x and y tokens)
+            a.axhline(rows[0]["uniform"], color="k", lw=0.6, ls=":", label="uniform" if a is ax else None)
         a.set_ylabel("attention weight (mean over prompts)")
         a.grid(True, alpha=0.3)
     ax.set_xlabel(f"context example k (query at n = {n})")
