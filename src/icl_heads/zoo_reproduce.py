@@ -166,6 +166,11 @@ FACTORS = {("A", "B"): "adding the MLP (A -> B)", ("B", "C"): "interleaving the 
            ("A", "D"): "doubling the depth (A -> D)"}
 
 
+def _join(items: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def factor_sentence(claim: str, verdicts: dict[str, str]) -> str:
     """One sentence per claim: where it reproduced, and which single-factor change moves the verdict."""
     by = {v: [c for c, x in verdicts.items() if x == v] for v in ("reproduced", "not reproduced", "inconclusive")}
@@ -174,9 +179,9 @@ def factor_sentence(claim: str, verdicts: dict[str, str]) -> str:
              and "inconclusive" not in (verdicts[a], verdicts[b])]
     same = [f for (a, b), f in FACTORS.items() if a in verdicts and b in verdicts and verdicts[a] == verdicts[b]]
     if moved:
-        tail = f"; {' and '.join(moved)} changes the verdict"
+        tail = f"; {_join(moved)} {'changes' if len(moved) == 1 else 'change'} the verdict"
     elif same:
-        tail = f"; {' and '.join(same)} leaves it unchanged"
+        tail = f"; {_join(same)} {'leaves' if len(same) == 1 else 'leave'} it unchanged"
     else:
         tail = "; no single-factor comparison is decided" if len(verdicts) > 1 else "; one configuration only"
     return f"**{claim}**: " + "; ".join(parts) + tail + "."
