@@ -245,3 +245,9 @@ def test_factor_sentence_names_the_factor_that_moves_a_verdict():
     s = factor_sentence("3", dict.fromkeys("ABCD", "reproduced"))
     assert ("adding the MLP (A -> B), interleaving the tokens (B -> C) and doubling the depth (A -> D) "
             "leave it unchanged") in s
+
+
+def test_the_zoo_stays_under_its_size_cap():
+    """Issue 14: the whole zoo under 60 MB, read as 60 MiB (62.9 million bytes; `du -sh` units)."""
+    size = sum(f.stat().st_size for f in ZOO_DIR.rglob("*") if f.is_file())
+    assert size < 60 * 2 ** 20, f"zoo is {size / 2 ** 20:.1f} MiB"
