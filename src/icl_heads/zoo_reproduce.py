@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +21,7 @@ from .experiments.algorithms import run_e5
 from .io import atomic_write_text, read_json, write_json
 from .reproduce import E5_FIELDS, StageRunner, check_folder, reproduce, seed_preset, seed_stages
 from .runs.layout import SEED_STAGES
+from .workers import run_in_processes
 from .zoo import CONFIGS, ZOO_DIR, ZooConfig, available, complete_seeds, model_path
 
 
@@ -61,9 +60,9 @@ def analyse_pairs(out: Path, plan: Sequence[tuple[ZooConfig, int]], device: str,
     per-configuration ``reproduce`` that follows finds them finished and only writes the report.
 
     The stages are independent across (configuration, seed) and each is deterministic, so the
-    numbers equal a serial run's; a pair is the unit of work so 5 + 3 + 3 seeds keep 2 cores busy."""
-
-
+    numbers equal a serial run's; a pair is the unit of work so 5 + 3 + 3 seeds keep 2 cores busy.
+    ``workers.run_in_processes``, not a pool whose shutdown waits for every queued pair: SIGTERM and
+    Ctrl-C end the running pairs (a rerun resumes them from their finished stages)."""
     shared = out / "e5"
     first = zoo_preset(plan[0][0], root)
     StageRunner(out, first, ["e5"]).run("e5", shared, lambda d: run_e5(first, d), fields=E5_FIELDS)
@@ -77,9 +76,7 @@ def analyse_pairs(out: Path, plan: Sequence[tuple[ZooConfig, int]], device: str,
         for k in range(seeds):
             given = {h: model_path(c.name, c.seeds[k], h, root) for h in seed_preset(preset, k).heads}
             jobs_args.append((c.name, folder, preset, k, given, device, any_t))
-    with ProcessPoolExecutor(max(1, jobs), mp_context=get_context("spawn")) as ex:
-        for fut in [ex.submit(_pair_job, *a) for a in jobs_args]:
-            fut.result()
+    run_in_processes(_pair_job, jobs_args, max(1, jobs))
 
 
 def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: bool = False, device: str = "cpu",
