@@ -150,7 +150,6 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
     ``models(k, h)``: the finished checkpoint of seed index ``k`` with ``h`` heads (the zoo's) to
     analyse instead of training (then there is no training stage and one noise level).
     """
-
     seeds = preset.seeds if seeds is None else seeds
     if seeds < 1:
         raise ConfigError(f"seeds: must be >= 1 (got {seeds})")
@@ -206,7 +205,6 @@ def seed_stages(runner: StageRunner, sd: Path, prefix: str, pk: Preset, device: 
     """E1-E4, E6 and E7 of one seed into ``sd`` (stages named ``{prefix}/e1`` ...), on the models
     ``given`` (``h -> checkpoint``) or the ones E1 trained. ``first``: the first seed also runs E6c and
     E6's any-T context (model-independent or verdict-free); ``e5_csv``: E1 reuses E5's estimator rows."""
-
     runner.run(f"{prefix}/e1", sd / "e1",
                lambda d: run_e1(pk, d, device, estimators=E1_ESTIMATORS if first else None, e5_csv=e5_csv,
                                 models=given))

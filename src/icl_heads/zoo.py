@@ -115,7 +115,6 @@ def complete_seeds(config: ZooConfig, root: Path = ZOO_DIR) -> list[int]:
 
 def snapshot_errors(run: Path, step: int, test: Any, ns: list[int], scale: float) -> np.ndarray:
     """Per-prompt normalised squared excess error ``(B, len(ns))`` of the snapshot at ``step``."""
-
     model, _ = load_model(snapshot_dir(run, step) if step else run)
     model.eval()
     with torch.no_grad():
@@ -127,7 +126,6 @@ def convergence(run: Path, preset: Preset, tol: float = CONVERGENCE_TOL, n_boot:
     """The last-doubling test on the *test* prompts: risk at n = d/2, d, 2d of the snapshot at ``S/2``
     and at ``S`` (the last two log-spaced snapshots), the relative improvement with a paired bootstrap
     95% CI over prompts; converged when the improvement at n = d and at n = 2d is below ``tol``."""
-
     task = preset.task
     ns = marker_ns(task)
     steps = snapshot_steps(preset.train)
@@ -211,7 +209,6 @@ def cpu_kernels() -> str:
 
 
 def machine() -> str:
-
     return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}".strip()
 
 
@@ -270,7 +267,6 @@ def spec_of(path: Path) -> Any:
 
     Bit-identical retraining also needs the recorded torch thread count (``meta["zoo"]["threads"]``,
     1 for every zoo model): CPU matmuls split their sums differently with more threads."""
-
     meta = load_meta(path)
     return TrainSpec(TaskConfig.model_validate(meta["task"]), ModelConfig.model_validate(meta["model_config"]),
                      TrainConfig.model_validate(meta["train"]), int(meta["seed"]), meta.get("preset"))
@@ -280,8 +276,6 @@ def spec_of(path: Path) -> Any:
 
 def _train_member(config: ZooConfig, seed: int, h: int, work: str, threads: int) -> str:
     """Worker: train (or resume) one member of a configuration into ``work``; progress lines to stdout."""
-
-
     torch.set_num_threads(threads)
     tag = f"{config.name}/seed{seed}/h{h}"
     run = Path(work) / config.name / f"seed{seed}" / f"h{h}"
@@ -329,7 +323,6 @@ def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_
             on_export(dest)
 
     if stacked:
-
         members = [Member(TrainSpec.from_preset(c.preset(k), h), runs[(c.name, k, h)]) for c, k, h in todo]
         if members:
             train_members(members, device, stacked=True, stack_root=Path(work) / "stacks")

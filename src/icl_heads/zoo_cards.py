@@ -22,7 +22,6 @@ BASELINES = ("ridge", "lasso", "pto_depth", "pto", "bayes")
 
 def baseline_risks(config: ZooConfig) -> dict[str, dict[int, float]]:
     """Normalised risk of the baselines at the marker n's on the configuration's seed-0 test prompts."""
-
     preset = config.preset(0)
     rows = estimator_table(preset, ["ridge", "lasso", "pto", "bayes"], depth_steps=preset.model.n_layers - 1)
     ns = marker_ns(preset.task)

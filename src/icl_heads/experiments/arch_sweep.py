@@ -60,7 +60,6 @@ def run_arch_sweep(preset: Preset, out: str | Path, layers: Sequence[int], mlps:
                    jobs: int = 1) -> dict[str, Any]:
     """Train the sweep (finished models reused). ``jobs > 1`` trains that many stacks at once, one
     process each: on a GPU these small stacks are bound by kernel launches, so several overlap."""
-
     if seeds < 1 or jobs < 1 or not layers or not mlps or not heads:
         raise ConfigError("sweep: need at least one seed, job, depth, MLP setting and head count")
     out = Path(out)
@@ -91,7 +90,6 @@ def _kinds(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def arch_table(preset: Preset, out: str | Path, device: str = "cpu") -> list[dict[str, Any]]:
     """``out/table.csv``: one row per (L, MLP, seed) from the models and their ``h{h}-e2/e3`` folders."""
-
     out = Path(out)
     info = read_json(out / "sweep.json")
     task, d = preset.task, preset.task.d

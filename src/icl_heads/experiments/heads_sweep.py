@@ -60,7 +60,6 @@ def train_models(preset: Preset, out: str | Path, device: str = "cpu", heads: Se
     ``stacked`` (default :func:`default_stacked`) trains the head counts as one
     stack (``icl_heads.training.train_stack``; stack state in ``out/models/stacks/``).
     """
-
     heads = list(preset.heads if heads is None else heads)
     stacked = default_stacked(device) if stacked is None else stacked
     todo = [h for h in heads if not is_finished(model_dir(out, h))]
@@ -94,7 +93,6 @@ def estimator_rows(preset: Preset, estimators: Sequence[str], depth_matched: boo
     val/test prompts and tuning): its rows are taken instead of tuning every estimator again,
     which is most of E1's time on the paper preset.
     """
-
     T = depth_steps(preset) if depth_matched else None
     todo = list(estimators)
     reused: list[dict[str, Any]] = []
@@ -118,7 +116,6 @@ def train_seeds(presets: Sequence[Preset], outs: Sequence[str | Path], device: s
     busy until the last model ends) and, on CUDA, all seeds share one stack. Finished
     checkpoints are reused, unfinished ones resumed.
     """
-
     members = [Member(TrainSpec.from_preset(p, h), model_dir(o, h)) for p, o in zip(presets, outs) for h in p.heads]
     return train_members(members, device, stacked=stacked, stack_root=stack_root)
 
@@ -132,7 +129,6 @@ def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | 
     ``e5_csv``: reuse E5's tuned estimator rows (same task, eval sizes and seed; see :func:`estimator_rows`).
     ``models``: finished checkpoints per head count (e.g. the zoo's) to evaluate instead of training.
     """
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_provenance(out, preset, preset.seed, experiment="E1 heads sweep", device=device)
