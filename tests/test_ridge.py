@@ -29,19 +29,21 @@ def _loo_curve(ref: RidgeCV, k: int | None) -> np.ndarray:
     return curve if curve.ndim == 1 else curve.mean(0)
 
 
-def _same_choice(ref: RidgeCV, alpha: float, k: int | None = None, X=None, Y=None) -> None:
-    """Our alpha is scikit-learn's, or ties with it: its LOO error within 1e-9 of the minimum of
-    scikit-learn's curve -- the default one, or the ``svd`` or ``eigen`` mode's. The modes compute the
-    same curve in exact arithmetic, but on the nearly collinear design they differ by ~5e-7 relative
+def _mode_curves(X, Y, per_target: bool) -> list[RidgeCV]:
+    """scikit-learn's ``svd`` and ``eigen`` modes fitted on the same problem (see :func:`_same_choice`)."""
+    args = dict(alphas=ALPHAS, alpha_per_target=per_target, store_cv_results=True)
+    return [make_pipeline(StandardScaler(), RidgeCV(gcv_mode=m, **args)).fit(X, Y)[-1] for m in ("svd", "eigen")]
+
+
+def _same_choice(refs: list[RidgeCV], alpha: float, k: int | None = None) -> None:
+    """Our alpha is scikit-learn's, or ties with it: its LOO error within 1e-9 of the minimum of one of
+    scikit-learn's curves ``refs`` -- the default one, or the ``svd`` or ``eigen`` mode's. The modes compute
+    the same curve in exact arithmetic, but on the nearly collinear design they differ by ~5e-7 relative
     at tiny alphas (measured), and which of those alphas wins then depends on the machine's BLAS:
     the curve is not determined more finely than that, by scikit-learn either."""
-    curves = [_loo_curve(ref, k)]
-    if X is not None:
-        args = dict(alphas=ALPHAS, alpha_per_target=ref.alpha_per_target, store_cv_results=True)
-        curves += [_loo_curve(make_pipeline(StandardScaler(), RidgeCV(gcv_mode=m, **args)).fit(X, Y)[-1], k)
-                   for m in ("svd", "eigen")]
+    curves = [_loo_curve(r, k) for r in refs]
     a = list(ALPHAS).index(alpha)
-    assert any(c[a] <= c.min() * (1 + 1e-9) for c in curves), (alpha, ref.alpha_, [c[a] / c.min() - 1 for c in curves])
+    assert any(c[a] <= c.min() * (1 + 1e-9) for c in curves), (alpha, refs[0].alpha_, [c[a] / c.min() - 1 for c in curves])
 
 
 @pytest.mark.parametrize("noise", [0.01, 1.0, 100.0])
@@ -51,7 +53,7 @@ def test_single_target_matches_sklearn(noise):
     pred = fit.predict(Xt)
     for g in range(4):
         ref = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS, store_cv_results=True)).fit(X[g], Y[g])
-        _same_choice(ref[-1], fit.alpha[g, 0], None, X[g], Y[g])
+        _same_choice([ref[-1], *_mode_curves(X[g], Y[g], ref[-1].alpha_per_target)], fit.alpha[g, 0])
         np.testing.assert_allclose(pred[g], ref.predict(Xt[g]), rtol=1e-7, atol=1e-8 * np.abs(Y[g]).max())
 
 
@@ -63,8 +65,9 @@ def test_multi_target_matches_sklearn(per_target):
     for g in range(2):
         ref = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS, alpha_per_target=per_target,
                                                       store_cv_results=True)).fit(X[g], Y[g])
+        refs = [ref[-1], *_mode_curves(X[g], Y[g], per_target)]
         for k in range(5):
-            _same_choice(ref[-1], fit.alpha[g, k], k if per_target else None, X[g], Y[g])
+            _same_choice(refs, fit.alpha[g, k], k if per_target else None)
         np.testing.assert_allclose(pred[g], ref.predict(Xt[g]), rtol=1e-7, atol=1e-8 * np.abs(Y[g]).max())
 
 
