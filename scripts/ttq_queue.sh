@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # One core's queue of time-to-quality runs (benchmarks/time_to_quality.py), resumable:
-# a finished recipe (convergence.json present) is skipped, an interrupted one continues.
-#   nice -n 19 bash scripts/ttq_queue.sh A >> runs/ttq/queue-A.log 2>&1 &
+# a finished recipe (convergence.json present) is skipped, an interrupted one continues. A finished
+# recipe's curve and convergence test are copied to benchmarks/results/ttq/ (committed: runs/ is not),
+# which is what scripts/ttq_report.py reads.
+#   mkdir -p runs/ttq && nice -n 19 bash scripts/ttq_queue.sh A >> runs/ttq/queue-A.log 2>&1 &
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 run() {  # name, then --set pairs
   local name=$1; shift
-  [ -f "runs/ttq/$name/convergence.json" ] && { echo "$name: done"; return; }
+  local keep=benchmarks/results/ttq/$name
+  [ -f "$keep/convergence.json" ] && { echo "$name: done"; return; }
   local sets=(); for kv in "$@"; do sets+=(--set "$kv"); done
-  $PY benchmarks/time_to_quality.py --name "$name" --out runs/ttq "${sets[@]}"
+  $PY benchmarks/time_to_quality.py --name "$name" --out runs/ttq "${sets[@]}" || return
+  mkdir -p "$keep" && cp "runs/ttq/$name/ttq.csv" "runs/ttq/$name/convergence.json" "$keep/"
 }
 case "${1:?queue A or BC}" in
   A)
-    run A-lr4e-3-16k train.steps=16000
     run A-lr1e-3-16k train.steps=16000 train.lr=1e-3
-    run A-cur-lr2e-3-16k train.steps=16000 train.lr=2e-3 train.curriculum=true train.curriculum_d=true
     run A-b256-lr2e-3-8k train.steps=8000 train.lr=2e-3 train.batch_size=256
+    run A-cur-lr2e-3-16k train.steps=16000 train.lr=2e-3 train.curriculum=true train.curriculum_d=true
+    run A-lr4e-3-16k train.steps=16000
     ;;
   BC)
     run B-lr1e-3-16k train.steps=16000 train.lr=1e-3 model.mlp=true

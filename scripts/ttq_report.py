@@ -1,6 +1,6 @@
 """Figure and Markdown table of the time-to-quality runs (benchmarks/time_to_quality.py) under a folder.
 
-    .venv/bin/python scripts/ttq_report.py runs/ttq --figure docs/img/time_to_quality.png
+    .venv/bin/python scripts/ttq_report.py benchmarks/results/ttq --figure docs/img/time_to_quality.png
 
 One panel per marker n (d/2, d, 2d): validation risk against CPU seconds, one line per
 recipe (configuration = first letter of the name). The table gives each finished run's

@@ -37,3 +37,55 @@ def test_keep_freed_memory_reaches_glibc_and_spawned_children():
             "capture_output=True, text=True).stdout.strip())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split()
     assert out == ["True", "0"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_sigterm_while_a_checkpoint_is_written_waits_until_the_folder_is_whole(tmp_path, monkeypatch):
+    """A SIGTERM after the weights but before ``meta.json`` used to leave new weights beside the old meta
+    (the rerun stopped on "checksum mismatch", seen on CI). Now it is delivered once the folder is whole."""
+    import signal
+
+    import torch
+
+    from icl_heads import io as io_module
+    from icl_heads.checkpoint import load_model, save_checkpoint
+    from icl_heads.config import ModelConfig
+    from icl_heads.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_dims=3, n_max=5, d_model=8, n_layers=1, n_heads=2))
+    save_checkpoint(tmp_path, model, {"step": 1})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    real_write, written = io_module.atomic_write_bytes, []
+
+    def write_then_sigterm(path, data):
+        out = real_write(path, data)
+        written.append(out.name)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives after each file, the first one included
+        return out
+
+    def stop(signum, frame):
+        raise _Stop()
+
+    monkeypatch.setattr(io_module, "atomic_write_bytes", write_then_sigterm)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        try:
+            save_checkpoint(tmp_path, model, {"step": 2})
+        except _Stop:
+            pass
+        else:
+            raise AssertionError("the held SIGTERM was never delivered")
+        assert signal.getsignal(signal.SIGTERM) is stop, "the handler in place before the save is back"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert written == ["model.safetensors", "meta.json"]
+    loaded, meta = load_model(tmp_path)
+    assert meta["step"] == 2
+    for (name, want), got in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(want, got), name

@@ -20,7 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import PRESET_NAMES, ConfigError, ModelConfig, Preset, TaskConfig, validate
-from .io import atomic_write_bytes, write_json
+from .io import sha256s, write_files_then_meta
 from .model import Transformer
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.safetensors", "meta.json"
@@ -36,11 +36,8 @@ def save_checkpoint(path: str | Path, model: Transformer, meta: dict[str, Any] |
     files = {MODEL_FILE: _tensor_bytes(model.state_dict())}
     if state is not None:
         files[STATE_FILE] = _tensor_bytes(state)
-    for name, data in files.items():
-        atomic_write_bytes(path / name, data)
-    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
-    write_json(path / META_FILE, {"model_config": model.cfg.model_dump(), "sha256": digests, **(meta or {})})
-    return path
+    return write_files_then_meta(path, files, META_FILE,
+                                 {"model_config": model.cfg.model_dump(), "sha256": sha256s(files), **(meta or {})})
 
 
 def load_meta(path: str | Path) -> dict[str, Any]:

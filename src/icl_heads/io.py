@@ -7,16 +7,20 @@ folder, fsync, ``os.replace``) so an interrupted run never leaves a half file.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -47,6 +51,50 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them (in arrival order).
+
+    Why: each file is written atomically, but a checkpoint is several files with ``meta.json``
+    (holding the others' SHA-256) written last. A SIGTERM between two of them left new weights
+    beside the old ``meta.json``: the rerun stopped on "checksum mismatch" (seen on CI). Handlers
+    are swapped at the Python level, not masked with ``pthread_sigmask``, because the OS may hand a
+    process-directed signal to any thread (torch's pool threads included). Off the main thread,
+    where handlers cannot be installed, the block runs unprotected. SIGKILL cannot be held: a
+    checkpoint cut by it fails its checksum with a clear error rather than loading mixed files.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in pending:
+            signal.raise_signal(s)
+
+
+def sha256s(files: Mapping[str, bytes]) -> dict[str, str]:
+    """Each file's SHA-256 (hex), as ``meta.json`` records them."""
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def write_files_then_meta(folder: str | Path, files: Mapping[str, bytes], meta_name: str,
+                          meta: Mapping[str, Any]) -> Path:
+    """Write ``files``, then the JSON ``meta_name``, into ``folder``: each atomically, all with SIGINT
+    and SIGTERM held, so a folder's meta (which records the files' :func:`sha256s`) matches its files."""
+    folder = Path(folder)
+    with signals_held():
+        for name, data in files.items():
+            atomic_write_bytes(folder / name, data)
+        write_json(folder / meta_name, meta)
+    return folder
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

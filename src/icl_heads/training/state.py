@@ -11,7 +11,6 @@ One home for both checkpoint kinds, whose formats are unchanged:
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from ..checkpoint import META_FILE, STATE_FILE, CheckpointError, load_tensors
-from ..io import atomic_write_bytes, write_json
+from ..io import sha256s, write_files_then_meta
 
 
 def param_groups(named: Iterable[tuple[str, torch.Tensor]], weight_decay: float, matrix_dim: int = 2
@@ -111,8 +110,7 @@ def save_stack_state(path: Path, params: Mapping[str, torch.Tensor], opt: torch.
     if ema is not None:
         t["ema"] = ema
     data = st_save({k: v.detach().contiguous().cpu() for k, v in t.items()})
-    atomic_write_bytes(path / STATE_FILE, data)
-    write_json(path / META_FILE, {**meta, "sha256": {STATE_FILE: hashlib.sha256(data).hexdigest()}})
+    write_files_then_meta(path, {STATE_FILE: data}, META_FILE, {**meta, "sha256": sha256s({STATE_FILE: data})})
 
 
 def load_stack_state(path: Path, meta: dict[str, Any], params: Mapping[str, torch.Tensor],
