@@ -352,3 +352,28 @@ def test_depth_matched_is_the_direct_call_with_the_validation_best_step(base, fn
         assert torch.allclose(tuned.pred[:, n], direct, rtol=1e-12, atol=1e-14)
     with pytest.raises(ConfigError, match="^T:"):
         E.depth_matched_predictions(preset, 0, (val, test))
+
+
+def test_few_step_recurrence_equals_the_closed_form_and_the_iteration(data):
+    """``Spectrum.gd`` takes the recurrence up to RECURSE_STEPS steps, the closed form beyond: both agree with
+    each other and with plain GD iteration, for steps below, at and above the stability limit (x >= 1)."""
+    from icl_heads.estimators.prefix import RECURSE_STEPS, Spectrum
+
+    x, y, _ = data
+    H = torch.einsum("bni,bnj->bij", x, x) / x.shape[1]
+    g = torch.einsum("bni,bn->bi", x, y) / x.shape[1]
+    sp = Spectrum.of(H, g, x[:, -1])
+    steps = [0, 1, 2, 3, 5, RECURSE_STEPS]
+    lam_max = sp.lam_max
+    for c in (0.0, 0.3, 1.0, 1.9, 2.5):  # step c / lambda_max: c >= 2 diverges
+        eta = c / lam_max
+        x_ = eta[..., None] * sp.lam
+        few, closed = sp._gd_few(x_, eta, steps), sp._gd_closed(x_, eta, steps)
+        assert torch.allclose(few, closed, rtol=1e-10, atol=1e-12), c
+        assert torch.equal(sp.gd(eta, steps), few)
+        for b in range(3):
+            Xk, yk = x[b].numpy(), y[b].numpy()
+            path = _np_gd(Xk, yk, float(eta[b]), max(steps))
+            ref = [x[b, -1].numpy() @ path[t] for t in steps]
+            assert np.allclose(few[:, b].numpy(), ref, rtol=1e-9, atol=1e-12), (c, b)
+    assert torch.equal(sp.gd(eta, [RECURSE_STEPS + 1]), sp._gd_closed(x_, eta, [RECURSE_STEPS + 1]))

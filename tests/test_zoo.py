@@ -251,3 +251,16 @@ def test_the_zoo_stays_under_its_size_cap():
     """Issue 14: the whole zoo under 60 MB, read as 60 MiB (62.9 million bytes; `du -sh` units)."""
     size = sum(f.stat().st_size for f in ZOO_DIR.rglob("*") if f.is_file())
     assert size < 60 * 2 ** 20, f"zoo is {size / 2 ** 20:.1f} MiB"
+
+
+def test_pairs_are_handed_out_longest_first():
+    """The main job's pair order (LPT): deep and MLP configurations first, seed 0 first within a
+    configuration, the short attention-only L = 3 pairs last, so two workers finish close together."""
+    from icl_heads.zoo_reproduce import pair_cost
+
+    pairs = [(c, k) for c in CONFIGS.values() for k in range(len(c.seeds))]
+    order = [f"{c.name}{k}" for c, k in sorted(pairs, key=lambda ck: -pair_cost(ck[0].preset(), ck[1]))]
+    assert order[0] == "D0" and order[-4:] == ["A1", "A2", "A3", "A4"], order
+    assert order.index("B0") < order.index("B1") < order.index("B2")
+    costs = {c.name: pair_cost(c.preset(), 1) for c in CONFIGS.values()}
+    assert costs["D"] == 2 * costs["A"] and costs["B"] == costs["C"] > costs["A"]

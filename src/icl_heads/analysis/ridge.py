@@ -40,6 +40,9 @@ class RidgeFit:
         return out[..., 0] if self.squeeze else out
 
 
+_LOO_ELEMS = 1 << 22  # leave-one-out residuals held at once (32 MB of float64)
+
+
 def _scale(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """StandardScaler's mean and scale (population std; near-constant features get scale 1)."""
     P = X.shape[1]
@@ -75,17 +78,22 @@ def ridge_cv(X: np.ndarray, Y: np.ndarray, alphas: np.ndarray, alpha_per_target:
     Zy = np.swapaxes(Z, 1, 2) @ Yc  # (G, D, K)
     w = 1.0 / (s[:, None, :] + alphas[None, :, None])  # (G, A, D)
     hat = 1.0 / P + (Z * Z) @ np.swapaxes(w, 1, 2)  # (G, P, A)
-    best_mse = np.full((G, Y.shape[2]), np.inf)
-    best = np.zeros((G, Y.shape[2]), dtype=int)
-    for a in range(len(alphas)):  # A x (G, P, K): bounded memory for large P
-        fit = Z @ (w[:, a, :, None] * Zy)
-        loo = (Yc - fit) / (1.0 - hat[:, :, a, None])
-        mse = (loo * loo).mean(axis=1)  # (G, K)
+    K = Y.shape[2]
+    best_mse = np.full((G, K), np.inf)
+    best = np.zeros((G, K), dtype=int)
+    per = max(1, _LOO_ELEMS // (G * P * K))  # alphas per block: (G, P, per, K) stays bounded for large P
+    for a0 in range(0, len(alphas), per):
+        sl = slice(a0, min(len(alphas), a0 + per))
+        coef = np.swapaxes(w[:, sl], 1, 2)[..., None] * Zy[:, :, None, :]  # (G, D, a, K)
+        fit = (Z @ coef.reshape(G, D, -1)).reshape(G, P, -1, K)  # every alpha of the block in one product
+        loo = (Yc[:, :, None, :] - fit) / (1.0 - hat[:, :, sl, None])
+        mse = (loo * loo).mean(axis=1)  # (G, a, K)
         if not alpha_per_target:
-            mse = np.broadcast_to(mse.mean(axis=1, keepdims=True), mse.shape)
-        better = mse < best_mse  # strict: the first alpha wins ties, as scikit-learn
-        best_mse = np.where(better, mse, best_mse)
-        best = np.where(better, a, best)
+            mse = np.broadcast_to(mse.mean(axis=2, keepdims=True), mse.shape)
+        for j in range(mse.shape[1]):
+            better = mse[:, j] < best_mse  # strict: the first alpha wins ties, as scikit-learn
+            best_mse = np.where(better, mse[:, j], best_mse)
+            best = np.where(better, a0 + j, best)
     wb = np.take_along_axis(w, best[:, :, None].repeat(D, axis=2), axis=1)  # (G, K, D)
     coef = V @ (np.swapaxes(wb, 1, 2) * Zy)  # (G, D, K)
     intercept = y_mean - np.einsum("gd,gdk->gk", Xs.mean(axis=1), coef)
