@@ -56,7 +56,7 @@ def _worker_init() -> None:
     """Workers leave Ctrl-C to the parent (which terminates them) and end on SIGTERM through ``SystemExit``,
     so their ``finally`` blocks run (the checkpoint folder's lock is released).
 
-    tqdm's default lock is a multiprocessing lock per process (a spawned worker shares it with no one);
+    tqdm's default lock is a multiprocessing lock per process (a worker shares it with no one);
     a worker killed while holding one leaves a "leaked semaphore" warning, so workers use a thread lock.
     """
     import threading
@@ -117,7 +117,7 @@ def _child(fn: Callable[..., Any], args: tuple[Any, ...], conn: Connection) -> N
 def _leave(code: int) -> None:
     """End the worker without the interpreter's teardown: the result is sent and every file written atomically.
 
-    Why: a spawned worker otherwise runs atexit and torch's library finalizers, about 0.5 s of CPU per
+    Why: a worker otherwise runs atexit and torch's library finalizers, about 0.5 s of CPU per
     worker on the 2-core VM (measured: ``import torch, icl_heads.cli`` then exit, 1.5-1.6 s; with
     ``os._exit``, 1.0 s), while its parent waits for it; and a worker told to stop in that teardown
     printed a traceback from inside an atexit callback.
@@ -152,7 +152,7 @@ def _context(fn: Callable[..., Any]) -> BaseContext:
 
 def run_in_processes(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], n_proc: int,
                      on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
-    """``[fn(*args) for args in calls]``, at most ``n_proc`` spawned processes at a time, results in order.
+    """``[fn(*args) for args in calls]``, at most ``n_proc`` worker processes at a time, results in order.
 
     Not a ``ProcessPoolExecutor``: its ``shutdown`` waits for running work (Ctrl-C took 28 s), its
     workers have no public handle to terminate, and a pool torn down mid-run leaves its queues'
