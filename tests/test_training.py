@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -108,6 +109,25 @@ def test_attention_only_resume_is_bit_identical(tmp_path: Path) -> None:
     train(p, 2, tmp_path / "cut", progress=False, stop_at=13)
     resumed = train(p, 2, tmp_path / "cut", resume=True, progress=False)
     assert resumed.meta["finished"] and weights_equal(resumed.model, full.model)
+
+
+def test_resume_refuses_a_state_without_an_adam_moment(tmp_path: Path) -> None:
+    """A state file (checksum matching) whose optimizer entry lacks ``exp_avg_sq``: one CheckpointError
+    naming the file, not a KeyError from inside AdamW's step."""
+    from safetensors.torch import load_file, save as st_save
+
+    from icl_heads.io import sha256s, write_files_then_meta
+
+    p = tiny(steps=8)
+    train(p, 2, tmp_path / "m", progress=False, stop_at=4)
+    tensors = load_file(tmp_path / "m" / "state.safetensors")
+    name = next(k for k in tensors if k.endswith(".exp_avg_sq"))
+    data = st_save({k: v for k, v in tensors.items() if k != name})
+    meta = json.loads((tmp_path / "m" / "meta.json").read_text())
+    write_files_then_meta(tmp_path / "m", {"state.safetensors": data}, "meta.json",
+                          {**meta, "sha256": {**meta["sha256"], **sha256s({"state.safetensors": data})}})
+    with pytest.raises(CheckpointError, match="state.safetensors: optimizer/RNG state does not fit this model"):
+        train(p, 2, tmp_path / "m", resume=True, progress=False)
 
 
 def _tiny_over(steps: int) -> dict[str, object]:

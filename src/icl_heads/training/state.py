@@ -87,12 +87,21 @@ def model_state(opt: torch.optim.Optimizer, gen: torch.Generator) -> dict[str, t
     return {**optimizer_tensors(opt), **rng_tensors({"train": gen})}
 
 
+ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _adam_fits(st: Mapping[str, torch.Tensor], param: torch.Tensor) -> bool:
+    """An AdamW entry with all its tensors, moments shaped like the parameter (a file missing one
+    used to load and then stop training with a KeyError traceback)."""
+    return all(k in st for k in ADAM_KEYS) and st["exp_avg"].shape == st["exp_avg_sq"].shape == param.shape
+
+
 def restore_model_state(tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer, gen: torch.Generator,
                         path: Path) -> None:
     state = optimizer_state(tensors)
     params = [p for g in opt.param_groups for p in g["params"]]
     # a parameter that never gets a gradient (an attention-only model's ln_2) has no state: fit, not count
-    fits = all(i < len(params) and st.get("exp_avg", params[i]).shape == params[i].shape for i, st in state.items())
+    fits = all(i < len(params) and _adam_fits(st, params[i]) for i, st in state.items())
     if not fits or "rng.train" not in tensors:
         raise CheckpointError(f"{path / STATE_FILE}: optimizer/RNG state does not fit this model")
     load_optimizer(opt, state)
