@@ -242,6 +242,8 @@ def test_factor_sentence_names_the_factor_that_moves_a_verdict():
     assert "one configuration only" in factor_sentence("3", {"A": "reproduced"})
     s = factor_sentence("1b", {"A": "not reproduced", "B": "not reproduced", "D": "reproduced"})
     assert "doubling the depth (A -> D) changes the verdict" in s and "MLP" not in s
+    s = factor_sentence("2c", {"A": "inconclusive", "B": "inconclusive"})  # both undecided: nothing is decided
+    assert "leaves it unchanged" not in s and "no single-factor comparison is decided" in s
     s = factor_sentence("3", dict.fromkeys("ABCD", "reproduced"))
     assert ("adding the MLP (A -> B), interleaving the tokens (B -> C) and doubling the depth (A -> D) "
             "leave it unchanged") in s

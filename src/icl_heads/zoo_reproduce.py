@@ -193,7 +193,8 @@ def factor_sentence(claim: str, verdicts: dict[str, str]) -> str:
     parts = [f"{v} in {', '.join(cs)}" for v, cs in by.items() if cs]
     moved = [f for (a, b), f in FACTORS.items() if a in verdicts and b in verdicts and verdicts[a] != verdicts[b]
              and "inconclusive" not in (verdicts[a], verdicts[b])]
-    same = [f for (a, b), f in FACTORS.items() if a in verdicts and b in verdicts and verdicts[a] == verdicts[b]]
+    same = [f for (a, b), f in FACTORS.items() if a in verdicts and b in verdicts and verdicts[a] == verdicts[b]
+            != "inconclusive"]  # both undecided says nothing about the factor
     if moved:
         tail = f"; {_join(moved)} {'changes' if len(moved) == 1 else 'change'} the verdict"
     elif same:
