@@ -60,7 +60,7 @@ def references(e5_csv: Path | None) -> dict[str, tuple[float, float]]:
 def figure(runs: dict[str, list[dict[str, float]]], path: Path, refs: dict[str, tuple[float, float]]) -> None:
     keys = ["r@5", "r@10", "r@20"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
-    styles = {"A": "-", "B": "--", "C": ":"}
+    styles = {"A": "-", "B": "--", "C": ":", "D": "-."}
     for name, rows in runs.items():
         for ax, k in zip(axes, keys):
             ax.plot([r["cpu_s"] / 60 for r in rows], [r[k] for r in rows], styles.get(name[0], "-"), label=name)
@@ -70,8 +70,9 @@ def figure(runs: dict[str, list[dict[str, float]]], path: Path, refs: dict[str, 
             ax.axhline(ridge, color="grey", lw=0.8, ls="--")
             ax.axhline(lasso, color="grey", lw=0.8, ls=":")
         ax.set_yscale("log")
+        ax.set_xscale("log")  # 16k-step recipes (minutes) beside 64k-128k-step runs (an hour)
         ax.set_title(f"{k} (validation prompts); grey: ridge --, lasso :")
-        ax.set_xlabel("CPU minutes (one core)")
+        ax.set_xlabel("CPU minutes (one core, log scale)")
     axes[0].set_ylabel("normalised excess risk")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
