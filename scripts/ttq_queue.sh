@@ -15,7 +15,7 @@ run() {  # name, then --set pairs
   $PY benchmarks/time_to_quality.py --name "$name" --out runs/ttq "${sets[@]}" || return
   mkdir -p "$keep" && cp "runs/ttq/$name/ttq.csv" "runs/ttq/$name/convergence.json" "$keep/"
 }
-case "${1:?queue A or BC}" in
+case "${1:?queue A, BC or long}" in
   A)
     run A-lr1e-3-16k train.steps=16000 train.lr=1e-3
     run A-b256-lr2e-3-8k train.steps=8000 train.lr=2e-3 train.batch_size=256
@@ -27,5 +27,9 @@ case "${1:?queue A or BC}" in
     run C-cur-lr1e-3-16k train.steps=16000 train.lr=1e-3 model.mlp=true model.token_format=interleaved \
         train.curriculum=true train.curriculum_d=true
     run B-cur-lr2e-3-16k train.steps=16000 train.lr=2e-3 model.mlp=true train.curriculum=true train.curriculum_d=true
+    ;;
+  long)  # stop 22: does length alone converge A and B? (A ~50, B ~48 CPU minutes; stop 22 ran them side by side)
+    run A-lr2e-3-128k train.steps=128000 train.lr=2e-3
+    run B-lr1e-3-64k train.steps=64000 train.lr=1e-3 model.mlp=true
     ;;
 esac
