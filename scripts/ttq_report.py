@@ -1,6 +1,7 @@
 """Figure and Markdown table of the time-to-quality runs (benchmarks/time_to_quality.py) under a folder.
 
-    .venv/bin/python scripts/ttq_report.py benchmarks/results/ttq --figure docs/img/time_to_quality.png
+    .venv/bin/python scripts/ttq_report.py benchmarks/results/ttq --figure docs/img/time_to_quality_recipes.png \
+        [--e5 RUN/e5/e5_risk.csv] [--zoo zoo/D/seed1/h4/meta.json]
 
 One panel per marker n (d/2, d, 2d): validation risk against CPU seconds, one line per
 recipe (configuration = first letter of the name). The table gives each finished run's
@@ -27,6 +28,16 @@ def read_runs(root: Path) -> dict[str, list[dict[str, float]]]:
         with log.open() as fh:
             runs[log.parent.name] = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
     return runs
+
+
+def zoo_curve(meta_json: Path) -> tuple[str, list[dict[str, float]]]:
+    """A zoo model's validation history (``meta.json``) as a curve: its wall seconds stand in for CPU
+    seconds (zoo models train on one torch thread; exact only where the process had its core to itself)."""
+    meta = json.loads(meta_json.read_text())
+    parts = meta_json.parent.parts  # .../<config>/seed<k>/h<h>
+    name = f"{parts[-3]}-zoo-{parts[-2]}-{parts[-1]} (wall)"
+    return name, [{"step": r["step"], "cpu_s": r["wall_s"], **{k: r[k] for k in r if k.startswith("r@")}}
+                  for r in meta["history"]]
 
 
 def table(root: Path, runs: dict[str, list[dict[str, float]]]) -> str:
@@ -84,11 +95,13 @@ def main() -> None:
     ap.add_argument("root", type=Path)
     ap.add_argument("--figure", type=Path)
     ap.add_argument("--e5", type=Path, help="an E5 e5_risk.csv of the same task: ridge/lasso reference lines")
+    ap.add_argument("--zoo", type=Path, action="append", default=[],
+                    help="a zoo model's meta.json: its validation history joins the figure (not the table)")
     a = ap.parse_args()
     runs = read_runs(a.root)
     print(table(a.root, runs))
     if a.figure:
-        figure(runs, a.figure, references(a.e5))
+        figure({**runs, **dict(zoo_curve(m) for m in a.zoo)}, a.figure, references(a.e5))
 
 
 if __name__ == "__main__":
