@@ -15,7 +15,18 @@ run() {  # name, then --set pairs
   $PY benchmarks/time_to_quality.py --name "$name" --out runs/ttq "${sets[@]}" || return
   mkdir -p "$keep" && cp "runs/ttq/$name/ttq.csv" "runs/ttq/$name/convergence.json" "$keep/"
 }
-case "${1:?queue A, BC or long}" in
+EI="model.mlp=false model.token_format=interleaved train.steps=16000"  # configuration E (issue 23)
+case "${1:?queue A, BC, long, E1 or E2}" in
+  E1)  # stop 23: what takes interleaved tokens (attention-only) off the plateau
+    run E-lr1e-3-16k $EI train.lr=1e-3
+    run E-lr4e-3-16k $EI train.lr=4e-3
+    run E-cur-lr1e-3-w2k-16k $EI train.lr=1e-3 train.curriculum=true train.curriculum_d=true train.warmup_steps=2000
+    ;;
+  E2)
+    run E-curd-lr1e-3-16k $EI train.lr=1e-3 train.curriculum_d=true
+    run E-cur-lr2e-3-16k $EI train.lr=2e-3 train.curriculum=true train.curriculum_d=true
+    run E-cur-b256-lr1e-3-8k $EI train.lr=1e-3 train.curriculum=true train.curriculum_d=true train.batch_size=256 train.steps=8000
+    ;;
   A)
     run A-lr1e-3-16k train.steps=16000 train.lr=1e-3
     run A-b256-lr2e-3-8k train.steps=8000 train.lr=2e-3 train.batch_size=256

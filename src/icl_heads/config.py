@@ -76,7 +76,7 @@ class ModelConfig(ArchConfig):
 
 
 class TrainConfig(_Strict):
-    """AdamW + warm-up/cosine on fresh prompts every step."""
+    """AdamW on fresh prompts every step; warm-up, then cosine (fixed length) or constant (wsd, extendable)."""
 
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -89,6 +89,12 @@ class TrainConfig(_Strict):
     curriculum_start_frac: float = Field(default=0.25, gt=0, le=1, description="first n_max as a fraction")
     curriculum_steps_frac: float = Field(default=0.5, gt=0, le=1, description="share of steps spent ramping")
     curriculum_d: bool = Field(default=False, description="also ramp the number of active coordinates (rest zero)")
+    curriculum_ramp_steps: int = Field(default=0, ge=0, description="ramp length in steps; 0 = curriculum_steps_frac * steps "
+                                       "(a wsd run sets it, so extending the run leaves its past unchanged)")
+    schedule: Literal["cosine", "wsd"] = Field(default="cosine", description="cosine: warm-up, cosine to min_lr_frac * lr "
+                                               "at `steps`; wsd: warm-up, then constant (extendable; cool-downs are branches)")
+    cooldown_from: int = Field(default=0, ge=0, description="wsd cool-down branch: the stable step it starts from; the lr "
+                               "decays linearly from lr to 0 between it and `steps` (0 = no cool-down)")
     eval_every: int = Field(default=500, ge=1)
     n_eval_prompts: int = Field(default=512, ge=1)
     checkpoint_every: int = Field(default=500, ge=1)
@@ -96,6 +102,14 @@ class TrainConfig(_Strict):
     snapshots: int = Field(default=0, ge=0, description="weights-only snapshots per run at log-spaced steps; 0 = none")
     bf16: bool = Field(default=False, description="CUDA only: bf16 autocast of the forward pass (loss in fp32)")
     compile: bool = Field(default=False, description="CUDA only: torch.compile the model for training")
+
+    @model_validator(mode="after")
+    def _cooldown(self) -> "TrainConfig":
+        if self.cooldown_from and self.schedule != "wsd":
+            raise ValueError("cooldown_from: a cool-down branch needs schedule='wsd'")
+        if self.cooldown_from >= self.steps:
+            raise ValueError(f"cooldown_from: must be below steps (got {self.cooldown_from} >= {self.steps})")
+        return self
 
 
 class EvalConfig(_Strict):

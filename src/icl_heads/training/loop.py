@@ -194,9 +194,10 @@ class _Progress:
 def _scheduled(trainee: Trainee, opt: torch.optim.Optimizer, members: Sequence[Member], cfg: TrainConfig,
                task: TaskConfig, device: str, state: _Progress, end: int, gens: Sequence[torch.Generator],
                which: torch.Tensor | None, write: Callable[[bool], None], progress: Any,
-               on_eval: Callable[[dict[str, float]], None] | None = None) -> None:
+               on_eval: Callable[[dict[str, float]], None] | None = None, deadline: float | None = None) -> None:
     """The full run from ``state.step`` to ``end``: :func:`run_steps` plus snapshots, evaluation rows
-    (one history per member), the loss EMA and checkpoints (``write(finished)``)."""
+    (one history per member), the loss EMA and checkpoints (``write(finished)``); past ``deadline``
+    (``time.monotonic()``) it checkpoints and stops as an interrupt would."""
     vals = {s: fixed_prompts(task, cfg.n_eval_prompts, s, EVAL_STREAM) for s in dict.fromkeys(m.spec.seed for m in members)}
     snaps = set(snapshot_steps(cfg))
     cuda = device.startswith("cuda")
@@ -238,16 +239,26 @@ def _scheduled(trainee: Trainee, opt: torch.optim.Optimizer, members: Sequence[M
                 last = state.histories[0][-1] if len(members) == 1 else {}
                 progress.set_postfix(loss=f"{max(loss_ema):.4f}",
                                      **{k: f"{v:.4f}" for k, v in last.items() if k.startswith("r@")})
-        if step % cfg.checkpoint_every == 0 or step == end:
+        late = deadline is not None and time.monotonic() >= deadline
+        if step % cfg.checkpoint_every == 0 or step == end or late:
             state.wall += time.perf_counter() - t0
             t0 = time.perf_counter()
             write(step == cfg.steps)
+        if late and step < end:
+            raise _Deadline
 
     with cuda_fast_math(device):
-        run_steps(trainee, opt, state.step, end, draw, cfg.grad_clip, lambda s: lr_at(s, cfg),
-                  cfg.bf16 and cuda, after)
+        try:
+            run_steps(trainee, opt, state.step, end, draw, cfg.grad_clip, lambda s: lr_at(s, cfg),
+                      cfg.bf16 and cuda, after)
+        except _Deadline:
+            pass
     if progress is not None:
         progress.close()
+
+
+class _Deadline(Exception):
+    """Raised after the checkpoint of the first step past a run's deadline (caught by :func:`_scheduled`)."""
 
 
 @contextmanager
@@ -309,22 +320,51 @@ def is_finished(path: str | Path) -> bool:
 def train(preset_or_cfgs: Preset | TrainSpec, n_heads: int | None, out_dir: str | Path,
           device: str = "cpu", resume: bool = False, *, progress: bool = True,
           stop_at: int | None = None, on_eval: Callable[[dict[str, float]], None] | None = None,
-          position: int = 0) -> TrainResult:
+          position: int = 0, init_from: str | Path | None = None, deadline: float | None = None) -> TrainResult:
     """Train one model; checkpoint (resumable) in ``out_dir``; return the model and its meta.
 
     ``resume=True`` continues from the checkpoint in ``out_dir`` (it must come from
     the same task/train config and seed) or starts afresh if there is none;
     ``resume=False`` refuses to overwrite an existing checkpoint. ``stop_at``
     stops after that many steps, as an interrupt would, leaving a resumable
-    checkpoint (used by tests and time-boxed runs).
+    checkpoint (used by tests and time-boxed runs); ``deadline`` (a ``time.monotonic()`` value) does the
+    same at the first step after that time.
+
+    ``schedule="wsd"`` runs are extendable: resuming a run with a larger ``train.steps`` continues it (the
+    learning rate never depended on ``steps``). ``init_from`` starts a *cool-down branch*
+    (``train.cooldown_from = T``) from the wsd run in that folder, which must stand at step ``T``: weights,
+    AdamW moments and the prompt stream continue from there, and that folder is only read.
     """
     with folder_lock(out_dir):  # one writer per checkpoint folder (two trainings used to interleave files)
         return _train(resolve_spec(preset_or_cfgs, n_heads), Path(out_dir), device, resume, progress, stop_at,
-                      on_eval, position)
+                      on_eval, position, None if init_from is None else Path(init_from), deadline)
+
+
+# train fields that may differ between a wsd run and its extension or its cool-down branch
+EXTENDABLE = ("steps", "cooldown_from", "snapshots", "eval_every", "checkpoint_every", "threads")
+
+
+def _same_run(spec: TrainSpec, meta: dict[str, Any], out: Path, extendable: bool) -> None:
+    """Refuse a checkpoint made with another task, model, seed or train config (naming the field)."""
+    want = {**run_meta(spec), "model_config": spec.model.model_dump()}
+    want.pop("preset_config", None)  # provenance: task, train, model and seed decide whether it resumes
+    got = {k: meta.get(k) for k in want}
+    try:  # train fields added since the checkpoint was written take their defaults
+        got["train"] = TrainConfig.model_validate(got["train"]).model_dump()
+    except ValueError:
+        pass
+    if extendable and isinstance(got["train"], dict):
+        got["train"] = {**got["train"], **{k: want["train"][k] for k in EXTENDABLE}}
+    if got != want:
+        bad = next(k for k in want if got[k] != want[k])
+        if bad == "train" and isinstance(got["train"], dict):
+            bad = "train." + next(k for k in want["train"] if got["train"].get(k) != want["train"][k])
+        raise ConfigError(f"resume: checkpoint in {out} was made with a different {bad}")
 
 
 def _train(spec: TrainSpec, out: Path, device: str, resume: bool, progress: bool, stop_at: int | None,
-           on_eval: Callable[[dict[str, float]], None] | None, position: int) -> TrainResult:
+           on_eval: Callable[[dict[str, float]], None] | None, position: int, init_from: Path | None = None,
+           deadline: float | None = None) -> TrainResult:
     """:func:`train`'s body, run while the checkpoint folder's lock is held."""
     cfg, task = spec.train, spec.task
     if cfg.threads and device == "cpu":
@@ -338,25 +378,22 @@ def _train(spec: TrainSpec, out: Path, device: str, resume: bool, progress: bool
     gen = generator(spec.seed, "train", device)
     opt = optimizer_for(One(model), cfg, device)
     state = _Progress(histories=[[]])
-    if have_ckpt:
-        model, meta = load_model(out, device)
-        want = {**run_meta(spec), "model_config": spec.model.model_dump()}
-        want.pop("preset_config", None)  # provenance: task, train, model and seed decide whether it resumes
-        got = {k: meta.get(k) for k in want}
-        try:  # train fields added since the checkpoint was written take their defaults
-            got["train"] = TrainConfig.model_validate(got["train"]).model_dump()
-        except ValueError:
-            pass
-        if got != want:
-            bad = next(k for k in want if got[k] != want[k])
-            raise ConfigError(f"resume: checkpoint in {out} was made with a different {bad}")
+    wsd = cfg.schedule == "wsd"
+    source = out if have_ckpt else init_from
+    if source is not None:
+        model, meta = load_model(source, device)
+        _same_run(spec, meta, source, extendable=wsd and (source == init_from or not cfg.cooldown_from))
+        if source == init_from and int(meta["step"]) != cfg.cooldown_from:
+            raise ConfigError(f"init_from: {source} stands at step {meta['step']}, the cool-down branches at "
+                              f"train.cooldown_from={cfg.cooldown_from}")
         opt = optimizer_for(One(model), cfg, device)
-        restore_model_state(load_tensors(out, STATE_FILE, meta), opt, gen, out)
+        restore_model_state(load_tensors(source, STATE_FILE, meta), opt, gen, source)
         state = _Progress(int(meta["step"]), float(meta.get("wall_s", 0.0)), None, [list(meta.get("history", []))])
-        if meta.get("finished"):
+        if have_ckpt and meta.get("finished") and (not wsd or state.step >= cfg.steps):
             return TrainResult(model, out, meta, state.histories[0])
-    else:
-        write_provenance(out, {"task": task, "model": spec.model, "train": cfg}, spec.seed, preset=spec.preset)
+    if not have_ckpt:
+        write_provenance(out, {"task": task, "model": spec.model, "train": cfg}, spec.seed, preset=spec.preset,
+                         **({"cooldown_of": str(init_from)} if init_from is not None else {}))
 
     def write(finished: bool) -> None:
         history = state.histories[0]
@@ -369,7 +406,7 @@ def _train(spec: TrainSpec, out: Path, device: str, resume: bool, progress: bool
     bar = _progress(progress, start=state.step, total=cfg.steps, desc=f"h={spec.model.n_heads}", position=position)
     fwd = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
     _scheduled(One(model, fwd), opt, [Member(spec, out)], cfg, task, device, state, end, [gen], None, write, bar,
-               on_eval)
+               on_eval, deadline)
     model.eval()
     return TrainResult(model, out, load_meta(out), state.histories[0])
 

@@ -18,9 +18,18 @@ EVAL_STREAM = "eval"  # validation prompts used *during* training (never the E5 
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of (0-based) ``step``: linear warm-up, then cosine to ``min_lr_frac * lr``."""
+    """Learning rate of (0-based) ``step``: linear warm-up, then cosine to ``min_lr_frac * lr`` at ``steps``
+    (``schedule="cosine"``) or constant (``"wsd"``: warmup-stable-decay, Hägele et al. 2024). A wsd
+    *cool-down branch* (``cooldown_from = T``) decays linearly from ``lr`` at step ``T`` to ~0 at ``steps``.
+
+    A wsd run's lr never depends on ``steps`` before a cool-down, so the run can be extended at will and
+    a cool-down taken from any of its checkpoints is a model trained to the end of a schedule."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        if cfg.cooldown_from and step >= cfg.cooldown_from:
+            return cfg.lr * (cfg.steps - step) / (cfg.steps - cfg.cooldown_from)
+        return cfg.lr
     span = max(cfg.steps - cfg.warmup_steps, 1)
     t = min((step - cfg.warmup_steps) / span, 1.0)
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
@@ -28,7 +37,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def _ramp(step: int, cfg: TrainConfig, full: int) -> int:
     start = max(1, math.ceil(cfg.curriculum_start_frac * full))
-    t = min(step / max(cfg.curriculum_steps_frac * cfg.steps, 1), 1.0)
+    span = cfg.curriculum_ramp_steps or cfg.curriculum_steps_frac * cfg.steps
+    t = min(step / max(span, 1), 1.0)
     return min(full, start + round(t * (full - start)))
 
 

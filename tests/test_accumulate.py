@@ -1,0 +1,105 @@
+"""Training that accumulates (issue 23): the wsd schedule, extendable runs, cool-down branches, deadlines."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from icl_heads.checkpoint import load_model
+from icl_heads.config import ConfigError, TrainConfig, get_preset
+from icl_heads.training import curriculum, lr_at, train
+
+torch.set_num_threads(1)
+
+
+def tiny(steps: int, **train_over: object):
+    over = {"train.steps": steps, "train.warmup_steps": 4, "train.eval_every": 8, "train.checkpoint_every": 8,
+            "train.n_eval_prompts": 32, "train.batch_size": 16, "model.d_model": 16, "train.schedule": "wsd",
+            "train.curriculum": True, "train.curriculum_ramp_steps": 20}
+    over.update({f"train.{k}": v for k, v in train_over.items()})
+    return get_preset("smoke", **over)
+
+
+def weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_wsd_is_constant_after_warmup_and_a_cooldown_decays_linearly_to_zero() -> None:
+    stable = TrainConfig(steps=1000, batch_size=8, lr=1e-2, warmup_steps=100, schedule="wsd")
+    assert lr_at(99, stable) == pytest.approx(1e-2)
+    assert lr_at(500, stable) == lr_at(999, stable) == lr_at(10**6, stable) == 1e-2
+    branch = stable.model_copy(update={"steps": 1200, "cooldown_from": 1000})
+    assert lr_at(999, branch) == 1e-2
+    assert lr_at(1000, branch) == pytest.approx(1e-2)
+    assert lr_at(1100, branch) == pytest.approx(0.5e-2)
+    assert lr_at(1199, branch) == pytest.approx(1e-2 / 200)
+
+
+def test_an_absolute_ramp_does_not_depend_on_the_run_length() -> None:
+    p16, p64 = (tiny(s).train for s in (16, 64))
+    task = tiny(16).task
+    assert [curriculum(t, p16, task) for t in range(30)] == [curriculum(t, p64, task) for t in range(30)]
+
+
+def test_a_cooldown_needs_wsd_and_must_start_before_the_end() -> None:
+    with pytest.raises(ValueError, match="cooldown_from"):
+        TrainConfig(steps=100, batch_size=8, lr=1e-3, cooldown_from=50)
+    with pytest.raises(ValueError, match="cooldown_from"):
+        TrainConfig(steps=100, batch_size=8, lr=1e-3, cooldown_from=100, schedule="wsd")
+
+
+def test_extending_a_wsd_run_equals_training_it_long_in_one_go(tmp_path: Path) -> None:
+    whole = train(tiny(40), 2, tmp_path / "whole", progress=False)
+    train(tiny(24), 2, tmp_path / "grown", progress=False)  # finished at 24 ...
+    grown = train(tiny(40), 2, tmp_path / "grown", progress=False, resume=True)  # ... then extended to 40
+    assert grown.meta["step"] == 40 and grown.meta["finished"]
+    assert weights_equal(whole.model, grown.model)
+
+
+def test_a_cosine_run_is_not_extended_and_the_field_is_named(tmp_path: Path) -> None:
+    train(tiny(16, schedule="cosine"), 2, tmp_path / "m", progress=False)
+    with pytest.raises(ConfigError, match="train.steps"):
+        train(tiny(24, schedule="cosine"), 2, tmp_path / "m", progress=False, resume=True)
+
+
+def test_a_cooldown_branch_leaves_the_stable_run_untouched_and_is_resumable(tmp_path: Path) -> None:
+    train(tiny(24), 2, tmp_path / "stable", progress=False)
+    before = digest(tmp_path / "stable")
+    branch = tiny(30, cooldown_from=24, snapshots=0)
+    full = train(branch, 2, tmp_path / "cool", progress=False, init_from=tmp_path / "stable")
+    assert digest(tmp_path / "stable") == before
+    assert full.meta["finished"] and full.meta["step"] == 30
+    # interrupted branch, resumed: the same weights
+    train(branch, 2, tmp_path / "cut", progress=False, init_from=tmp_path / "stable", stop_at=27)
+    again = train(branch, 2, tmp_path / "cut", progress=False, resume=True)
+    assert weights_equal(full.model, again.model)
+    # the stable run, extended after the branch, is what it would have been without the branch
+    ext = train(tiny(40), 2, tmp_path / "stable", progress=False, resume=True)
+    assert weights_equal(ext.model, train(tiny(40), 2, tmp_path / "ref", progress=False).model)
+    # the branch really cooled: its last lr is ~0, not the stable lr
+    assert full.meta["history"][-1]["lr"] < 0.2 * branch.train.lr
+
+
+def test_a_cooldown_from_a_run_at_another_step_is_refused(tmp_path: Path) -> None:
+    train(tiny(16), 2, tmp_path / "stable", progress=False)
+    with pytest.raises(ConfigError, match="cooldown_from"):
+        train(tiny(30, cooldown_from=24), 2, tmp_path / "cool", progress=False, init_from=tmp_path / "stable")
+
+
+def test_a_deadline_stops_with_a_resumable_checkpoint_and_the_resume_is_identical(tmp_path: Path) -> None:
+    cut = train(tiny(40), 2, tmp_path / "cut", progress=False, deadline=time.monotonic())  # stops after step 1
+    assert not cut.meta["finished"] and cut.meta["step"] == 1
+    done = train(tiny(40), 2, tmp_path / "cut", progress=False, resume=True)
+    model, _ = load_model(tmp_path / "cut")
+    assert weights_equal(done.model, train(tiny(40), 2, tmp_path / "ref", progress=False).model)
+    assert weights_equal(model, done.model)
