@@ -103,3 +103,53 @@ def test_a_deadline_stops_with_a_resumable_checkpoint_and_the_resume_is_identica
     model, _ = load_model(tmp_path / "cut")
     assert weights_equal(done.model, train(tiny(40), 2, tmp_path / "ref", progress=False).model)
     assert weights_equal(model, done.model)
+
+
+# --------------------------------------------------------------------------- the zoo trainer (zoo train --minutes)
+
+from icl_heads.checkpoint import load_meta  # noqa: E402
+from icl_heads.zoo import ZooConfig, _accumulate_member, accumulate_zoo, member_status, milestones, model_path  # noqa: E402
+
+GROW = ZooConfig("G", "tiny accumulating configuration",
+                 {"model.d_model": 16, "train.steps": 16, "train.snapshots": 3, "train.eval_every": 8,
+                  "train.checkpoint_every": 8, "train.n_eval_prompts": 32, "eval.n_test": 64, "eval.n_val": 64,
+                  "train.batch_size": 16, "train.schedule": "wsd", "train.warmup_steps": 4},
+                 seeds=(0,), heads=(2,), base="smoke", max_steps=32, cooldown_frac=0.25)
+
+
+def test_milestones_double_up_to_the_cap() -> None:
+    assert milestones(GROW) == [16, 32]
+
+
+def test_the_zoo_trainer_exports_each_cooldown_with_its_comparison_and_caps(tmp_path: Path) -> None:
+    out = accumulate_zoo([GROW], 10.0, 1, tmp_path / "zoo", tmp_path / "state")
+    meta = load_meta(model_path("G", 0, 2, tmp_path / "zoo"))
+    z = meta["zoo"]
+    conv = z["convergence"]
+    assert conv["from_step"] == 16 and conv["to_step"] == 32
+    for row in conv["at"].values():  # the improvement is the cool-downs' paired comparison
+        assert row["improvement"] == pytest.approx(1 - row["risk"] / row["risk_half"], abs=1e-6)  # float32 means
+    decided = all(conv["at"][n]["improvement"] < 0.03 for n in ("5", "10"))  # n = d and 2d of the smoke task
+    assert conv["converged"] == decided
+    state = "converged" if decided else "capped"  # the cap is 32 steps: no further doubling either way
+    assert out == [f"G/seed0/h2: {state}"]
+    assert (z["stable_steps"], z["cooldown_steps"], meta["step"], z["state"]) == (32, 8, 40, state)
+    # the state keeps the stable run (resumable) and the two latest cool-downs' weights
+    member = tmp_path / "state" / "G" / "seed0" / "h2"
+    assert sorted(p.name for p in member.iterdir() if p.is_dir()) == ["cool0000016", "cool0000032", "stable"]
+    assert not (member / "cool0000032" / "state.safetensors").exists()
+    assert (member / "stable" / "state.safetensors").exists()
+    assert member_status(GROW, 0, 2, tmp_path / "zoo") == state
+
+
+def test_the_zoo_trainer_stopped_on_time_again_and_again_ends_with_the_same_weights(tmp_path: Path) -> None:
+    accumulate_zoo([GROW], 10.0, 1, tmp_path / "whole", tmp_path / "whole-state")
+    calls = 0
+    while member_status(GROW, 0, 2, tmp_path / "cut") not in ("capped", "converged"):
+        _accumulate_member(GROW, 0, 2, str(tmp_path / "cut-state"), str(tmp_path / "cut"), time.time() + 0.05, 1)
+        calls += 1
+        assert calls < 200
+    assert calls > 2  # it really was cut
+    a, _ = load_model(model_path("G", 0, 2, tmp_path / "whole"))
+    b, _ = load_model(model_path("G", 0, 2, tmp_path / "cut"))
+    assert weights_equal(a, b)

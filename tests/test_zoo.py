@@ -250,9 +250,9 @@ def test_factor_sentence_names_the_factor_that_moves_a_verdict():
 
 
 def test_the_zoo_stays_under_its_size_cap():
-    """Issue 14: the whole zoo under 60 MB, read as 60 MiB (62.9 million bytes; `du -sh` units)."""
+    """Issue 23: the exported zoo under 150 MB (issue 14's 60 MB before configuration E), in MiB (`du` units)."""
     size = sum(f.stat().st_size for f in ZOO_DIR.rglob("*") if f.is_file())
-    assert size < 60 * 2 ** 20, f"zoo is {size / 2 ** 20:.1f} MiB"
+    assert size < 150 * 2 ** 20, f"zoo is {size / 2 ** 20:.1f} MiB"
 
 
 def test_pairs_are_handed_out_longest_first():
@@ -262,7 +262,7 @@ def test_pairs_are_handed_out_longest_first():
 
     pairs = [(c, k) for c in CONFIGS.values() for k in range(len(c.seeds))]
     order = [f"{c.name}{k}" for c, k in sorted(pairs, key=lambda ck: -pair_cost(ck[0].preset(), ck[1]))]
-    assert order[0] == "D0" and order[-4:] == ["A1", "A2", "A3", "A4"], order
+    assert order[0] == "D0" and set(order[-8:]) == {f"{c}{k}" for c in "AE" for k in range(1, 5)}, order
     assert order.index("B0") < order.index("B1") < order.index("B2")
     costs = {c.name: pair_cost(c.preset(), 1) for c in CONFIGS.values()}
     assert costs["D"] == 2 * costs["A"] and costs["B"] == costs["C"] > costs["A"]

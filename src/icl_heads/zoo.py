@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import META_FILE, MODEL_FILE, CheckpointError, load_meta, load_model
+from .checkpoint import META_FILE, MODEL_FILE, STATE_FILE, CheckpointError, load_meta, load_model
 from .config import ConfigError, ModelConfig, Preset, TaskConfig, TrainConfig, get_preset
 from .io import atomic_write_text, write_json
 from .tasks import fixed_prompts
@@ -39,6 +39,7 @@ from .training import Member, TrainSpec, marker_ns, snapshot_dir, snapshot_steps
 from .workers import run_in_processes
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "zoo"
+STATE_DIR = ZOO_DIR.parent / "zoo_state"  # resumable stable runs and last cool-downs of accumulating configurations
 SUMS_FILE = "SHA256SUMS"
 CPU_CLOCK = "cpu_clock.json"  # CPU seconds of a training run (time_to_quality.py and zoo train write it)
 CONVERGENCE_TOL = 0.03  # a run is converged when r@d and r@2d improve by < 3% over the last doubling of steps
@@ -55,6 +56,12 @@ class ZooConfig:
     heads: tuple[int, ...]
     extra: tuple[tuple[int, int], ...] = ()  # (seed, h) trained besides seeds x heads (E1's h=2 curve)
     base: str = "quick"  # the preset the overrides apply to (tests use smoke)
+    max_steps: int = 0  # > 0: the recipe accumulates (wsd): stable run doubled from train.steps up to this cap
+    cooldown_frac: float = 0.2  # a cool-down branch at stable step T runs round(frac * T) steps
+
+    @property
+    def accumulates(self) -> bool:
+        return self.max_steps > 0
 
     def preset(self, seed: int = 0) -> Preset:
         return get_preset(self.base, **{**self.overrides, "seed": seed})
@@ -83,6 +90,13 @@ CONFIGS: dict[str, ZooConfig] = {c.name: c for c in (
     ZooConfig("D", "paired tokens, attention-only, L = 6",
               {"model.mlp": False, "model.n_layers": 6, "train.steps": 32000, "train.lr": 2e-3, **_SNAP},
               seeds=(0, 1, 2), heads=(1, 4)),
+    # the format contrast with A (issue 23): interleaved tokens, attention-only; the recipe accumulates (wsd,
+    # cool-down branches at 16k, 32k, 64k, ... steps) and its curriculum over the active coordinates is what
+    # took it off the predict-zero plateau in the recipe study (docs/training.md)
+    ZooConfig("E", "interleaved tokens, attention-only, L = 3",
+              {"model.mlp": False, "model.token_format": "interleaved", "train.steps": 16000, "train.lr": 1e-3,
+               "train.schedule": "wsd", "train.curriculum_d": True, "train.curriculum_ramp_steps": 8000, **_SNAP},
+              seeds=(0, 1, 2, 3, 4), heads=(1, 4), max_steps=256000),
 )}
 
 
@@ -113,44 +127,60 @@ def complete_seeds(config: ZooConfig, root: Path = ZOO_DIR) -> list[int]:
 
 # --------------------------------------------------------------------------- convergence
 
-def snapshot_errors(run: Path, step: int, test: Any, ns: list[int], scale: float) -> np.ndarray:
-    """Per-prompt normalised squared excess error ``(B, len(ns))`` of the snapshot at ``step``."""
-    model, _ = load_model(snapshot_dir(run, step) if step else run)
+def model_errors(path: Path, test: Any, ns: list[int], scale: float) -> np.ndarray:
+    """Per-prompt normalised squared excess error ``(B, len(ns))`` of the checkpoint in ``path``."""
+    model, _ = load_model(path)
     model.eval()
     with torch.no_grad():
         pred = model(test.x.float(), test.y.float())
     return ((pred[:, ns] - test.f[:, ns].float()) ** 2 / scale).numpy()
 
 
-def convergence(run: Path, preset: Preset, tol: float = CONVERGENCE_TOL, n_boot: int = 2000) -> dict[str, Any]:
-    """The last-doubling test on the *test* prompts: risk at n = d/2, d, 2d of the snapshot at ``S/2``
-    and at ``S`` (the last two log-spaced snapshots), the relative improvement with a paired bootstrap
-    95% CI over prompts; converged when the improvement at n = d and at n = 2d is below ``tol``."""
+def snapshot_errors(run: Path, step: int, test: Any, ns: list[int], scale: float) -> np.ndarray:
+    """:func:`model_errors` of the snapshot at ``step`` of ``run`` (0: the run's last checkpoint)."""
+    return model_errors(snapshot_dir(run, step) if step else run, test, ns, scale)
+
+
+def compare_models(old: Path | None, new: Path, preset: Preset, tol: float = CONVERGENCE_TOL,
+                   n_boot: int = 2000) -> dict[str, Any]:
+    """Risk of ``new`` at n = d/2, d, 2d on the *test* prompts (95% CI), and, with ``old``, the relative
+    improvement ``1 - risk_new / risk_old`` with a paired bootstrap 95% CI over prompts; converged when
+    the improvement at n = d and at n = 2d is below ``tol`` (without ``old``: not converged)."""
     task = preset.task
     ns = marker_ns(task)
+    test = fixed_prompts(task, preset.eval.n_test, preset.seed, "test")
+    scale = task.s * task.tau ** 2
+    full = model_errors(new, test, ns, scale)
+    half = None if old is None else model_errors(old, test, ns, scale)
+    idx = np.random.default_rng(0).integers(0, len(full), size=(n_boot, len(full)))
+    out: dict[str, Any] = {"tol": tol, "n_test": len(full), "at": {}}
+    decisive = {min(task.d, task.n_max), min(2 * task.d, task.n_max)}
+    ok = half is not None
+    for j, n in enumerate(ns):
+        se = full[:, j].std(ddof=1) / np.sqrt(len(full))
+        row: dict[str, Any] = {"risk": float(full[:, j].mean()),
+                               "ci": [float(full[:, j].mean() - 1.96 * se), float(full[:, j].mean() + 1.96 * se)],
+                               "risk_half": None, "improvement": None, "improvement_ci": None}
+        if half is not None:
+            imp = 1 - full[:, j].mean() / half[:, j].mean()
+            boots = 1 - full[idx, j].mean(1) / half[idx, j].mean(1)
+            row.update(risk_half=float(half[:, j].mean()), improvement=float(imp),
+                       improvement_ci=[float(x) for x in np.quantile(boots, [0.025, 0.975])])
+            if n in decisive:
+                ok = ok and bool(imp < tol)
+        out["at"][str(n)] = row
+    out["converged"] = ok
+    return out
+
+
+def convergence(run: Path, preset: Preset, tol: float = CONVERGENCE_TOL, n_boot: int = 2000) -> dict[str, Any]:
+    """The last-doubling test of a fixed-length (cosine) run: :func:`compare_models` of the snapshot at
+    ``S/2`` against the one at ``S`` (the last two log-spaced snapshots)."""
     steps = snapshot_steps(preset.train)
     if len(steps) < 2:
         raise ConfigError("train.snapshots: the convergence test needs at least 2 snapshots")
-    test = fixed_prompts(task, preset.eval.n_test, preset.seed, "test")
-    scale = task.s * task.tau ** 2
-    half, full = (snapshot_errors(run, s, test, ns, scale) for s in steps[-2:])
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(full), size=(n_boot, len(full)))
-    out: dict[str, Any] = {"tol": tol, "from_step": steps[-2], "to_step": steps[-1], "n_test": len(full), "at": {}}
-    decisive = {min(task.d, task.n_max), min(2 * task.d, task.n_max)}
-    ok = True
-    for j, n in enumerate(ns):
-        imp = 1 - full[:, j].mean() / half[:, j].mean()
-        boots = 1 - full[idx, j].mean(1) / half[idx, j].mean(1)
-        se = full[:, j].std(ddof=1) / np.sqrt(len(full))
-        out["at"][str(n)] = {"risk": float(full[:, j].mean()), "ci": [float(full[:, j].mean() - 1.96 * se),
-                                                                       float(full[:, j].mean() + 1.96 * se)],
-                             "risk_half": float(half[:, j].mean()), "improvement": float(imp),
-                             "improvement_ci": [float(x) for x in np.quantile(boots, [0.025, 0.975])]}
-        if n in decisive:
-            ok = ok and bool(imp < tol)
-    out["converged"] = ok
-    return out
+    out = compare_models(snapshot_dir(run, steps[-2]), snapshot_dir(run, steps[-1]), preset, tol, n_boot)
+    return {"tol": tol, "from_step": steps[-2], "to_step": steps[-1], **{k: v for k, v in out.items() if k != "tol"}}
 
 
 # --------------------------------------------------------------------------- export, verify
@@ -334,3 +364,155 @@ def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_
     run_in_processes(_train_member, [(c, k, h, str(work), 1) for c, k, h in todo], max(1, jobs),
                      on_done=lambda i, _: land(*todo[i]))
     return done
+
+
+# --------------------------------------------------------------------------- accumulating training (wsd)
+
+def milestones(config: ZooConfig) -> list[int]:
+    """Stable steps at which an accumulating configuration takes a cool-down: ``train.steps`` doubled
+    up to ``max_steps``."""
+    t, out = config.preset(0).train.steps, []
+    while t <= config.max_steps:
+        out.append(t)
+        t *= 2
+    return out
+
+
+def cooldown_steps(config: ZooConfig, t: int) -> int:
+    return max(1, round(config.cooldown_frac * t))
+
+
+def stable_preset(config: ZooConfig, seed: int, t: int) -> Preset:
+    return get_preset(config.base, **{**config.overrides, "seed": seed, "train.steps": t})
+
+
+def cooldown_preset(config: ZooConfig, seed: int, t: int) -> Preset:
+    """The cool-down branch at stable step ``t``: lr from its value to ~0 over ``cooldown_frac * t`` steps."""
+    return get_preset(config.base, **{**config.overrides, "seed": seed, "train.steps": t + cooldown_steps(config, t),
+                                      "train.cooldown_from": t, "train.snapshots": 0})
+
+
+def state_path(config: str, seed: int, h: int, state_root: Path = STATE_DIR) -> Path:
+    return Path(state_root) / config / f"seed{seed}" / f"h{h}"
+
+
+def cooldown_dir(member: Path, t: int) -> Path:
+    return member / f"cool{t:07d}"
+
+
+def member_status(config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR) -> str:
+    """``missing``, ``training`` (exported, not converged, below the cap), ``converged`` or ``capped``."""
+    path = model_path(config.name, seed, h, root)
+    if not (path / META_FILE).exists():
+        return "missing"
+    return str(load_meta(path).get("zoo", {}).get("state", "capped"))
+
+
+def _cpu(folder: Path) -> float:
+    clock = folder / CPU_CLOCK
+    return float(json.loads(clock.read_text())["cpu_s"]) if clock.exists() else 0.0
+
+
+def _timed_train(preset: Preset, h: int, out: Path, deadline: float, show: Any, init_from: Path | None = None) -> bool:
+    """Train (resume) ``out`` until it finishes or the deadline; its CPU clock adds up. True when finished."""
+    c0, cpu0 = time.process_time(), _cpu(out)
+    try:
+        res = train(preset, h, out, "cpu", resume=True, progress=False, on_eval=show, init_from=init_from,
+                    deadline=deadline)
+    finally:
+        if (out / META_FILE).exists():
+            write_json(out / CPU_CLOCK, {"cpu_s": cpu0 + time.process_time() - c0})
+    return bool(res.meta.get("finished")) and int(res.meta["step"]) >= preset.train.steps
+
+
+def _accumulate_member(config: ZooConfig, seed: int, h: int, state_root: str, zoo_root: str, stop_epoch: float,
+                       threads: int) -> str:
+    """Worker: grow one member's stable run milestone by milestone, cool down and export at each, until it
+    converges, reaches ``max_steps`` or the wall clock reaches ``stop_epoch`` (``time.time()``)."""
+    torch.set_num_threads(threads)
+    deadline = time.monotonic() + (stop_epoch - time.time())
+    member = state_path(config.name, seed, h, Path(state_root))
+    tag = f"{config.name}/seed{seed}/h{h}"
+
+    def show(row: dict[str, float]) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {tag} step {row['step']} lr {row['lr']:.2e} "
+              + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("r@")), flush=True)
+
+    for t in milestones(config):
+        if member_status(config, seed, h, Path(zoo_root)) in ("converged", "capped"):
+            break
+        if _exported_at(config, seed, h, zoo_root) >= t:
+            continue
+        cool = cooldown_dir(member, t)
+        if time.monotonic() >= deadline:
+            return f"{tag}: stopped before step {t}"
+        if not (cool / META_FILE).exists() and not _timed_train(stable_preset(config, seed, t), h, member / "stable",
+                                                                 deadline, show):
+            return f"{tag}: stopped (stable run)"
+        if not _timed_train(cooldown_preset(config, seed, t), h, cool, deadline, show, init_from=member / "stable"):
+            return f"{tag}: stopped (cool-down at {t})"
+        export_cooldown(config, seed, h, member, t, Path(zoo_root))
+    return f"{tag}: {member_status(config, seed, h, Path(zoo_root))}"
+
+
+def _exported_at(config: ZooConfig, seed: int, h: int, zoo_root: str | Path) -> int:
+    path = model_path(config.name, seed, h, Path(zoo_root))
+    return int(load_meta(path)["zoo"].get("stable_steps", 0)) if (path / META_FILE).exists() else 0
+
+
+def export_cooldown(config: ZooConfig, seed: int, h: int, member: Path, t: int, root: Path = ZOO_DIR) -> Path:
+    """Export the cool-down at stable step ``t`` into the zoo (weights, meta, the stable run's snapshots for
+    the largest head count) with the convergence test against the cool-down at ``t / 2``; keeps only the
+    two latest cool-downs' weights in the state folder. Serialised across processes by a lock on the zoo."""
+    import fcntl
+
+    cool = cooldown_dir(member, t)
+    prev = cooldown_dir(member, t // 2)
+    preset = stable_preset(config, seed, t)
+    conv = compare_models(prev if (prev / META_FILE).exists() else None, cool, preset)
+    conv.update(from_step=t // 2 if conv["at"][str(marker_ns(preset.task)[0])]["improvement"] is not None else None,
+                to_step=t)
+    state = "converged" if conv["converged"] else ("capped" if 2 * t > config.max_steps else "training")
+    cpu = _cpu(member / "stable") + sum(_cpu(c) for c in member.glob("cool*"))
+    meta = load_meta(cool)
+    meta["sha256"] = {MODEL_FILE: meta["sha256"][MODEL_FILE]}
+    meta["zoo"] = {"config": config.name, "title": config.title, "overrides": config.overrides, "seed": seed, "h": h,
+                   "schedule": "wsd", "stable_steps": t, "cooldown_steps": cooldown_steps(config, t),
+                   "max_steps": config.max_steps, "state": state, "convergence": conv, "wall_s": meta.get("wall_s"),
+                   "cpu_s": cpu, "machine": machine(), "cpu": cpu_kernels(), "threads": 1}
+    dest = model_path(config.name, seed, h, root)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / ".export.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cool / MODEL_FILE, dest / f".{MODEL_FILE}.tmp")
+        os.replace(dest / f".{MODEL_FILE}.tmp", dest / MODEL_FILE)
+        snaps = member / "stable" / "snapshots"
+        if h == max(config.heads) and snaps.is_dir():
+            for snap in sorted(snaps.iterdir()):
+                if not (dest / "snapshots" / snap.name / META_FILE).exists():
+                    shutil.copytree(snap, dest / "snapshots" / snap.name, dirs_exist_ok=True)
+        write_json(dest / META_FILE, meta)
+        write_sums(root)
+    for old in member.glob("cool*"):  # the state keeps the two latest cool-downs (the next test needs this one)
+        if old.name not in (cool.name, prev.name) and old.is_dir():
+            shutil.rmtree(old)
+    if (cool / STATE_FILE).exists():
+        (cool / STATE_FILE).unlink()  # a finished branch is never resumed: its weights are all the next test needs
+    print(f"exported {dest} at {t} + {cooldown_steps(config, t)} steps ({state}; "
+          + ", ".join(f"r@{n}={v['risk']:.4f}" + ("" if v["improvement"] is None else f" ({v['improvement']:+.1%})")
+                      for n, v in conv["at"].items()) + ")", flush=True)
+    return dest
+
+
+def accumulate_zoo(configs: list[ZooConfig], minutes: float, jobs: int, root: Path = ZOO_DIR,
+                   state_root: Path = STATE_DIR) -> list[str]:
+    """Train the accumulating ``configs`` for ``minutes`` of wall time on ``jobs`` processes, members in the
+    configurations' order (seed by seed, largest head count first); every member stops at its next
+    checkpoint after the time is up and resumes from ``state_root`` on the next call."""
+    stop = time.time() + 60 * minutes
+    todo = [(c, k, h) for c in configs for k, h in c.members()
+            if member_status(c, k, h, root) not in ("converged", "capped")]
+    todo.sort(key=lambda t: (t[1], configs.index(t[0]), t[0].members().index((t[1], t[2]))))
+    return run_in_processes(_accumulate_member, [(c, k, h, str(state_root), str(root), stop, 1) for c, k, h in todo],
+                            max(1, jobs))

@@ -60,10 +60,19 @@ def verify_cmd(root: Optional[Path]) -> None:
 @click.option("--stacked", is_flag=True, help="train all members as stacks (the GPU path)")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="override every configuration's recipe (dry runs; recorded in each model's meta)")
+@click.option("--minutes", type=float, default=None,
+              help="accumulating configurations (wsd, e.g. E): train this long, export cool-downs, then stop "
+                   "cleanly; the state under --state resumes on the next call")
+@click.option("--state", "state_root", type=click.Path(path_type=Path), default=None,
+              help="resumable state of accumulating configurations (default: the repository's zoo_state/)")
 @root_option
 def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, stacked: bool,
-              sets: tuple[str, ...], root: Optional[Path]) -> None:
-    """Train every zoo model not yet in the zoo with its configuration's recipe (resumable)."""
+              sets: tuple[str, ...], minutes: Optional[float], state_root: Optional[Path], root: Optional[Path]) -> None:
+    """Train every zoo model not yet in the zoo with its configuration's recipe (resumable).
+
+    Accumulating configurations grow each model's stable run by doublings, take a cool-down at each and
+    export it, until it converges or reaches its cap; with --minutes they stop cleanly on time, and with
+    --commit what changed (models, SHA256SUMS, the resumable state) is committed once at the end."""
     from dataclasses import replace
 
     from .cli_options import parse_sets, resolve_device
@@ -86,8 +95,33 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, st
             subprocess.run(["git", "commit", "-q", "-m", f"zoo: {rel}", "--", str(rel), str(zroot / "SHA256SUMS")],
                            cwd=zroot.parent)
 
-    done = train_zoo(chosen, work, jobs, zroot, git_commit if commit else None, device, stacked)
-    click.echo(f"{len(done)} models exported into {zroot}")
+    if minutes is not None and not (0 < minutes < 10**6):
+        raise ConfigError(f"minutes: must be in (0, 1e6) (got {minutes})")
+    fixed = [c for c in chosen if not c.accumulates]
+    growing = [c for c in chosen if c.accumulates]
+    if minutes is not None and fixed:
+        raise ConfigError(f"minutes: only accumulating configurations stop on time ({', '.join(c.name for c in fixed)} "
+                          "train to a fixed length)")
+    if growing:
+        from .zoo import STATE_DIR, accumulate_zoo
+
+        sroot = STATE_DIR if state_root is None else state_root
+        for line in accumulate_zoo(growing, 10**6 if minutes is None else minutes, jobs, zroot, sroot):
+            click.echo(line)
+        if commit:
+            commit_paths(zroot.parent, [zroot, sroot], f"zoo train: {', '.join(c.name for c in growing)}")
+    if fixed:
+        done = train_zoo(fixed, work, jobs, zroot, git_commit if commit else None, device, stacked)
+        click.echo(f"{len(done)} models exported into {zroot}")
+
+
+def commit_paths(repo: Path, paths: list[Path], message: str) -> None:
+    """One git commit of everything that changed under ``paths`` (nothing when nothing changed)."""
+    rels = [str(Path(p).resolve().relative_to(Path(repo).resolve())) for p in paths]
+    subprocess.run(["git", "add", "-A", "--", *rels], cwd=repo, check=False)
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *rels], cwd=repo)
+    if staged.returncode == 1:
+        subprocess.run(["git", "commit", "-q", "-m", message, "--", *rels], cwd=repo, check=False)
 
 
 @zoo_group.command("cards")
