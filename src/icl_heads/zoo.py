@@ -426,9 +426,9 @@ def _timed_train(preset: Preset, h: int, out: Path, deadline: float, show: Any, 
 
 
 def _accumulate_member(config: ZooConfig, seed: int, h: int, state_root: str, zoo_root: str, stop_epoch: float,
-                       threads: int) -> str:
-    """Worker: grow one member's stable run milestone by milestone, cool down and export at each, until it
-    converges, reaches ``max_steps`` or the wall clock reaches ``stop_epoch`` (``time.time()``)."""
+                       threads: int, upto: int | None = None) -> str:
+    """Worker: grow one member's stable run milestone by milestone (up to ``upto``), cool down and export at
+    each, until it converges, reaches ``max_steps`` or the wall clock reaches ``stop_epoch`` (``time.time()``)."""
     torch.set_num_threads(threads)
     deadline = time.monotonic() + (stop_epoch - time.time())
     member = state_path(config.name, seed, h, Path(state_root))
@@ -439,6 +439,8 @@ def _accumulate_member(config: ZooConfig, seed: int, h: int, state_root: str, zo
               + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("r@")), flush=True)
 
     for t in milestones(config):
+        if upto is not None and t > upto:
+            break
         if member_status(config, seed, h, Path(zoo_root)) in ("converged", "capped"):
             break
         if _exported_at(config, seed, h, zoo_root) >= t:
@@ -507,12 +509,24 @@ def export_cooldown(config: ZooConfig, seed: int, h: int, member: Path, t: int, 
 
 def accumulate_zoo(configs: list[ZooConfig], minutes: float, jobs: int, root: Path = ZOO_DIR,
                    state_root: Path = STATE_DIR) -> list[str]:
-    """Train the accumulating ``configs`` for ``minutes`` of wall time on ``jobs`` processes, members in the
-    configurations' order (seed by seed, largest head count first); every member stops at its next
-    checkpoint after the time is up and resumes from ``state_root`` on the next call."""
+    """Train the accumulating ``configs`` for ``minutes`` of wall time on ``jobs`` processes, breadth first:
+    every member reaches a milestone (and exports its cool-down) before any member goes on to the next, so
+    all seeds stand at the same training length whenever the time is up. Members go in the configurations'
+    order (seed by seed, largest head count first); each stops at its next checkpoint after the time is up
+    and resumes from ``state_root`` on the next call. Returns each member's last status line."""
     stop = time.time() + 60 * minutes
-    todo = [(c, k, h) for c in configs for k, h in c.members()
-            if member_status(c, k, h, root) not in ("converged", "capped")]
-    todo.sort(key=lambda t: (t[1], configs.index(t[0]), t[0].members().index((t[1], t[2]))))
-    return run_in_processes(_accumulate_member, [(c, k, h, str(state_root), str(root), stop, 1) for c, k, h in todo],
-                            max(1, jobs))
+    last: dict[tuple[str, int, int], str] = {}
+    for t in sorted({m for c in configs for m in milestones(c)}):
+        todo = [(c, k, h) for c in configs for k, h in c.members()
+                if member_status(c, k, h, root) not in ("converged", "capped") and _exported_at(c, k, h, root) < t
+                and t in milestones(c)]
+        todo.sort(key=lambda m: (m[1], configs.index(m[0]), m[0].members().index((m[1], m[2]))))
+        if not todo:
+            continue
+        if time.time() >= stop:
+            break
+        lines = run_in_processes(_accumulate_member,
+                                 [(c, k, h, str(state_root), str(root), stop, 1, t) for c, k, h in todo], max(1, jobs))
+        last.update({(c.name, k, h): line for (c, k, h), line in zip(todo, lines)})
+    return [last.get((c.name, k, h), f"{c.name}/seed{k}/h{h}: {member_status(c, k, h, root)}")
+            for c in configs for k, h in c.members()]
