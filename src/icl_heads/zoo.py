@@ -18,6 +18,7 @@ machine and the wall time, so retraining it from scratch is one call
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -466,8 +467,6 @@ def export_cooldown(config: ZooConfig, seed: int, h: int, member: Path, t: int, 
     """Export the cool-down at stable step ``t`` into the zoo (weights, meta, the stable run's snapshots for
     the largest head count) with the convergence test against the cool-down at ``t / 2``; keeps only the
     two latest cool-downs' weights in the state folder. Serialised across processes by a lock on the zoo."""
-    import fcntl
-
     cool = cooldown_dir(member, t)
     prev = cooldown_dir(member, t // 2)
     preset = stable_preset(config, seed, t)

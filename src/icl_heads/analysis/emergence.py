@@ -28,8 +28,11 @@ from ..config import TaskConfig
 from ..evaluation import predict
 from ..metrics import squared_errors
 from ..tasks import Prompts
-from .importance import assess_heads
-from .pruning import control_policy, default_policy, paired_ratio, prune_gates
+from ..claims.keys import in_context_n_min
+from .ablation import make_ablations
+from .importance import assess_heads, assess_heads_kinds
+from .probes import final_readouts
+from .pruning import claim2a_stats, control_policy, default_policy, gated_readouts, paired_ratio, policy_gates, prune_gates
 
 LEARNING = 0.9  # a snapshot counts as "learning started" once its risk at n = d is below this (zero predictor: 1)
 
@@ -55,6 +58,51 @@ def snapshot_rows(model: Any, task: TaskConfig, step: int, val: Prompts, test: P
                  pruned_ratio=pruned["ratio"], pruned_ci_low=pruned["ci_low"], pruned_ci_high=pruned["ci_high"],
                  control_ratio=control["ratio"], risk_norm_at_d=risk_d, ablation="zero", n_prompts=test.batch)
             for c in conc]
+
+
+# --------------------------------------------------------------------------- the claims' statistics per snapshot
+
+TREND_1B = ("neff_contrast", "keep_top_contrast", "later_keep_top")  # claim 1b's thresholded statistics (E2)
+TREND_2A = ("pruned_over_full",)  # claim 2a's ratio (E3), by the own read-out and the probe after the final LN
+TREND_READOUTS = ("model", "probe_ln")
+
+
+def claim_stat_rows(model: Any, task: TaskConfig, step: int, val: Prompts, test: Prompts, fit: Prompts, seed: int,
+                    kinds: Sequence[str] = ("zero", "mean", "resample"), n_boot: int = 1000) -> list[dict[str, Any]]:
+    """Claims 1b and 2a's key statistics of one snapshot, as E2 and E3 compute them, under every ablation kind:
+    claim 1b's N_eff contrast and keep-top ratios on ``val`` (E2 scores on its own prompts), claim 2a's
+    pruned/full (heads ranked on ``val``, scored on ``test``, the probe fitted on ``fit``) by the model's own
+    read-out and by the probe after the final LN. Rows: ``step, statistic, ablation, readout, value, ci_low,
+    ci_high`` (95% bootstrap CIs over prompts), pooled over n >= d/2. The fraction of the multi-head advantage
+    lost needs the h = 1 model at the same step, which keeps no snapshots, so it is not among them."""
+    n_from = in_context_n_min(task.d)
+    abls = make_ablations(model, kinds, task, val.batch, seed)
+    imps = assess_heads_kinds(model, val, task, list(abls.values()), n_min=n_from, keep=True)
+    full = final_readouts(model, fit, test, torch.as_tensor(imps[kinds[0]].base_gates))
+    policy = default_policy(model.cfg.n_layers)
+    rows: list[dict[str, Any]] = []
+    for kind, abl in abls.items():
+        _, model_rows = imps[kind].claim1b_stats(n_from, n_boot, seed)
+        rows += [dict(step=step, statistic=r["statistic"], ablation=kind, readout="", value=r["value"],
+                      ci_low=r["ci_low"], ci_high=r["ci_high"]) for r in model_rows if r["statistic"] in TREND_1B]
+        reads = gated_readouts(model, policy_gates(imps[kind], policy), abl, fit, test, seed)
+        for readout in TREND_READOUTS:
+            errs = {"full": full[readout], **{k: reads[k][readout] for k in ("pruned", "control")}}
+            rows += [dict(step=step, statistic=r["statistic"], ablation=kind, readout=readout, value=r["value"],
+                          ci_low=r["ci_low"], ci_high=r["ci_high"])
+                     for r in claim2a_stats(errs, n_from, n_boot, seed)
+                     if r["n"] == "pooled" and r["statistic"] in TREND_2A]
+    return rows
+
+
+def late_steps(steps: Sequence[int]) -> list[int]:
+    """The snapshots of the second half of training *on the log scale* (step >= sqrt(first * last)): with
+    log-spaced snapshots the second half in steps holds only the last two, too few for a slope."""
+    steps = sorted(steps)
+    if len(steps) < 3:
+        return list(steps)
+    mid = (steps[0] * steps[-1]) ** 0.5
+    return [s for s in steps if s >= mid - 1e-9]
 
 
 # --------------------------------------------------------------------------- trends
