@@ -266,3 +266,26 @@ def test_pairs_are_handed_out_longest_first():
     assert order.index("B0") < order.index("B1") < order.index("B2")
     costs = {c.name: pair_cost(c.preset(), 1) for c in CONFIGS.values()}
     assert costs["D"] == 2 * costs["A"] and costs["B"] == costs["C"] > costs["A"]
+
+
+def test_a_plateau_configuration_is_not_testable_and_never_compared(tmp_path):
+    """Issue 23: a configuration whose largest-head models sit above 0.5 at n = d has not learned: its claims
+    about trained models read *not testable* and the factor sentences compare only configurations that learned."""
+    from icl_heads.io import write_json
+    from icl_heads.zoo_reproduce import NOT_TESTABLE, factor_sentence, model_state
+
+    def fake(root, risk):
+        for k in (0, 1):
+            write_json(model_path("T", k, 2, root) / "meta.json",
+                       {"step": 40, "zoo": {"convergence": {"converged": False, "at": {"5": {"risk": risk[k],
+                                                                                           "improvement": 0.1}}}}})
+    cfg = ZooConfig("T", "two seeds", TINY.overrides, seeds=(0, 1), heads=(1, 2), base="smoke")
+    fake(tmp_path / "plateau", [0.9, 0.45])  # mean 0.675 > 0.5
+    fake(tmp_path / "learned", [0.2, 0.3])
+    plateau, learned = model_state(cfg, 2, tmp_path / "plateau"), model_state(cfg, 2, tmp_path / "learned")
+    assert not plateau["learned"] and plateau["word"].startswith("not learned")
+    assert learned["learned"] and learned["word"].startswith("capped at 40 steps")
+    assert learned["risk_at_d"] == pytest.approx(0.25)
+    s = factor_sentence("1b", {"A": "not reproduced", "B": "not reproduced", "C": NOT_TESTABLE})
+    assert "leaves it unchanged" in s and "not testable in C" in s and "B -> C" not in s
+    assert "no configuration learned" in factor_sentence("1b", {"C": NOT_TESTABLE})

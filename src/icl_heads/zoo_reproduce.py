@@ -18,7 +18,11 @@ from typing import Any, Sequence
 
 from .config import ConfigError
 from .experiments.algorithms import run_e5
-from .io import atomic_write_text, read_json, write_json
+from .claims.across_seeds import Stat
+from .claims.trends import AWAY, TOWARD, UNDECIDED, claim_trends, summary_word
+from .io import atomic_write_text, read_csv, read_json, save_figure, write_json
+from .plotting import new_figure
+from .runs import layout
 from .reproduce import E5_FIELDS, StageRunner, check_folder, reproduce, seed_preset, seed_stages
 from .runs.layout import SEED_STAGES
 from .workers import run_in_processes
@@ -136,7 +140,7 @@ def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: 
     if not any(v["seeds"] for v in done.values()):
         raise ConfigError(f"zoo: {root} holds no complete seed of {', '.join(mode['configs'])}; "
                           "train them (icl-heads zoo train) or pass --train")
-    return write_factor_report(out, configs, done)
+    return write_factor_report(out, configs, done, root)
 
 
 def factor_rows(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -152,7 +156,7 @@ def factor_rows(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[st
             rows.append({"claim": v["claim"], "config": c.name, "verdict": v["verdict"], "statistic": name,
                          "threshold": stat.get("threshold"), "above": stat.get("above"),
                          "mean": stat.get("value"), "ci": stat.get("ci"), "pi": stat.get("pi"),
-                         "passes": stat.get("passes"),
+                         "passes": stat.get("passes"), "scale": stat.get("scale"), "bounds": stat.get("bounds"),
                          "per_seed": [ps.get("stats", {}).get(name) for ps in per]})
     return rows
 
@@ -179,7 +183,13 @@ def _cell(r: dict[str, Any]) -> str:
 
 # pairs of configurations that differ in exactly one factor
 FACTORS = {("A", "B"): "adding the MLP (A -> B)", ("B", "C"): "interleaving the tokens (B -> C)",
-           ("A", "D"): "doubling the depth (A -> D)"}
+           ("A", "D"): "doubling the depth (A -> D)", ("A", "E"): "interleaving the tokens (A -> E)",
+           ("E", "C"): "adding the MLP to interleaved tokens (E -> C)"}
+FORMAT_CONTRAST = ("A", "E")  # the token format alone (attention-only, L = 3)
+NOT_LEARNED = 0.5
+"""A configuration has *not learned* when its h = 4 models' mean risk at n = d (test prompts, zoo meta) is
+above 0.5 of the zero predictor's: its claims about trained models are *not testable* (issue 23)."""
+NOT_TESTABLE = "not testable"
 
 
 def _join(items: Sequence[str]) -> str:
@@ -187,8 +197,42 @@ def _join(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def model_state(config: ZooConfig, seeds: int, root: Path) -> dict[str, Any]:
+    """The state of a configuration's analysed models, from their zoo meta: per h = 4 model its risk at n = d,
+    steps and whether converged (the zoo's test), and the configuration's word: *not learned* (mean h = 4 risk
+    at n = d above :data:`NOT_LEARNED`), *converged* (every model) or *capped at T* with the last gain."""
+    h = max(config.heads)
+    models = []
+    for k in config.seeds[:seeds]:
+        meta = read_json(model_path(config.name, k, h, root) / "meta.json")
+        z = meta.get("zoo", {})
+        conv = z.get("convergence", {})
+        d = str(min(config.preset(k).task.d, config.preset(k).task.n_max))
+        at = conv.get("at", {}).get(d, {})
+        models.append({"seed": k, "steps": meta.get("step"), "risk_at_d": at.get("risk"),
+                       "gain_at_d": at.get("improvement"), "converged": bool(conv.get("converged")),
+                       "state": z.get("state", "converged" if conv.get("converged") else "capped")})
+    risks = [m["risk_at_d"] for m in models if m["risk_at_d"] is not None]
+    mean = sum(risks) / len(risks) if risks else float("nan")
+    steps = max((m["steps"] or 0) for m in models) if models else 0
+    gains = [m["gain_at_d"] for m in models if m["gain_at_d"] is not None]
+    if risks and mean > NOT_LEARNED:
+        word = f"not learned (h = {h} at n = d: {mean:.3f} > {NOT_LEARNED:g})"
+    elif models and all(m["converged"] for m in models):
+        word = f"converged (h = {h} at n = d: {mean:.3f})"
+    else:
+        word = (f"capped at {steps} steps (h = {h} at n = d: {mean:.3f}"
+                + (f"; last gain there {min(gains):+.0%} to {max(gains):+.0%})" if gains else ")"))
+    return {"word": word, "learned": not (risks and mean > NOT_LEARNED), "risk_at_d": mean, "models": models}
+
+
 def factor_sentence(claim: str, verdicts: dict[str, str]) -> str:
-    """One sentence per claim: where it reproduced, and which single-factor change moves the verdict."""
+    """One sentence per claim: where it reproduced, and which single-factor change moves the verdict
+    (only between configurations that learned: a *not testable* one is named, never compared)."""
+    untestable = [c for c, x in verdicts.items() if x == NOT_TESTABLE]
+    verdicts = {c: x for c, x in verdicts.items() if x != NOT_TESTABLE}
+    if not verdicts:
+        return f"**{claim}**: not testable in {', '.join(untestable)} (no configuration learned)."
     by = {v: [c for c, x in verdicts.items() if x == v] for v in ("reproduced", "not reproduced", "inconclusive")}
     parts = [f"{v} in {', '.join(cs)}" for v, cs in by.items() if cs]
     moved = [f for (a, b), f in FACTORS.items() if a in verdicts and b in verdicts and verdicts[a] != verdicts[b]
@@ -201,32 +245,183 @@ def factor_sentence(claim: str, verdicts: dict[str, str]) -> str:
         tail = f"; {_join(same)} {'leaves' if len(same) == 1 else 'leave'} it unchanged"
     else:
         tail = "; no single-factor comparison is decided" if len(verdicts) > 1 else "; one configuration only"
+    if untestable:
+        tail += f"; not testable in {', '.join(untestable)} (not learned)"
     return f"**{claim}**: " + "; ".join(parts) + tail + "."
 
 
-def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[str, Any]]) -> Path:
+def config_trends(folder: Path, config: ZooConfig, seeds: int) -> dict[str, list[Any]] | None:
+    """Claims 1b and 2a's trend verdicts (:mod:`icl_heads.claims.trends`) from the seeds' E7 claim rows;
+    None where a seed has none (snapshots missing)."""
+    paths = [layout.stage_dir(folder, "e7", k) / layout.E7_CLAIMS_CSV for k in range(seeds)]
+    if not seeds or not all(p.exists() for p in paths):
+        return None
+    return claim_trends([read_csv(p) for p in paths], list(config.seeds[:seeds]))
+
+
+def trend_cell(verdicts: Sequence[Any]) -> str:
+    """A claim's trend in one cell: the word, then how many of its statistics move each way."""
+    counts = {w: sum(v.verdict == w for v in verdicts) for w in (TOWARD, AWAY, UNDECIDED)}
+    return (f"**{summary_word(verdicts)}** ({counts[TOWARD]} toward, {counts[AWAY]} away, {counts[UNDECIDED]} "
+            f"undecided of {len(verdicts)} statistics)")
+
+
+def trend_details(trends: dict[str, dict[str, list[Any]]]) -> list[str]:
+    """Every trend statistic per configuration: per-seed slopes, the mean with its 95% CI, the verdict."""
+    lines = ["| configuration | statistic | slope toward the paper per doubling, per seed | mean [95% CI] | verdict |",
+             "|---|---|---|---|---|"]
+    for name, by_claim in trends.items():
+        for claim, vs in by_claim.items():
+            for v in vs:
+                st = v.stats[0]
+                per = " / ".join(f"{row['stats'].get(st.name, float('nan')):+.3f}" for row in v.per_seed)
+                ci = st.ci or (float("nan"), float("nan"))
+                lines.append(f"| {name} | {v.claim.removeprefix('trend ')} | {per} | {st.value:+.3f} "
+                             f"[{ci[0]:+.3f}, {ci[1]:+.3f}] | {v.verdict} |")
+    return lines
+
+
+def format_sentences(trends: dict[str, dict[str, list[Any]]], cell: dict[tuple[str, str], dict[str, Any]],
+                     claims: Sequence[str], states: dict[str, dict[str, Any]]) -> list[str]:
+    """One sentence per claim on what the format contrast (A vs E) decides, by verdict and by trend."""
+    a, e = FORMAT_CONTRAST
+    if a not in states or e not in states:
+        return [f"* The format contrast ({a} vs {e}) is not analysed: {e if e not in states else a} has no complete seed."]
+    out = []
+    for claim in claims:
+        ra, re_ = cell.get((claim, a)), cell.get((claim, e))
+        if ra is None or re_ is None or not ra["per_seed"]:
+            continue
+        va, ve = ra["verdict"], re_["verdict"]
+        if NOT_TESTABLE in (va, ve):
+            text = f"not testable ({', '.join(c for c, v in ((a, va), (e, ve)) if v == NOT_TESTABLE)} has not learned)"
+        elif va == ve:
+            text = (f"{va} in both: the token format alone does not move it" if va != "inconclusive"
+                    else "inconclusive in both: nothing is decided")
+        elif "inconclusive" in (va, ve):
+            text = f"{va} with paired tokens, {ve} with interleaved ones: not decided"
+        else:
+            text = f"{va} with paired tokens, {ve} with interleaved ones: the format moves it"
+        key = claim.split(".")[0]
+        tr = [trends.get(c, {}).get(key) for c in (a, e)]
+        if all(tr):
+            text += f"; with training it {summary_word(tr[0])} in {a} and {summary_word(tr[1])} in {e}"
+        out.append(f"* **{claim}** ({a} vs {e}): {text}.")
+    return out
+
+
+def factor_figure(rows: Sequence[dict[str, Any]], names: Sequence[str], states: dict[str, dict[str, Any]],
+                  baselines: dict[str, float], path: Path) -> Path:
+    """Left: configuration x claim, each cell the across-seed mean with its 95% CI on the claim's scale
+    (the distance from the threshold in the statistic's own units: log ratio, logit share, or the value), the
+    verdict as colour; right: the h = 4 models' risk at n = d per configuration beside ridge, lasso and Bayes."""
+    claims = [c for c in dict.fromkeys(r["claim"] for r in rows) if any(r["per_seed"] for r in rows if r["claim"] == c)]
+    colour = {"reproduced": "tab:green", "not reproduced": "tab:red", "inconclusive": "tab:orange",
+              NOT_TESTABLE: "tab:gray"}
+    fig, (ax, ax2) = new_figure(1, 2, figsize=(15, 0.45 * len(claims) + 2.5), gridspec_kw={"width_ratios": [3, 1]})
+    for j, name in enumerate(names):
+        for i, claim in enumerate(claims):
+            r = next((r for r in rows if r["claim"] == claim and r["config"] == name), None)
+            if r is None or r.get("mean") is None or not r.get("ci"):
+                continue
+            ref = Stat("", 0.0, r["threshold"], bool(r["above"]), r.get("scale") or "linear",
+                       tuple(r["bounds"]) if r.get("bounds") else None)
+            z = [float(ref.to_scale(v)) - float(ref.to_scale(r["threshold"])) for v in (r["mean"], *r["ci"])]
+            sign = 1 if r["above"] else -1  # right of 0 = the claim's side
+            y = i + (j - (len(names) - 1) / 2) * 0.8 / max(len(names), 1)
+            lo, hi = sorted((sign * z[1], sign * z[2]))
+            ax.errorbar([sign * z[0]], [y], xerr=[[sign * z[0] - lo], [hi - sign * z[0]]], fmt="o",
+                        color=colour.get(r["verdict"], "k"), ms=4, capsize=2, label=name if i == 0 else None)
+            ax.annotate(name, (hi, y), fontsize=6, xytext=(2, -2), textcoords="offset points")
+    ax.axvline(0, color="k", lw=0.8)
+    short = [c.split(".")[0] + (f" ({c[c.rindex('(') + 1:-1]})" if c.endswith(")") else "") for c in claims]
+    ax.set_yticks(range(len(claims)), short, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean over seeds minus threshold, on the claim's scale (right: the claim's side); 95% CI")
+    ax.set_title("claims x configurations (colour: verdict; grey: not testable)", fontsize=9)
+    xs = list(range(len(names)))
+    ax2.bar(xs, [states[n]["risk_at_d"] for n in names], color=["tab:gray" if not states[n]["learned"] else "tab:blue"
+                                                                 for n in names])
+    for b, style in zip(("ridge", "lasso", "bayes"), ("--", "-.", ":")):
+        if b in baselines:
+            ax2.axhline(baselines[b], color="k", ls=style, lw=1, label=f"{b} {baselines[b]:.3f}")
+    ax2.axhline(NOT_LEARNED, color="tab:red", lw=0.8, label=f"not learned above {NOT_LEARNED:g}")
+    ax2.set_xticks(xs, names)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("largest-head model's risk at n = d (mean over seeds)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def e5_at_d(out: Path, d: int) -> dict[str, float]:
+    """Ridge, lasso and Bayes risk at n = d from the shared E5 table."""
+    path = out / "e5" / layout.E5_CSV
+    if not path.exists():
+        return {}
+    return {r["estimator"]: float(r["risk_norm"]) for r in read_csv(path)
+            if r["estimator"] in ("ridge", "lasso", "bayes") and int(float(r["n"])) == d}
+
+
+def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[str, Any]],
+                        root: Path = ZOO_DIR) -> Path:
     rows = factor_rows(out, configs, done)
-    write_json(out / "factor_table.json", rows)
     names = [c.name for c in configs if done[c.name]["seeds"]]
+    by_name = {c.name: c for c in configs}
+    states = {n: model_state(by_name[n], done[n]["seeds"], root) for n in names}
+    for r in rows:  # a configuration that has not learned has no verdict about trained models
+        r["state"] = states[r["config"]]["word"]
+        if r["per_seed"] and not states[r["config"]]["learned"]:
+            r["verdict_as_computed"], r["verdict"] = r["verdict"], NOT_TESTABLE
+    trends = {n: t for n in names if (t := config_trends(out / n, by_name[n], done[n]["seeds"])) is not None}
+    write_json(out / "factor_table.json", rows)
+    write_json(out / "factor_trends.json", {n: {c: [v.to_json() for v in vs] for c, vs in t.items()}
+                                            for n, t in trends.items()})
+    write_json(out / "model_state.json", states)
     claims = list(dict.fromkeys(r["claim"] for r in rows))
     cell = {(r["claim"], r["config"]): r for r in rows}
+    d = min(configs[0].preset().task.d, configs[0].preset().task.n_max)
+    base = e5_at_d(out, d)
+    fig = factor_figure(rows, names, states, base, out / "factor_figure.png")
     lines = ["# icl-heads: the factor study on the zoo", "",
+             f"![configuration x claim]({fig.name})", "",
              "Configurations (quick task, h = 4 analysed, h = 1 as the single-head reference): "
              + "; ".join(f"**{c.name}** {c.title} ({done[c.name]['seeds']} seed{'s' if done[c.name]['seeds'] != 1 else ''})"
                         for c in configs) + ".", "",
-             "Each cell: the verdict over seeds, the claim's key statistic (and its threshold) for every seed, "
-             "the mean over seeds with its 95% interval and the prediction interval for a new seed (ratios on the "
-             "log scale, shares on the logit scale; docs/report.md), and how many seeds pass.", "",
-             "| claim | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+             "**State of the models** (zoo meta, test prompts; a configuration whose h = 4 models' mean risk at "
+             f"n = d is above {NOT_LEARNED:g} has *not learned*, and its claims about trained models are *not "
+             "testable*). Beside them on the same task at n = d: "
+             + ", ".join(f"{k} {v:.4f}" for k, v in base.items()) + ".", "",
+             "| configuration | state | largest-head model's risk at n = d, per seed | steps |", "|---|---|---|---|"]
+    for n in names:
+        ms = states[n]["models"]
+        lines.append(f"| {n} | {states[n]['word']} | " + " / ".join(f"{m['risk_at_d']:.3f}" for m in ms) + " | "
+                     + " / ".join(str(m["steps"]) for m in ms) + " |")
+    lines += ["", "Each cell: the verdict over seeds, the claim's key statistic (and its threshold) for every seed, "
+              "the mean over seeds with its 95% interval and the prediction interval for a new seed (ratios on the "
+              "log scale, shares on the logit scale; docs/report.md), and how many seeds pass. The rows *where "
+              "training moves it* judge the slope of the claim's key statistics against log(step) over the late "
+              "training snapshots (E7) over seeds: toward the paper's pattern, away, or undecided (rule: "
+              "docs/report.md).", "",
+              "| claim | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for claim in claims:
         cells = []
         for n in names:
             r = cell.get((claim, n))
             cells.append("–" if r is None else _cell(r))
         lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    for key, title in (("1b", "1b. where training moves it (E7 trends)"), ("2a", "2a. where training moves it (E7 trends)")):
+        lines.append(f"| {title} | " + " | ".join(
+            f"**{NOT_TESTABLE}**" if not states[n]["learned"] else trend_cell(trends[n][key]) if n in trends
+            else "– (no snapshots)" for n in names) + " |")
     lines += ["", "What it decides, one sentence per claim:", ""]
     lines += [f"* {factor_sentence(claim, {n: cell[(claim, n)]['verdict'] for n in names if (claim, n) in cell})}"
               for claim in claims]
+    lines += ["", "What the format contrast decides (A: paired tokens, E: interleaved tokens; both attention-only, "
+              "L = 3):", ""]
+    lines += format_sentences(trends, cell, claims, states)
+    if trends:
+        lines += ["", "## Where training moves each claim, statistic by statistic", ""] + trend_details(trends)
     lines += ["", "Per configuration: " + ", ".join(f"[{n}]({done[n]['report']})" for n in names) + "."]
     missing = [c.name for c in configs if not done[c.name]["seeds"]]
     if missing:

@@ -85,9 +85,10 @@ def claim_stat_rows(model: Any, task: TaskConfig, step: int, val: Prompts, test:
         _, model_rows = imps[kind].claim1b_stats(n_from, n_boot, seed)
         rows += [dict(step=step, statistic=r["statistic"], ablation=kind, readout="", value=r["value"],
                       ci_low=r["ci_low"], ci_high=r["ci_high"]) for r in model_rows if r["statistic"] in TREND_1B]
-        reads = gated_readouts(model, policy_gates(imps[kind], policy), abl, fit, test, seed)
+        pruned = {"pruned": policy_gates(imps[kind], policy)["pruned"]}  # the control is not among the trends
+        reads = gated_readouts(model, pruned, abl, fit, test, seed)
         for readout in TREND_READOUTS:
-            errs = {"full": full[readout], **{k: reads[k][readout] for k in ("pruned", "control")}}
+            errs = {"full": full[readout], "pruned": reads["pruned"][readout], "control": reads["pruned"][readout]}
             rows += [dict(step=step, statistic=r["statistic"], ablation=kind, readout=readout, value=r["value"],
                           ci_low=r["ci_low"], ci_high=r["ci_high"])
                      for r in claim2a_stats(errs, n_from, n_boot, seed)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..analysis.emergence import snapshot_rows, trend
+from ..analysis.emergence import claim_stat_rows, late_steps, snapshot_rows, trend
 from ..config import ConfigError, Preset
 from ..io import read_csv, save_figure, write_csv, write_json, write_provenance
 from ..plotting import new_figure
@@ -22,6 +22,7 @@ from ..tasks import fixed_prompts
 from .loading import load_for_analysis, resolve_preset
 
 SNAPSHOT_DIR = "snapshots"
+TREND_PROMPTS = 500  # prompts per set for the claims' statistics per snapshot (their CIs are not what trends use)
 
 
 def snapshot_dirs(ckpt: str | Path) -> list[tuple[int, Path]]:
@@ -32,8 +33,12 @@ def snapshot_dirs(ckpt: str | Path) -> list[tuple[int, Path]]:
 
 
 def run_e7(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None, n_prompts: int | None = None,
-           seed: int | None = None, device: str = "cpu", n_boot: int = 1000) -> list[dict[str, Any]]:
-    """E7 for one checkpoint's snapshots: ``emergence.csv`` and ``summary.json`` in ``out``."""
+           seed: int | None = None, device: str = "cpu", n_boot: int = 1000, claims: bool = True,
+           trend_prompts: int = TREND_PROMPTS) -> list[dict[str, Any]]:
+    """E7 for one checkpoint's snapshots: ``emergence.csv`` and ``summary.json`` in ``out``; with ``claims``,
+    also ``emergence_claims.csv``: claims 1b and 2a's key statistics under every ablation kind at the late
+    snapshots (:func:`~icl_heads.analysis.emergence.late_steps`) on ``trend_prompts`` prompts per set, which
+    the trend verdicts read."""
     out = Path(out)
     snaps = snapshot_dirs(ckpt)
     if not snaps:
@@ -42,15 +47,24 @@ def run_e7(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
     seed = pre.seed if seed is None else seed
     n = n_prompts or pre.eval.n_emergence
     val, test = fixed_prompts(pre.task, n, seed, "val"), fixed_prompts(pre.task, n, seed, "test")
+    m = min(n, trend_prompts)  # the claims' statistics cost ~8 E7 passes per snapshot: fewer prompts there
+    tval, ttest, fit = (fixed_prompts(pre.task, m, seed, s) for s in ("val", "test", "probe"))
+    late = late_steps([s for s, _ in snaps]) if claims else []
     rows: list[dict[str, Any]] = []
+    claim_rows: list[dict[str, Any]] = []
     for step, path in snaps:
         model, _, _ = load_for_analysis(path, pre, device)
         rows += snapshot_rows(model, pre.task, step, val, test, seed, n_boot)
-    write_csv(out / "emergence.csv", rows)
+        if step in late:  # claims 1b and 2a's statistics under every ablation kind, for the trend verdicts
+            claim_rows += claim_stat_rows(model, pre.task, step, tval, ttest, fit, seed, n_boot=n_boot)
+    write_csv(out / layout.E7_CSV, rows)
+    if claim_rows:
+        write_csv(out / layout.E7_CLAIMS_CSV, claim_rows)
     write_json(out / layout.E7_SUMMARY, {"experiment": "E7", "checkpoint": str(ckpt), "steps": [s for s, _ in snaps],
-                                      "trend": trend(rows)})
+                                      "trend_steps": late, "trend": trend(rows)})
     write_provenance(out, pre, seed, experiment="E7", checkpoint=str(ckpt),
-                     snapshots=[str(p) for _, p in snaps], share_stream="val", ratio_stream="test")
+                     snapshots=[str(p) for _, p in snaps], share_stream="val", ratio_stream="test",
+                     trend_steps=late, trend_prompts=m if claims else None)
     return rows
 
 

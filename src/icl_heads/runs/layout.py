@@ -52,6 +52,7 @@ E5_CSV, E5_PNG = "e5_risk.csv", "e5_risk.png"
 E6_SUMMARY, E6A_PNG, E6B_VERDICT, E6C_CSV = SUMMARY, "e6a_r2.png", "e6b_verdict.csv", "e6c_construct.csv"
 E6B_PNG_GLOB = "e6b_agreement_*.png"
 E7_CSV = "emergence.csv"
+E7_CLAIMS_CSV = "emergence_claims.csv"  # claims 1b and 2a per late snapshot and ablation kind (trends)
 
 
 def sigma_dir(preset: Preset, sigma: float) -> str:
