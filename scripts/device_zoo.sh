@@ -9,9 +9,14 @@
 #      the run before anything long starts.
 #   1. icl-heads zoo train --stacked --device $DEVICE --root OUT/zoo --work OUT/zoo-train
 #      (ZOO_SET: extra "--set k=v" for every configuration, e.g. a dry run's tiny sizes).
+#   1b. ACC_MINUTES>0: the accumulating configurations (ACC_CONFIGS [E]) grow on the device from the
+#      repository's resumable state (copied to OUT/zoo_state first), the same trainer as on CPU:
+#      icl-heads zoo train --config E --minutes $ACC_MINUTES --device $DEVICE --state OUT/zoo_state
+#      (copy OUT/zoo_state over zoo_state/ and OUT/zoo over zoo/ and commit: the GPU's steps add up).
 #   2. icl-heads zoo cards and zoo verify on OUT/zoo (copy OUT/zoo over the repository's zoo/ and commit).
 #   3. SKIP_PAPER=0: icl-heads reproduce --preset paper --seeds 1 --set train.steps=$PAPER_STEPS.
 # Environment: DEVICE [cuda] PYTHON [python] ZOO_CONFIGS [A,B,C,D] PAPER_STEPS [20000] SKIP_PAPER [0]
+#   ACC_MINUTES [0] ACC_CONFIGS [E] ACC_JOBS [4] ACC_FROM_REPO [1]
 #   PAPER_SET (extra --set for the paper run) BENCH [0].
 # tests/test_device_script.py dry-runs this script on the CPU with tiny sizes so it cannot rot.
 set -euo pipefail
@@ -30,6 +35,17 @@ say "zoo train ($CONFIGS) on $DEVICE"
 "${ICL[@]}" zoo train --config "$CONFIGS" --stacked --device "$DEVICE" --root "$OUT/zoo" --work "$OUT/zoo-train" \
   "${ZSET[@]}" > "$OUT/zoo_train.log" 2>&1
 say "$(grep -c '^exported' "$OUT/zoo_train.log") models exported"
+ACC_CONFIGS=${ACC_CONFIGS:-E}
+if [ "${ACC_MINUTES:-0}" != 0 ]; then
+  if [ "${ACC_FROM_REPO:-1}" = 1 ]; then  # continue the repository's runs (0: start afresh, e.g. a dry run)
+    [ -d zoo_state ] && [ ! -d "$OUT/zoo_state" ] && cp -r zoo_state "$OUT/zoo_state"
+    for c in ${ACC_CONFIGS//,/ }; do [ -d "zoo/$c" ] && [ ! -d "$OUT/zoo/$c" ] && cp -r "zoo/$c" "$OUT/zoo/$c"; done
+  fi
+  say "accumulating $ACC_CONFIGS for $ACC_MINUTES min on $DEVICE"
+  "${ICL[@]}" zoo train --config "$ACC_CONFIGS" --minutes "$ACC_MINUTES" --device "$DEVICE" --jobs "${ACC_JOBS:-4}" \
+    --root "$OUT/zoo" --state "$OUT/zoo_state" "${ZSET[@]}" > "$OUT/zoo_accumulate.log" 2>&1
+  say "$(grep -c '^exported' "$OUT/zoo_accumulate.log") cool-downs exported"
+fi
 "${ICL[@]}" zoo cards --root "$OUT/zoo" > "$OUT/zoo_cards.log" 2>&1
 "${ICL[@]}" zoo verify --root "$OUT/zoo"
 if [ "${SKIP_PAPER:-0}" != 1 ]; then

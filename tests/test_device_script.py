@@ -100,7 +100,7 @@ def test_device_zoo_script_dry_run_on_cpu(tmp_path: Path) -> None:
             "--set train.checkpoint_every=3 --set train.n_eval_prompts=16 --set train.batch_size=8 "
             "--set eval.n_test=40 --set eval.n_val=40")
     env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "ZOO_CONFIGS": "A", "ZOO_SET": tiny,
-           "SKIP_PAPER": "1"}
+           "SKIP_PAPER": "1", "ACC_MINUTES": "0.25", "ACC_CONFIGS": "E", "ACC_JOBS": "2", "ACC_FROM_REPO": "0"}
     res = subprocess.run(["bash", str(script), str(tmp_path / "out")], env=env, capture_output=True, text=True,
                          timeout=600, cwd=SCRIPT.parents[1])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
@@ -111,3 +111,8 @@ def test_device_zoo_script_dry_run_on_cpu(tmp_path: Path) -> None:
     assert meta["finished"] and meta["step"] == 6 and meta["zoo"]["overrides"]["train.steps"] == 6
     assert "zoo ok" in res.stdout and (zoo / "README.md").exists() and (zoo / "SHA256SUMS").exists()
     assert "11 models exported" in res.stdout
+    # the accumulating configuration grew on the device with the same trainer, and stopped on time
+    e_metas = sorted(zoo.glob("E/seed*/h*/meta.json"))
+    assert e_metas and "cool-downs exported" in res.stdout
+    z = json.loads(e_metas[0].read_text())["zoo"]
+    assert z["schedule"] == "wsd" and z["stable_steps"] >= 6 and (tmp_path / "out" / "zoo_state" / "E").is_dir()

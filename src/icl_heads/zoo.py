@@ -414,11 +414,12 @@ def _cpu(folder: Path) -> float:
     return float(json.loads(clock.read_text())["cpu_s"]) if clock.exists() else 0.0
 
 
-def _timed_train(preset: Preset, h: int, out: Path, deadline: float, show: Any, init_from: Path | None = None) -> bool:
+def _timed_train(preset: Preset, h: int, out: Path, deadline: float, show: Any, init_from: Path | None = None,
+                 device: str = "cpu") -> bool:
     """Train (resume) ``out`` until it finishes or the deadline; its CPU clock adds up. True when finished."""
     c0, cpu0 = time.process_time(), _cpu(out)
     try:
-        res = train(preset, h, out, "cpu", resume=True, progress=False, on_eval=show, init_from=init_from,
+        res = train(preset, h, out, device, resume=True, progress=False, on_eval=show, init_from=init_from,
                     deadline=deadline)
     finally:
         if (out / META_FILE).exists():
@@ -427,7 +428,7 @@ def _timed_train(preset: Preset, h: int, out: Path, deadline: float, show: Any, 
 
 
 def _accumulate_member(config: ZooConfig, seed: int, h: int, state_root: str, zoo_root: str, stop_epoch: float,
-                       threads: int, upto: int | None = None) -> str:
+                       threads: int, upto: int | None = None, device: str = "cpu") -> str:
     """Worker: grow one member's stable run milestone by milestone (up to ``upto``), cool down and export at
     each, until it converges, reaches ``max_steps`` or the wall clock reaches ``stop_epoch`` (``time.time()``)."""
     torch.set_num_threads(threads)
@@ -450,9 +451,10 @@ def _accumulate_member(config: ZooConfig, seed: int, h: int, state_root: str, zo
         if time.monotonic() >= deadline:
             return f"{tag}: stopped before step {t}"
         if not (cool / META_FILE).exists() and not _timed_train(stable_preset(config, seed, t), h, member / "stable",
-                                                                 deadline, show):
+                                                                 deadline, show, device=device):
             return f"{tag}: stopped (stable run)"
-        if not _timed_train(cooldown_preset(config, seed, t), h, cool, deadline, show, init_from=member / "stable"):
+        if not _timed_train(cooldown_preset(config, seed, t), h, cool, deadline, show, init_from=member / "stable",
+                            device=device):
             return f"{tag}: stopped (cool-down at {t})"
         export_cooldown(config, seed, h, member, t, Path(zoo_root))
     return f"{tag}: {member_status(config, seed, h, Path(zoo_root))}"
@@ -507,12 +509,14 @@ def export_cooldown(config: ZooConfig, seed: int, h: int, member: Path, t: int, 
 
 
 def accumulate_zoo(configs: list[ZooConfig], minutes: float, jobs: int, root: Path = ZOO_DIR,
-                   state_root: Path = STATE_DIR) -> list[str]:
+                   state_root: Path = STATE_DIR, device: str = "cpu") -> list[str]:
     """Train the accumulating ``configs`` for ``minutes`` of wall time on ``jobs`` processes, breadth first:
     every member reaches a milestone (and exports its cool-down) before any member goes on to the next, so
     all seeds stand at the same training length whenever the time is up. Members go in the configurations'
     order (seed by seed, largest head count first); each stops at its next checkpoint after the time is up
-    and resumes from ``state_root`` on the next call. Returns each member's last status line."""
+    and resumes from ``state_root`` on the next call. Returns each member's last status line. On a GPU
+    (``device="cuda"``) the ``jobs`` processes share the device, one model each (a resumed run continues on
+    any device; bit-identity holds only on CPU)."""
     stop = time.time() + 60 * minutes
     last: dict[tuple[str, int, int], str] = {}
     for t in sorted({m for c in configs for m in milestones(c)}):
@@ -525,7 +529,8 @@ def accumulate_zoo(configs: list[ZooConfig], minutes: float, jobs: int, root: Pa
         if time.time() >= stop:
             break
         lines = run_in_processes(_accumulate_member,
-                                 [(c, k, h, str(state_root), str(root), stop, 1, t) for c, k, h in todo], max(1, jobs))
+                                 [(c, k, h, str(state_root), str(root), stop, 1, t, device) for c, k, h in todo],
+                                 max(1, jobs))
         last.update({(c.name, k, h): line for (c, k, h), line in zip(todo, lines)})
     return [last.get((c.name, k, h), f"{c.name}/seed{k}/h{h}: {member_status(c, k, h, root)}")
             for c in configs for k, h in c.members()]

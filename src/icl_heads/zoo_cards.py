@@ -32,17 +32,32 @@ def baseline_risks(config: ZooConfig) -> dict[str, dict[int, float]]:
     return out
 
 
+def _gain(v: dict) -> str:
+    return "" if v.get("improvement") is None else f" ({v['improvement']:+.1%})"
+
+
+def _state(z: dict, conv: dict) -> str:
+    """converged, capped at T, or still training (accumulating configurations: cool-downs compared)."""
+    if z.get("state") == "training":
+        return f"training (next: {2 * z['stable_steps']})"
+    if conv.get("converged"):
+        return "yes"
+    return f"**no (capped at {z.get('stable_steps') or z.get('max_steps') or '?'})**" if z.get("schedule") == "wsd" \
+        else "**no (cap)**"
+
+
 def _model_rows(config: ZooConfig, root: Path, ns: list[int]) -> list[list[str]]:
     rows = []
     for seed, h in available(config.name, root):
         meta = load_meta(model_path(config.name, seed, h, root))
         z = meta["zoo"]
         conv = z["convergence"]
-        risk = [f"{conv['at'][str(n)]['risk']:.4f} ({conv['at'][str(n)]['improvement']:+.1%})" for n in ns]
+        risk = [f"{conv['at'][str(n)]['risk']:.4f}{_gain(conv['at'][str(n)])}" for n in ns]
         wall = f"{z['wall_s'] / 60:.1f} min" if z.get("wall_s") else "?"
         if z.get("cpu_s"):
-            wall += f" ({z['cpu_s'] / 60:.1f} CPU min)"
-        rows.append([f"seed{seed}/h{h}", str(meta["step"]), wall, "yes" if conv["converged"] else "**no (cap)**", *risk])
+            wall += f" ({z['cpu_s'] / 3600:.2f} CPU h)"
+        steps = str(meta["step"]) if z.get("schedule") != "wsd" else f"{z['stable_steps']} + {z['cooldown_steps']}"
+        rows.append([f"seed{seed}/h{h}", steps, wall, _state(z, conv), *risk])
     return rows
 
 
@@ -54,13 +69,19 @@ def card(config: ZooConfig, root: Path, baselines: dict[str, dict[int, float]] |
              f"Task: quick (d={t.d}, s={t.s}, n_max={t.n_max}, sigma={t.sigma}). Model: D={m.d_model}, L={m.n_layers}, "
              f"{m.attention} attention, MLP {m.mlp}, {m.token_format} tokens, LayerNorm {m.layer_norm}.",
              f"Recipe (overrides of the quick preset): `{config.overrides}`; batch {preset.train.batch_size}, "
-             f"AdamW, warm-up {preset.train.warmup_steps} steps then cosine to {preset.train.min_lr_frac} x lr.",
+             + (f"AdamW, warm-up {preset.train.warmup_steps} steps then cosine to {preset.train.min_lr_frac} x lr."
+                if not config.accumulates else
+                f"AdamW, warm-up {preset.train.warmup_steps} steps then a constant lr (wsd); the stable run grows by "
+                f"doublings from {preset.train.steps} steps up to {config.max_steps}, and at each a cool-down branch "
+                f"(lr linearly to 0 over {config.cooldown_frac:.0%} of the steps so far) is exported. Steps read "
+                "'stable + cool-down'; the percentage beside a risk compares this cool-down with the previous one "
+                "(half the stable steps) on the same test prompts."),
              f"Members: seeds {list(config.seeds)} x heads {list(config.heads)}"
              + (f", plus {list(config.extra)}" if config.extra else "") + ".", ""]
     machines = {load_meta(model_path(config.name, k, h, root))["zoo"]["machine"] for k, h in available(config.name, root)}
     if machines:
         lines += [f"Trained on: {', '.join(sorted(machines))} (one torch thread per model).", ""]
-    head = ["model", "steps", "wall (CPU time)", "converged", *[f"r@{n} (last doubling)" for n in ns]]
+    head = ["model", "steps", "wall (CPU time)", "converged", *[f"r@{n} (gain over the last doubling)" for n in ns]]
     rows = _model_rows(config, root, ns)
     if not rows:
         return "\n".join(lines + ["No model of this configuration is in the zoo yet.", ""])
@@ -76,7 +97,8 @@ def card(config: ZooConfig, root: Path, baselines: dict[str, dict[int, float]] |
 def write_cards(root: Path, with_baselines: bool = True) -> Path:
     """Write ``root/README.md`` from the models under ``root``."""
     parts = ["# The model zoo", "",
-             "Reference models of the factor study (issue 14): the quick task under the configurations below (A, B, C: the factor study; D: its deeper variant), "
+             "Reference models of the factor study (issues 14, 23): the quick task under the configurations below (A, B, C, E: "
+             "the factor study -- A vs E is the token format alone; D: A's deeper variant), "
              "trained with the recipes below. Each model is `CONFIG/seed{k}/h{h}/` (safetensors + meta.json, no "
              "optimizer state); the h=4 models keep their log-spaced snapshots (E7). "
              f"`{SUMS_FILE}` lists every file's SHA-256: `icl-heads zoo verify` checks them. "

@@ -106,7 +106,7 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, st
         from .zoo import STATE_DIR, accumulate_zoo
 
         sroot = STATE_DIR if state_root is None else state_root
-        for line in accumulate_zoo(growing, 10**6 if minutes is None else minutes, jobs, zroot, sroot):
+        for line in accumulate_zoo(growing, 10**6 if minutes is None else minutes, jobs, zroot, sroot, device):
             click.echo(line)
         if commit:
             commit_paths(zroot.parent, [zroot, sroot], f"zoo train: {', '.join(c.name for c in growing)}")
