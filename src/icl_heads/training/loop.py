@@ -43,6 +43,7 @@ Choices where the SPEC is silent:
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -129,6 +130,10 @@ class Stack:
 
 
 Trainee = One | Stack
+
+
+class TrainingDiverged(ConfigError):
+    """The loss became NaN or inf: the run stops; it is not marked finished, its last finite checkpoint is kept."""
 
 
 def clip_per_member(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -220,6 +225,13 @@ def _scheduled(trainee: Trainee, opt: torch.optim.Optimizer, members: Sequence[M
             state.ema = losses.item() if state.ema is None else 0.98 * state.ema + 0.02 * losses.item()
         else:
             state.ema = losses.detach() if state.ema is None else 0.98 * state.ema + 0.02 * losses.detach()
+        # a NaN or inf loss stays in the EMA: checked every step where it is a host float, else where the
+        # run syncs anyway (evaluation, checkpoint), always before a checkpoint could be written
+        if (host_ema and not math.isfinite(state.ema)) or (
+                not host_ema and (step % cfg.eval_every == 0 or step % cfg.checkpoint_every == 0 or step == end)
+                and not bool(torch.isfinite(state.ema).all())):
+            raise TrainingDiverged(f"train: the loss became non-finite by step {step} (diverged; try a lower "
+                                   f"train.lr); not marked finished, {_last_checkpoint(members)}")
         if progress is not None:
             progress.update(1)
             if host_ema:
@@ -267,6 +279,15 @@ def cuda_fast_math(device: str) -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+def _last_checkpoint(members: Sequence[Member]) -> str:
+    """What a diverged run leaves: its last (finite) checkpoint, or none."""
+    out = members[0].out
+    try:
+        return f"its last finite checkpoint (step {load_meta(out)['step']}) in {out} is kept"
+    except (CheckpointError, KeyError):
+        return f"no checkpoint was written to {out}"
 
 
 def save_snapshot(out: str | Path, model: Transformer, meta: dict[str, Any], step: int) -> Path | None:
@@ -340,20 +361,11 @@ def _train(spec: TrainSpec, out: Path, device: str, resume: bool, progress: bool
     state = _Progress(histories=[[]])
     if have_ckpt:
         model, meta = load_model(out, device)
-        want = {**run_meta(spec), "model_config": spec.model.model_dump()}
-        want.pop("preset_config", None)  # provenance: task, train, model and seed decide whether it resumes
-        got = {k: meta.get(k) for k in want}
-        try:  # train fields added since the checkpoint was written take their defaults
-            got["train"] = TrainConfig.model_validate(got["train"]).model_dump()
-        except ValueError:
-            pass
-        if got != want:
-            bad = next(k for k in want if got[k] != want[k])
-            raise ConfigError(f"resume: checkpoint in {out} was made with a different {bad}")
+        _check_resumable(out, meta, spec)
         opt = optimizer_for(One(model), cfg, device)
         restore_model_state(load_tensors(out, STATE_FILE, meta), opt, gen, out)
         state = _Progress(int(meta["step"]), float(meta.get("wall_s", 0.0)), None, [list(meta.get("history", []))])
-        if meta.get("finished"):
+        if meta.get("finished") and state.step >= cfg.steps:
             return TrainResult(model, out, meta, state.histories[0])
     else:
         write_provenance(out, {"task": task, "model": spec.model, "train": cfg}, spec.seed, preset=spec.preset)
@@ -372,6 +384,36 @@ def _train(spec: TrainSpec, out: Path, device: str, resume: bool, progress: bool
                on_eval)
     model.eval()
     return TrainResult(model, out, load_meta(out), state.histories[0])
+
+
+def _check_resumable(out: Path, meta: dict[str, Any], spec: TrainSpec) -> None:
+    """The checkpoint must come from the same task, train config, model and seed; one line names the first
+    field that differs. ``train.steps`` may grow (a finished run is extended: the cosine schedule and the
+    curriculum are stretched to the new length from the resumed step on) but not fall below the step reached."""
+    if not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool):
+        raise CheckpointError(f"step: {out / META_FILE} records no step to resume from")
+    want = {**run_meta(spec), "model_config": spec.model.model_dump()}
+    want.pop("preset_config", None)  # provenance: task, train, model and seed decide whether it resumes
+    got = {k: meta.get(k) for k in want}
+    try:  # train fields added since the checkpoint was written take their defaults
+        got["train"] = TrainConfig.model_validate(got["train"]).model_dump()
+    except (ValueError, TypeError):
+        pass
+    steps = spec.train.steps
+    if isinstance(got["train"], dict) and got["train"].get("steps") != steps:
+        if steps < meta["step"]:
+            raise ConfigError(f"train.steps: the checkpoint in {out} is at step {meta['step']} already (got "
+                              f"{steps}); a run can be extended, not shortened")
+        got["train"] = {**got["train"], "steps": steps}
+    for key in want:
+        if got[key] == want[key]:
+            continue
+        field, have, new = key, got[key], want[key]
+        if isinstance(have, dict) and isinstance(new, dict):
+            sub = next((k for k in {**new, **have} if have.get(k) != new.get(k)), None)
+            field, have, new = f"{key}.{sub}", have.get(sub), new.get(sub)
+        raise ConfigError(f"{field}: the checkpoint in {out} was made with {have!r}, not {new!r}; resume it with "
+                          "the same settings or train into a new --out")
 
 
 def fine_tune(model: Transformer, task: TaskConfig, steps: int, batch_size: int, lr: float, seed: int,
