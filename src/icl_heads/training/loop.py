@@ -218,9 +218,6 @@ def _scheduled(trainee: Trainee, opt: torch.optim.Optimizer, members: Sequence[M
     def after(step: int, losses: torch.Tensor) -> None:
         nonlocal t0
         state.step = step
-        if step in snaps:
-            for i, m in enumerate(members):
-                save_snapshot(m.out, trainee.member(i), run_meta(m.spec), step)
         if host_ema:
             state.ema = losses.item() if state.ema is None else 0.98 * state.ema + 0.02 * losses.item()
         else:
@@ -232,6 +229,9 @@ def _scheduled(trainee: Trainee, opt: torch.optim.Optimizer, members: Sequence[M
                 and not bool(torch.isfinite(state.ema).all())):
             raise TrainingDiverged(f"train: the loss became non-finite by step {step} (diverged; try a lower "
                                    f"train.lr); not marked finished, {_last_checkpoint(members)}")
+        if step in snaps:
+            for i, m in enumerate(members):
+                save_snapshot(m.out, trainee.member(i), run_meta(m.spec), step)
         if progress is not None:
             progress.update(1)
             if host_ema:
