@@ -79,10 +79,12 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         raw = json.loads((path / META_FILE).read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(f"checkpoint: {path}: not a checkpoint (no {META_FILE})") from None
     except IsADirectoryError:
         raise CheckpointError(f"checkpoint: {path / META_FILE}: is a folder, not a file") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint: {path / META_FILE}: cannot be read ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / META_FILE}: corrupted JSON ({e.msg if hasattr(e, 'msg') else e})") from None
     except RecursionError:
@@ -131,8 +133,8 @@ def load_tensors(path: str | Path, name: str, meta: dict[str, Any] | None = None
         data = (path / name).read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing {name}") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path / name}: is a folder, not a file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path / name}: cannot be read ({e.strerror or e})") from None
     if hashlib.sha256(data).hexdigest() != want:
         raise CheckpointError(f"{path / name}: checksum mismatch (truncated or corrupted)")
     try:
