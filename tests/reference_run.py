@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SKIP_FILES = {"stage.json", "config.json", "run.json", "manifest.json", "meta.json", "provenance.json"}
+SKIP_FILES = {"stage.json", "config.json", "run.json", "manifest.json", "meta.json", "provenance.json",
+              ".owner.json"}  # who owns the folder (folders.claim_out), not a result
 # files added after the reference was made (descriptive, no verdict reads them): absent from the reference files
 NOT_IN_REFERENCE = {"attention_patterns.csv"}
 # timings, and the probes' chosen ``alpha``: for an exactly decodable target (E6a's ``x`` control,

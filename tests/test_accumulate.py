@@ -66,12 +66,6 @@ def test_extending_a_wsd_run_equals_training_it_long_in_one_go(tmp_path: Path) -
     assert weights_equal(whole.model, grown.model)
 
 
-def test_a_cosine_run_is_not_extended_and_the_field_is_named(tmp_path: Path) -> None:
-    train(tiny(16, schedule="cosine"), 2, tmp_path / "m", progress=False)
-    with pytest.raises(ConfigError, match="train.steps"):
-        train(tiny(24, schedule="cosine"), 2, tmp_path / "m", progress=False, resume=True)
-
-
 def test_a_cooldown_branch_leaves_the_stable_run_untouched_and_is_resumable(tmp_path: Path) -> None:
     train(tiny(24), 2, tmp_path / "stable", progress=False)
     before = digest(tmp_path / "stable")

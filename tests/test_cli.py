@@ -155,3 +155,16 @@ def test_sweep_heads_prints_models_beside_the_estimators(tmp_path, capsys):
     for label in ("transformer h=1", "ridge", "bayes"):
         line = next(ln for ln in lines if ln.strip().startswith(label + " "))
         assert f"{float(rows[(label, 5)]['risk_norm']):.3f} [" in line, line
+
+
+def test_marker_labels_name_only_what_n_is():
+    """``estimators --n-max 1`` labelled n = 1 "(d/2)" with d = 5 (issue 26): a capped marker is called n_max."""
+    from icl_heads.config import TaskConfig
+    from icl_heads.headline import risk_lines
+
+    rows = [{"label": "ridge", "n": 1, "risk_norm": 0.5}]
+    head = risk_lines(rows, TaskConfig(d=5, s=2, sigma=0.1, n_max=1))[1]
+    assert head.split() == ["n=1", "(n_max)"]
+    rows = [{"label": "ridge", "n": n, "risk_norm": 0.5} for n in (2, 5, 7)]
+    head = risk_lines(rows, TaskConfig(d=5, s=2, sigma=0.1, n_max=7))[1]
+    assert head.split() == ["n=2", "(d/2)", "n=5", "(d)", "n=7", "(n_max)"]

@@ -68,7 +68,57 @@ def base(tmp_path_factory) -> Path:
     ev = root / "evaluated"  # an eval command's own output: another analysis may not write there
     main(["eval", str(root / "ckpt"), "--out", str(ev), "--prompts", "20"])
     (root / "empty").mkdir()
+    _issue26_folders(root)
     return root
+
+
+def _copy_ckpt(root: Path, name: str) -> Path:
+    d = root / name
+    d.mkdir()
+    for f in (root / "ckpt").iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+def _issue26_folders(root: Path) -> None:
+    """Issue 26's inputs: a checkpoint without checksums (and flipped bytes), one with a NaN weight (checksum
+    updated), meta.json as a list and as null, a zoo copy with a bad SHA256SUMS, a finished run's seed folder,
+    a stage folder left by an interrupted assess-heads."""
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    d = _copy_ckpt(root, "no_sha")
+    meta = json.loads((d / "meta.json").read_text())
+    del meta["sha256"]
+    (d / "meta.json").write_text(json.dumps(meta))
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    data[-9] ^= 0xFF
+    (d / "model.safetensors").write_bytes(bytes(data))
+    d = _copy_ckpt(root, "nan_weight")
+    t = load((d / "model.safetensors").read_bytes())
+    t["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    data = save(t)
+    (d / "model.safetensors").write_bytes(data)
+    meta = json.loads((d / "meta.json").read_text())
+    meta["sha256"]["model.safetensors"] = hashlib.sha256(data).hexdigest()
+    (d / "meta.json").write_text(json.dumps(meta))
+    _copy_ckpt(root, "meta_list").joinpath("meta.json").write_text("[1, 2, 3]")
+    _copy_ckpt(root, "meta_null").joinpath("meta.json").write_text("null")
+    for name, line in (("zoo_escape", f"{hashlib.sha256(b'x').hexdigest()}  ../../../../etc/hostname"),
+                       ("zoo_malformed", "not a checksum line")):
+        z = root / name
+        (z / "A" / "seed0").mkdir(parents=True)
+        (z / "A" / "seed0" / "w.txt").write_text("w")
+        (z / "SHA256SUMS").write_text(f"{hashlib.sha256(b'w').hexdigest()}  A/seed0/w.txt\n{line}\n")
+    (root / "zrun" / "A" / "seed0").mkdir(parents=True)  # a zoo main job's run: R/A/run.json, R/A/seed0/...
+    (root / "zrun" / "A" / "run.json").write_text("{}")
+    partial = root / "partial"  # assess-heads killed after its first CSV: no config.json yet
+    partial.mkdir()
+    (partial / ".owner.json").write_text(json.dumps({"experiment": "E2", "command": "assess-heads"}))
+    (partial / "head_importance.csv").write_text("layer,head\n")
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +229,55 @@ MORE = [
 ]
 
 
+TINY_SETS = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+
+# issue 26's table (CK = the module's tiny checkpoint)
+ISSUE_26 = [
+    ("ck-no-checksum-flipped", ["eval", "{root}/no_sha", "--out", "{root}/o"],
+     ["sha256:", "missing", "never loaded unverified"]),
+    ("ck-nan-weight", ["eval", "{root}/nan_weight", "--out", "{root}/o"],
+     ["blocks.0.attn.qkv.weight holds 1 non-finite"]),
+    ("zoo-sums-escape", ["zoo", "verify", "--root", "{root}/zoo_escape"], ["line 2", "relative and inside the zoo"]),
+    ("zoo-sums-malformed", ["zoo", "verify", "--root", "{root}/zoo_malformed"],
+     ["line 2 ('not a checksum line')", "expected"]),
+    ("eval-out-zoo", ["eval", "{root}/ckpt", "--out", "{root}/zoo_escape"], ["out:", "is the model zoo"]),
+    ("eval-out-zoo-config", ["eval", "{root}/ckpt", "--out", "{root}/zoo_escape/A"], ["out:", "inside the model zoo"]),
+    ("eval-out-run-seed", ["eval", "{root}/ckpt", "--out", "{root}/zrun/A/seed0"], ["out:", "inside a reproduce run"]),
+    ("eval-out-empty-string", ["eval", "{root}/ckpt", "--out", ""], ["out:", "empty string"]),
+    ("eval-into-partial-assess-heads", ["eval", "{root}/ckpt", "--out", "{root}/partial"],
+     ["out:", "belongs to `assess-heads`, not `eval`"]),
+    ("train-resume-nothing", ["train", "--preset", "smoke", "--heads", "2", "--resume", "--out", "{root}/new"],
+     ["resume:", "holds no checkpoint"]),
+    ("set-steps-huge", ["train", "--preset", "smoke", "--heads", "1", "--set",
+                        "train.steps=1000000000000000000000000000000", "--out", "{root}/o"],
+     ["train.steps:", "less than or equal to 10000000"]),
+    ("prune-finetune-huge", ["prune", "{root}/ckpt", "--keep", "1:all,2:top1", "--finetune", "100000000000000",
+                             "--out", "{root}/o"], ["finetune:", "between 0 and 10000000"]),
+    ("set-task-d-x", ["train", "--preset", "smoke", "--heads", "1", "--set", "task.d.x=1", "--out", "{root}/o"],
+     ["task.d:", "not a group of fields"]),
+    ("meta-list", ["eval", "{root}/meta_list", "--out", "{root}/o"], ["a JSON object is expected, got a list"]),
+    ("meta-null", ["eval", "{root}/meta_null", "--out", "{root}/o"], ["a JSON object is expected, got null"]),
+    ("sweep-arch-layers-twice", ["sweep-arch", "--preset", "smoke", "--layers", "2,2", "--heads", "1", "--mlp", "0",
+                                 "--seeds", "1", "--out", "{root}/o"], ["layers: 2 is listed twice"]),
+    ("sweep-arch-heads-empty-item", ["sweep-arch", "--preset", "smoke", "--heads", "1,,2", "--out", "{root}/o"],
+     ["heads:", "without empty items"]),
+    ("zoo-train-config-empty", ["zoo", "train", "--config", ""], ["config:", "without empty items"]),
+    ("resume-shorter", ["train", "--preset", "smoke", "--heads", "2", "--resume", *TINY_SETS, "--steps", "2",
+                        "--out", "{root}/ckpt"], ["train.steps:", "at step 4 already (got 2)", "not shortened"]),
+    ("resume-other-lr", ["train", "--preset", "smoke", "--heads", "2", "--resume", *TINY_SETS, "--set",
+                         "train.lr=0.1", "--out", "{root}/ckpt"], ["train.lr:", "made with 0.003, not 0.1"]),
+    ("set-steps-bool", ["train", "--preset", "smoke", "--heads", "1", "--set", "train.steps=true", "--out", "{root}/o"],
+     ["train.steps:", "not a boolean"]),
+    ("set-threads-cores", ["train", "--preset", "smoke", "--heads", "1", "--set", "train.threads=1000",
+                           "--out", "{root}/o"], ["train.threads:", "CPU cores"]),
+    ("estimators-prompts-huge", ["estimators", "--preset", "smoke", "--prompts", "100000000", "--out", "{root}/o"],
+     ["prompts:", "between 2 and 1000000"]),
+    ("sweep-heads-jobs-cores", ["sweep-heads", "--preset", "smoke", "--jobs", "1000", "--out", "{root}/o"],
+     ["jobs:", "CPU cores"]),
+    ("reproduce-seeds-huge", ["reproduce", "--preset", "smoke", "--seeds", "100000", "--out", "{root}/o"], ["seeds:"]),
+]
+
+
 @pytest.fixture
 def locked(base, live_pid):
     """``base/locked``: a folder whose lock a live process holds."""
@@ -188,7 +287,7 @@ def locked(base, live_pid):
     return d
 
 
-@pytest.mark.parametrize("case", ISSUE_TABLE + MORE, ids=[c[0] for c in ISSUE_TABLE + MORE])
+@pytest.mark.parametrize("case", ISSUE_TABLE + MORE + ISSUE_26, ids=[c[0] for c in ISSUE_TABLE + MORE + ISSUE_26])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(capsys, base, locked, case):
     _, args, needles = case
     line = run_bad(capsys, base, [a.replace("{root}", str(base)) for a in args])
@@ -197,7 +296,89 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(capsys, base, locked, 
 
 
 def test_the_suite_is_as_large_as_promised():
-    assert len(MORE) >= 20 and len(ISSUE_TABLE) >= 10
+    assert len(MORE) >= 20 and len(ISSUE_TABLE) >= 10 and len(ISSUE_26) >= 20
+
+
+def test_a_diverged_training_is_one_line_and_leaves_no_checkpoint(tmp_path, capsys):
+    """lr = 1e30: every weight turns NaN within a few steps; the run stops (exit 2), nothing is marked finished."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "smoke", "--heads", "1", "--steps", "40", "--set", "train.lr=1e30",
+              "--set", "train.warmup_steps=1", "--quiet", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err, err
+    assert err.startswith("error: train: the loss became non-finite by step ") and "no checkpoint was written" in err
+    assert not (tmp_path / "d" / "meta.json").exists()
+
+
+def test_a_permission_error_is_one_line_exit_1(monkeypatch, tmp_path, capsys):
+    """``zoo cards --root RO`` (an immutable folder) raised PermissionError: now one line, exit 1 (the system
+    refused, not the input); simulated, since this suite may run as root."""
+    import icl_heads.zoo_cards
+
+    def denied(root):
+        raise PermissionError(13, "Permission denied", str(root / "README.md"))
+
+    monkeypatch.setattr(icl_heads.zoo_cards, "write_cards", denied)
+    with pytest.raises(SystemExit) as e:
+        main(["zoo", "cards", "--root", str(tmp_path)])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'README.md'}: permission denied"
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["train", "--preset", "smoke", "--heads", "1", "--out", "{tmp}/t"],
+     "no checkpoint was written yet; rerun the same command to start again"),
+    (["prune", "{ckpt}", "--out", "{tmp}/p"], "nothing of this run is kept; rerun the same command to start it again"),
+    (["assess-heads", "{ckpt}", "--out", "{tmp}/a"],
+     "nothing of this run is kept; rerun the same command to start it again"),
+])
+def test_ctrl_c_hints_say_only_what_is_true(base, monkeypatch, tmp_path, capsys, argv, hint):
+    """A resume hint only where something can be resumed (issue 26: ``train`` interrupted before its first
+    checkpoint was told to rerun with --resume; prune and assess-heads claimed finished work is kept)."""
+    import icl_heads.experiments.e2_importance
+    import icl_heads.experiments.e3_pruning
+    import icl_heads.training
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for mod, name in ((icl_heads.training, "train"), (icl_heads.experiments.e3_pruning, "run_e3"),
+                      (icl_heads.experiments.e2_importance, "run_e2")):
+        monkeypatch.setattr(mod, name, ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        main([a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(base / "ckpt")) for a in argv])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip() == f"interrupted: {hint}"
+
+
+def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C while the command line is still being imported (torch takes a second) is one line, exit 130."""
+    import builtins
+
+    import icl_heads.__main__ as entry
+
+    real = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "cli" or name.endswith(".cli"):
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as e:
+        entry.run()
+    monkeypatch.undo()
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted: nothing was started"
+
+
+def test_version_and_python_dash_m(capsys):
+    from icl_heads import __version__
+
+    main(["--version"])
+    assert capsys.readouterr().out.strip() == f"icl-heads {__version__}"
+    r = subprocess.run([sys.executable, "-m", "icl_heads", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"icl-heads {__version__}"
 
 
 def test_stale_lock_is_taken_over(base, capsys):

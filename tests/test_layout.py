@@ -159,7 +159,9 @@ def test_each_layer_imports_only_the_layers_below_it() -> None:
 # Function-local imports hide the structure (issue 16: 62 of them hid three cycles). Allowed only in the
 # command-line front ends, which defer the work modules so that --help and a bad argument answer in a
 # fraction of a second, and for heavy or optional dependencies imported where they are used.
-LAZY_OK_MODULES = {"icl_heads.cli", "icl_heads.cli_options", "icl_heads.zoo_cli"}
+# the package itself (``icl_heads.load`` on first use) and ``__main__`` keep start-up light too (issue 26: a
+# Ctrl-C during start-up is one line, not a traceback of torch's import)
+LAZY_OK_MODULES = {"icl_heads", "icl_heads.__main__", "icl_heads.cli", "icl_heads.cli_options", "icl_heads.zoo_cli"}
 LAZY_OK_IMPORTS = {"torch", "tqdm", "tqdm.auto", "scipy.linalg", "ctypes", "ctypes.util", "threading"}
 
 

@@ -140,10 +140,42 @@ def test_resume_refuses_other_config_and_overwrite(tmp_path: Path) -> None:
     train(p, 2, tmp_path / "m", progress=False)
     with pytest.raises(ConfigError, match="^out: .*--resume"):
         train(p, 2, tmp_path / "m", progress=False)
-    with pytest.raises(ConfigError, match="^resume: .*different train"):
-        train(tiny(steps=16), 2, tmp_path / "m", resume=True, progress=False)
-    with pytest.raises(ConfigError, match="^resume: .*different model_config"):
+    with pytest.raises(ConfigError, match=r"^train\.lr: the checkpoint in .* was made with 0\.003, not 0\.001"):
+        train(tiny(steps=8, lr=1e-3), 2, tmp_path / "m", resume=True, progress=False)
+    with pytest.raises(ConfigError, match=r"^model_config\.n_heads: .* made with 2, not 1"):
         train(p, 1, tmp_path / "m", resume=True, progress=False)
+    with pytest.raises(ConfigError, match=r"^train\.steps: .* at step 8 already \(got 4\); .*not shortened"):
+        train(tiny(steps=4), 2, tmp_path / "m", resume=True, progress=False)
+
+
+def test_resume_extends_a_finished_run(tmp_path: Path) -> None:
+    """``train.steps`` may grow on resume (issue 26): a finished 8-step run continues to 16 steps, is finished
+    again, and its first 8 steps' history is the original one."""
+    first = train(tiny(steps=8), 2, tmp_path / "m", progress=False)
+    assert first.meta["finished"] and first.meta["step"] == 8
+    more = train(tiny(steps=16), 2, tmp_path / "m", resume=True, progress=False)
+    assert more.meta["finished"] and more.meta["step"] == 16 and more.meta["train"]["steps"] == 16
+    assert more.meta["history"][0] == first.meta["history"][0]
+    assert not weights_equal(first.model, more.model)
+
+
+def test_a_diverged_run_stops_unfinished_and_keeps_its_last_finite_checkpoint(tmp_path: Path) -> None:
+    """A loss that turns NaN/inf stops the run with one line (issue 26): no checkpoint of the diverged weights,
+    nothing marked finished; a checkpoint written before the blow-up stays as it was."""
+    with pytest.raises(ConfigError, match=r"^train: the loss became non-finite by step \d+ .*no checkpoint was written"):
+        train(tiny(steps=16, lr=1e30, warmup_steps=1), 1, tmp_path / "a", progress=False)
+    assert not (tmp_path / "a" / "meta.json").exists()
+    ok = tmp_path / "b"
+    train(tiny(steps=16), 1, ok, progress=False, stop_at=8)
+    before = (ok / "model.safetensors").read_bytes()
+    with torch.no_grad():  # a model that already holds a NaN: the next checkpoint would save it
+        from icl_heads.checkpoint import CheckpointError, load_model, save_checkpoint
+
+        model, meta = load_model(ok)
+        model.read_in.weight[0, 0] = float("nan")
+        with pytest.raises(CheckpointError, match="read_in.weight holds 1 non-finite"):
+            save_checkpoint(tmp_path / "c", model, meta)
+    assert not (tmp_path / "c").exists() and (ok / "model.safetensors").read_bytes() == before
 
 
 @pytest.mark.parametrize("damage", ["truncate_model", "flip_model", "truncate_state", "meta_json", "no_meta"])

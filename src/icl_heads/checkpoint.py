@@ -5,6 +5,11 @@ gates), ``meta.json`` (model config, step, anything else JSON-able) and,
 optionally, ``state.safetensors`` (optimizer and RNG tensors for resuming). Files
 are written atomically, ``meta.json`` last, so a folder with a readable
 ``meta.json`` is complete.
+
+A checkpoint is trusted only if it checks out (issue 26): ``meta.json`` must be a JSON object with the
+files' SHA-256 (:class:`CheckpointMeta`; a model checkpoint also its ``model_config``), every tensor
+file is checked against its checksum before it is read (a file without one is refused, never
+loaded unverified), and weights must be finite both when written and when read.
 """
 
 from __future__ import annotations
@@ -12,14 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import PRESET_NAMES, ConfigError, ModelConfig, Preset, TaskConfig, validate
+from .config import PRESET_NAMES, ConfigError, ModelConfig, Preset, TaskConfig, describe_error, validate
 from .io import sha256s, write_files_then_meta
 from .model import Transformer
 
@@ -30,36 +36,106 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated or corrupted; the message says which file."""
 
 
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class FilesMeta(BaseModel):
+    """What every checkpoint folder's ``meta.json`` must hold (a stack's state folder too): the
+    SHA-256 of each tensor file, by file name. Anything else is the writer's business."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
+
+    sha256: dict[str, Sha256] = Field(min_length=1)
+
+
+class CheckpointMeta(FilesMeta):
+    """A model checkpoint's ``meta.json``: the checksums (the weights' among them) and the model's config;
+    the training fields are typed where present (snapshots and exports have no optimizer state)."""
+
+    model_cfg: ModelConfig = Field(alias="model_config")
+    step: Optional[Annotated[int, Field(ge=0)]] = None
+    finished: Optional[bool] = None
+    seed: Optional[Annotated[int, Field(ge=0)]] = None
+
+
 def save_checkpoint(path: str | Path, model: Transformer, meta: dict[str, Any] | None = None,
                     state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the weights (and optimizer ``state``), then ``meta.json`` with their checksums.
+
+    Non-finite weights are refused here (:class:`CheckpointError`): a diverged model is never written
+    as a checkpoint, so a folder's last checkpoint is its last finite one."""
     path = Path(path)
+    check_finite(model.state_dict(), f"{path}: not saved:")
     files = {MODEL_FILE: _tensor_bytes(model.state_dict())}
     if state is not None:
+        check_finite(state, f"{path}: not saved: optimizer state:")
         files[STATE_FILE] = _tensor_bytes(state)
     return write_files_then_meta(path, files, META_FILE,
                                  {"model_config": model.cfg.model_dump(), "sha256": sha256s(files), **(meta or {})})
 
 
 def load_meta(path: str | Path) -> dict[str, Any]:
+    """``meta.json`` as a dict, checked against :class:`FilesMeta` (a JSON object recording checksums)."""
     path = Path(path)
     try:
-        return json.loads((path / META_FILE).read_text())
-    except FileNotFoundError:
+        raw = json.loads((path / META_FILE).read_text(encoding="utf-8-sig"))
+    except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(f"checkpoint: {path}: not a checkpoint (no {META_FILE})") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint: {path / META_FILE}: is a folder, not a file") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint: {path / META_FILE}: cannot be read ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / META_FILE}: corrupted JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path / META_FILE}: corrupted JSON (nested too deeply)") from None
+    parse_meta(raw, path / META_FILE, FilesMeta)
+    return raw
+
+
+def parse_meta(raw: Any, where: Path, schema: type[FilesMeta] = FilesMeta) -> FilesMeta:
+    """``raw`` validated as ``schema``, or one line naming ``where`` and the missing or bad field."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: not a checkpoint's meta (a JSON object is expected, got {_json_kind(raw)})")
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "missing":
+            field = ".".join(str(p) for p in err["loc"])
+            why = " (the files' checksums: a checkpoint is never loaded unverified)" if field == "sha256" else ""
+            raise CheckpointError(f"{field}: {where} is missing it{why}") from None
+        raise CheckpointError(f"{where}: {describe_error(e)}") from None
+
+
+def _json_kind(raw: Any) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", type(None): "null", int: "a number",
+            float: "a number"}.get(type(raw), type(raw).__name__)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN or inf in any floating tensor, naming the first such tensor and how many values are hit."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{where} tensor {name} holds {bad} non-finite (NaN or inf) values "
+                                  "(a diverged or damaged model)")
 
 
 def load_tensors(path: str | Path, name: str, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """Read one tensor file of a checkpoint, checking its SHA-256 against ``meta.json``."""
+    """Read one tensor file of a checkpoint, checking its SHA-256 against ``meta.json`` (which must have it)."""
     path = Path(path)
     meta = load_meta(path) if meta is None else meta
+    want = parse_meta(meta, path / META_FILE).sha256.get(name)
+    if want is None:
+        raise CheckpointError(f"sha256: {path / META_FILE} records no checksum for {name}; it is not loaded unverified")
     try:
         data = (path / name).read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing {name}") from None
-    want = meta.get("sha256", {}).get(name)
-    if want is not None and hashlib.sha256(data).hexdigest() != want:
+    except OSError as e:
+        raise CheckpointError(f"{path / name}: cannot be read ({e.strerror or e})") from None
+    if hashlib.sha256(data).hexdigest() != want:
         raise CheckpointError(f"{path / name}: checksum mismatch (truncated or corrupted)")
     try:
         return st_load(data)
@@ -70,16 +146,20 @@ def load_tensors(path: str | Path, name: str, meta: dict[str, Any] | None = None
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict[str, Any]]:
     """Rebuild the model from ``meta.json`` and load its weights (head gates included)."""
     meta = load_meta(path)
+    if not isinstance(meta.get("model_config"), dict):
+        parse_meta(meta, Path(path) / META_FILE, CheckpointMeta)  # names the missing or malformed field
     try:
         cfg = validate(ModelConfig, meta["model_config"])
-    except (KeyError, ConfigError) as e:
+    except ConfigError as e:
         raise CheckpointError(f"{Path(path) / META_FILE}: bad model_config ({e})") from None
+    parse_meta(meta, Path(path) / META_FILE, CheckpointMeta)
     check_task(Path(path), meta, cfg)
     model = Transformer(cfg)
     tensors = load_tensors(path, MODEL_FILE, meta)
     misfit = weight_misfit(model.state_dict(), tensors)
     if misfit:
         raise CheckpointError(f"{Path(path) / MODEL_FILE}: weights do not fit the config ({misfit})")
+    check_finite(tensors, f"{Path(path) / MODEL_FILE}:")
     check_preset(Path(path) / META_FILE, meta, cfg)
     model.load_state_dict(tensors)
     return model.to(device), meta

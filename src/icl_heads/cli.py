@@ -1,7 +1,7 @@
 """The ``icl-heads`` command line: one sub-command per experiment (SPEC section 5).
 
 Every command fails fast on bad input with one line ``error: <field>: <why>``
-and a non-zero exit, never a traceback (see :func:`main`). Heavy imports happen
+and a non-zero exit, never a traceback (see :func:`main` for the exit codes). Heavy imports happen
 inside the commands so ``--help`` is instant.
 """
 
@@ -10,17 +10,27 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import click
 
+from . import __version__
 from .checkpoint import CheckpointError
-from .cli_options import parse_floats, parse_sets, resolve_device  # noqa: F401  (public here too)
-from .config import PRESET_NAMES, ConfigError, Preset, get_preset
+from .cli_options import parse_floats, parse_list, parse_sets, resolve_device  # noqa: F401  (public here too)
+from .config import (MAX_BOOT, MAX_PROMPTS, MAX_SEED, MAX_SEEDS, MAX_STEPS, PRESET_NAMES, ConfigError, Preset,
+                     get_preset)
+
+EXIT_CODES = """exit codes: 0 done; 2 refused (bad input, a damaged checkpoint, an unusable --out, a diverged
+run), one line 'error: <field>: <why>'; 1 the system failed the command (disk full, no permission),
+one line 'error: <path>: <why>'; 130 Ctrl-C, 143 SIGTERM, one line saying what a rerun does."""
 
 
-@click.group(help="Trained transformers, attention heads and in-context sparse regression (SPEC experiments E1-E6).", context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(help="Trained transformers, attention heads and in-context sparse regression: experiments E1-E7 "
+                  "(docs/science.md).\n\n" + EXIT_CODES.replace("\n", " "),
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="icl-heads", message="%(prog)s %(version)s")
 def app() -> None:
     pass
 
@@ -42,6 +52,8 @@ class OutDir(click.Path):
     So an unusable folder is one line ``error: out: <why>`` (exit 2) for every command, before any work."""
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        if isinstance(value, str) and not value.strip():  # "" is the current folder to pathlib: never meant
+            raise ConfigError("out: must name a folder (got an empty string)")
         path = Path(super().convert(value, param, ctx))
         if path.exists() and not path.is_dir():
             raise ConfigError(f"out: {value} exists and is not a folder")
@@ -78,6 +90,20 @@ def prompts_option(f: Any) -> Any:
 def check_prompts(prompts: Optional[int], minimum: int, why: str) -> None:
     if prompts is not None and prompts < minimum:
         raise ConfigError(f"prompts: need at least {minimum} prompts per set {why} (got {prompts})")
+    check_count("prompts", prompts, minimum, MAX_PROMPTS)
+
+
+def check_count(name: str, value: Optional[int], low: int, high: int) -> None:
+    """A count option within ``low .. high`` (the bounds stated in ``config.py``)."""
+    if value is not None and not low <= value <= high:
+        raise ConfigError(f"{name}: must be between {low} and {high} (got {value})")
+
+
+def check_cores(name: str, value: Optional[int]) -> None:
+    """Processes or threads beyond the CPU cores only oversubscribe them."""
+    cores = os.cpu_count() or 1
+    if value is not None and not 1 <= value <= cores:
+        raise ConfigError(f"{name}: must be between 1 and {cores}, the CPU cores of this machine (got {value})")
 
 
 def device_option(f: Any) -> Any:
@@ -90,14 +116,21 @@ def make_preset(name: str, seed: Optional[int] = None, sets: tuple[str, ...] = (
     ov.update({k: v for k, v in overrides.items() if v is not None})
     if seed is not None:
         ov["seed"] = seed
-    return get_preset(name, **ov)
+    p = get_preset(name, **ov)
+    if p.train.threads:
+        check_cores("train.threads", p.train.threads)
+    return p
 
 
-def writing(out: Path) -> Any:
-    """Hold ``out``'s one-writer lock (``icl_heads.folders``) while a command writes into it."""
-    from .folders import folder_lock
+@contextmanager
+def writing(out: Path, experiment: str) -> Iterator[Path]:
+    """Hold ``out``'s one-writer lock (``icl_heads.folders``) and claim it for ``experiment`` (refused inside
+    a zoo, a run or a checkpoint, or when another command owns it) while a command writes into it."""
+    from .folders import claim_out, folder_lock
 
-    return folder_lock(out)
+    with folder_lock(out) as held:
+        claim_out(out, experiment)
+        yield held
 
 
 def analysis_out(out: Path, reads: list[Path], experiment: str, preset: Optional[Any] = None) -> Any:
@@ -113,7 +146,7 @@ def analysis_out(out: Path, reads: list[Path], experiment: str, preset: Optional
 
         resolve_preset(reads[0], preset)
     check_analysis_out(out, reads, experiment)
-    return writing(out)
+    return writing(out, experiment)
 
 
 def echo_lines(lines: list[str]) -> None:
@@ -142,9 +175,10 @@ def estimators(preset: str, out: Path, d: Optional[int], s: Optional[int], sigma
     from .experiments.algorithms import run_e5
     from .headline import risk_lines
 
-    with writing(out):
-        s = run_e5(p, out, names=only.split(",") if only else None)
-    order = [e for e in ("pto", "gd", "lasso", "ridge", "ols", "bayes") if only is None or e in only.split(",")]
+    names = parse_list(only, "only") if only is not None else None
+    with writing(out, "E5"):
+        s = run_e5(p, out, names=names)
+    order = [e for e in ("pto", "gd", "lasso", "ridge", "ols", "bayes") if names is None or e in names]
     echo_lines(risk_lines(s["rows"], p.task, order or None, key="estimator"))
     click.echo(f"E5 written to {out}")
 
@@ -194,8 +228,7 @@ def _check_analysis_args(preset: Optional[str], prompts: Optional[int], seed: Op
     if preset is not None:
         get_preset(preset)
     check_prompts(prompts, 3, "(the probes' cross-validation)")
-    if seed is not None and seed < 0:
-        raise ConfigError(f"seed: must be >= 0 (got {seed})")
+    check_count("seed", seed, 0, MAX_SEED)
 
 
 @app.command("assess-heads")
@@ -211,6 +244,7 @@ def assess_heads_cmd(ckpt: Path, preset: Optional[str], out: Path, prompts: Opti
     kinds = _check_ablation(ablation)
     if boot < 10:
         raise ConfigError(f"boot: need at least 10 bootstrap resamples (got {boot})")
+    check_count("boot", boot, 10, MAX_BOOT)
     dev = resolve_device(device)
     from .experiments.e2_importance import run_e2
 
@@ -239,6 +273,7 @@ def prune(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[int], 
     kinds = _check_ablation(ablation)
     if finetune_steps < 0:
         raise ConfigError(f"finetune: steps must be >= 0 (got {finetune_steps})")
+    check_count("finetune", finetune_steps, 0, MAX_STEPS)
     dev = resolve_device(device)
     from .analysis.pruning import parse_policy
     from .experiments.e3_pruning import run_e3
@@ -346,10 +381,10 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
     dev = resolve_device(device)
     if seeds is not None and seeds < 1:
         raise ConfigError(f"seeds: must be >= 1 (got {seeds})")
+    check_count("seeds", seeds, 1, MAX_SEEDS)
     check_threads(threads)
-    if jobs is not None and not 1 <= jobs <= (os.cpu_count() or 1):
-        raise ConfigError(f"jobs: must be between 1 and the number of CPU cores, {os.cpu_count()} (got {jobs})")
-    levels = check_sigmas(p, parse_floats(sigmas, "sigmas")) if sigmas else None
+    check_cores("jobs", jobs)
+    levels = check_sigmas(p, parse_floats(sigmas, "sigmas")) if sigmas is not None else None
     import torch
 
     from .reproduce import reproduce as run
@@ -360,7 +395,7 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
         from .zoo_reproduce import reproduce_zoo
 
         if train_all or any(complete_seeds(c) for c in CONFIGS.values()):
-            with writing(out):
+            with writing(out, "reproduce"):
                 report = reproduce_zoo(out, train=train_all, device=dev, any_t=any_t,
                                        jobs=jobs or (1 if dev == "cuda" else os.cpu_count() or 1))
             click.echo(f"done: factor report at {report}; one report per configuration under {out}/<config>/")
@@ -369,7 +404,7 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
                    err=True)
     elif train_all and preset != "quick":
         raise ConfigError("train: --train selects the zoo's configurations and needs --preset quick")
-    with writing(out):
+    with writing(out, "reproduce"):
         report = run(p, out, seeds=seeds, device=dev, sigmas=levels, stacked=stacked, any_t=any_t)
     click.echo(f"done: report at {report} (and {report.with_suffix('.html')})")
 
@@ -414,7 +449,10 @@ def train_cmd(preset: str, heads: int, out: Path, resume: bool, device: str, ste
     from .training import TrainSpec, train
 
     TrainSpec.from_preset(p, heads)  # validates the head count before any work
-    r = train(p, heads, out, dev, resume=resume, progress=not quiet)
+    if resume and not (out / "meta.json").exists():
+        raise ConfigError(f"resume: {out} holds no checkpoint to continue (run without --resume to start one)")
+    with writing(out, "train"):
+        r = train(p, heads, out, dev, resume=resume, progress=not quiet)
     last = r.history[-1] if r.history else {}
     click.echo(f"trained h={heads} to step {r.meta['step']} in {out}; "
                + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("r@")))
@@ -467,6 +505,7 @@ def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed:
     for name, value in (("jobs", jobs), ("workers", workers)):
         if value is not None and value < 1:
             raise ConfigError(f"{name}: must be >= 1 (got {value})")
+        check_cores(name, value)
     if jobs is not None and workers is not None and jobs != workers:
         raise ConfigError(f"jobs: --workers is its old name; give one of them (got --jobs {jobs}, --workers {workers})")
     workers = jobs if jobs is not None else workers
@@ -476,7 +515,7 @@ def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed:
     from .headline import risk_lines
     from .io import read_csv
 
-    with writing(out):
+    with writing(out, "E1 heads sweep"):
         s = run_e1(p, out, dev, workers=workers, stacked=stacked)
     models = [f"transformer h={h}" for h in p.heads]
     echo_lines(risk_lines(read_csv(out / "e1_heads.csv"), p.task, models + ["pto", "gd", "lasso", "ridge", "bayes"]))
@@ -484,12 +523,18 @@ def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed:
 
 
 def _int_list(name: str, text: str) -> list[int]:
+    """Comma-separated non-negative integers, no empty item (``1,,2``) and none twice (``2,2`` trained one
+    architecture twice, into one folder)."""
+    items = parse_list(text, name)
     try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
+        vals = [int(v) for v in items]
     except ValueError:
         vals = []
     if not vals or min(vals) < 0:
         raise ConfigError(f"{name}: expected comma-separated non-negative integers (got {text!r})")
+    twice = next((v for i, v in enumerate(vals) if v in vals[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"{name}: {twice} is listed twice (got {text!r})")
     return vals
 
 
@@ -510,6 +555,8 @@ def sweep_arch(preset: str, out: Path, layers: str, mlps: str, heads: str, seeds
     """Architecture sweep: L x MLP x heads x seeds into OUT/L{L}-mlp{0|1}/seed{k}/h{h}/ (stacked on CUDA)."""
     p = make_preset(preset, None, sets)
     Ls, ms, hs = _int_list("layers", layers), _int_list("mlp", mlps), _int_list("heads", heads)
+    check_count("seeds", seeds, 1, MAX_SEEDS)
+    check_cores("jobs", jobs)
     if min(Ls) < 1:
         raise ConfigError(f"layers: every depth must be >= 1 (got {layers!r})")
     if set(ms) - {0, 1}:
@@ -523,7 +570,7 @@ def sweep_arch(preset: str, out: Path, layers: str, mlps: str, heads: str, seeds
 
     if table and not (out / "sweep.json").exists():
         raise ConfigError(f"out: {out} holds no trained sweep (no sweep.json); run sweep-arch without --table first")
-    with writing(out):
+    with writing(out, "architecture sweep"):
         s = None if table else run_arch_sweep(p, out, Ls, [bool(m) for m in ms], hs, seeds, dev, stacked=stacked,
                                               jobs=jobs)
         rows = arch_table(p, out, dev)
@@ -558,7 +605,8 @@ def emergence(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
     from .experiments.e7_emergence import run_e7
     from .io import read_json
 
-    run_e7(ckpt, out, preset=preset, n_prompts=prompts, seed=seed, device=dev)
+    with analysis_out(out, [ckpt], "E7", preset):
+        run_e7(ckpt, out, preset=preset, n_prompts=prompts, seed=seed, device=dev)
     t = read_json(out / "summary.json")["trend"]
     click.echo(f"E7 steps {t['from_step']} -> {t['to_step']}: top-head shares {t['first']['shares']} -> "
                f"{t['last']['shares']} (1b {t['claim_1b']}); pruned/full {t['first']['pruned_ratio']:.3g} -> "
@@ -572,41 +620,87 @@ app.add_command(zoo_group)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: run the app, turning every expected failure into one line on stderr.
+    """Entry point: run the app, turning every expected failure into one line on stderr (exit codes:
+    :data:`EXIT_CODES`).
 
     Ctrl-C and SIGTERM unwind the command (locks released, workers terminated: ``icl_heads.workers``)
-    and end in one line saying how to resume, exit 130 (SIGINT) or 143 (SIGTERM).
+    and end in one line saying what a rerun does, exit 130 (SIGINT) or 143 (SIGTERM) -- at any moment,
+    start-up included (``icl_heads.__main__`` catches one that lands while this module is imported).
     """
-    from .workers import Terminated, install_term_handler, keep_freed_memory, restore_term_handler
-
-    keep_freed_memory()
-    previous = install_term_handler()
     interrupted: Optional[int] = None
     try:
+        from .workers import install_term_handler, keep_freed_memory, restore_term_handler
+
+        keep_freed_memory()
+        previous = install_term_handler()
         try:
             app.main(args=argv, prog_name="icl-heads", standalone_mode=False)
         finally:
             restore_term_handler(previous)
     except (click.exceptions.Abort, KeyboardInterrupt) as e:
-        term = isinstance(e, Terminated) or isinstance(e.__cause__ or e.__context__, Terminated)
-        interrupted = 143 if term else 130
+        interrupted = 143 if _terminated(e) else 130
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
-        sys.exit(e.exit_code or 2)
+        fail(e.format_message(), e.exit_code or 2)
     except (ConfigError, CheckpointError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        fail(str(e), 2)
+    except OSError as e:  # the system, not the input: a full disk, a read-only or vanished folder
+        fail(os_error_line(e), 1)
     if interrupted is not None:
         click.echo(f"interrupted: {_resume_hint(argv)}", err=True)
         sys.exit(interrupted)
 
 
+def fail(message: str, code: int) -> None:
+    """One line ``error: ...`` on stderr (only its first line: a message is never a paragraph), then exit."""
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    click.echo(f"error: {first}", err=True)
+    sys.exit(code)
+
+
+def os_error_line(e: OSError) -> str:
+    """``<path>: <why>`` for an OSError (errno names the common ones plainly)."""
+    import errno
+
+    why = {errno.ENOSPC: "no space left on the device (disk full)", errno.EDQUOT: "disk quota exceeded",
+           errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+           errno.EROFS: "read-only file system"}.get(e.errno or -1, e.strerror or str(e))
+    where = e.filename if e.filename is not None else "output"
+    return f"{where}: {why}"
+
+
+def _terminated(e: BaseException) -> bool:
+    from .workers import Terminated
+
+    return isinstance(e, Terminated) or isinstance(e.__cause__ or e.__context__, Terminated)
+
+
 def _resume_hint(argv: Optional[list[str]]) -> str:
-    """What to type after an interrupt: ``train`` resumes only with ``--resume``; the rest resume by themselves."""
-    args = sys.argv[1:] if argv is None else argv
-    if "train" in args[:1] and "--resume" not in args:
+    """What a rerun does, said only where it is true: ``train`` continues a checkpoint with ``--resume`` (if one
+    was written), ``reproduce``, the sweeps and ``zoo train`` keep finished stages and models; an analysis keeps
+    nothing of an interrupted run and starts again."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    cmd = next((a for a in args if not a.startswith("-")), "")
+    if cmd == "train":
+        out = _option_value(args, "--out")
+        if out is None or not (Path(out) / "meta.json").exists():
+            return "no checkpoint was written yet; rerun the same command to start again"
+        if "--resume" in args:
+            return "rerun the same command to continue the checkpoint"
         return "rerun the same command with --resume to continue the checkpoint"
-    return "rerun the same command to resume (finished work is kept)"
+    if cmd in ("reproduce", "sweep-heads", "sweep-arch") or args[:2] == ["zoo", "train"]:
+        return "rerun the same command to resume (finished work is kept)"
+    if cmd in app.commands and cmd != "zoo":
+        return "nothing of this run is kept; rerun the same command to start it again"
+    return "nothing was started"
+
+
+def _option_value(args: list[str], name: str) -> Optional[str]:
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a[len(name) + 1:]
+    return None
 
 
 if __name__ == "__main__":

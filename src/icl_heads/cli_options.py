@@ -22,10 +22,21 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def parse_list(text: str, field: str) -> list[str]:
+    """``"a,b"`` to ``["a", "b"]``; an empty list or an empty item (``1,,2``, ``""``) is a one-line error
+    naming ``field`` (an empty item used to be skipped, or to select nothing and run anyway)."""
+    items = [v.strip() for v in text.split(",")]
+    if not text.strip() or any(not v for v in items):
+        raise ConfigError(f"{field}: expected a comma-separated list without empty items (got {text!r})")
+    return items
+
+
 def parse_floats(text: str, field: str) -> list[float]:
     """``"0.1,0.5"`` to ``[0.1, 0.5]``, or a one-line error naming ``field``."""
+    if not text.strip() or not text.replace(",", "").strip():
+        raise ConfigError(f"{field}: expected at least one number (got {text!r})")
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in parse_list(text, field)]
     except ValueError:
         raise ConfigError(f"{field}: expected comma-separated numbers (got {text!r})") from None
     if not values:

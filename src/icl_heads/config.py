@@ -8,26 +8,63 @@ Values the paper does not pin down are ours; ``docs/presets.md`` says which.
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# Upper bounds of every count and size (issue 26): far above any real run (paper: 50k steps, 4 layers,
+# d = 20), low enough that a typo (``--set train.steps=1e30``) is refused at once instead of running until
+# killed. The command line takes its own counts' bounds from here too.
+MAX_STEPS = 10_000_000  # training and fine-tuning steps (the zoo's longest run: 32k)
+MAX_PROMPTS = 1_000_000  # prompts per set (--prompts, eval.*, train.n_eval_prompts)
+MAX_BATCH = 65_536
+MAX_SEEDS = 1_000  # training seeds per run (--seeds, preset.seeds)
+MAX_SEED = 2**32 - 1  # a seed value
+MAX_DIM = 4_096  # task.d, task.n_max, model.d_model
+MAX_LAYERS = 256
+MAX_HEADS = 4_096
+MAX_THREADS = 1_024  # train.threads; the command line also caps --threads/--jobs at the CPU cores
+MAX_SNAPSHOTS = 1_000
+MAX_BOOT = 1_000_000  # bootstrap resamples (--boot)
+
+
+def _is_number_type(tp: Any) -> bool:
+    """Whether a field annotation is (a list of / an optional) int or float."""
+    if tp in (int, float):
+        return True
+    return any(_is_number_type(a) for a in typing.get_args(tp))
+
 
 class _Strict(BaseModel):
     """Unknown fields, NaN and inf are errors: no field of ours can mean a non-finite number, and
-    one accepted NaN surfaces minutes later as a scikit-learn or LinAlg traceback (issue 18)."""
+    one accepted NaN surfaces minutes later as a scikit-learn or LinAlg traceback (issue 18).
+    Booleans are not numbers either: pydantic would read ``--set train.steps=true`` as 1 (issue 26)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            for name, f in cls.model_fields.items():
+                value = raw.get(name)
+                values = value if isinstance(value, list) else [value]
+                if any(isinstance(v, bool) for v in values) and _is_number_type(f.annotation):
+                    raise ValueError(f"{name}: must be a number, not a boolean (got {value!r})")
+                if f.annotation is bool and name in raw and not isinstance(value, bool):
+                    raise ValueError(f"{name}: must be true or false (got {value!r})")
+        return raw
 
 
 class TaskConfig(_Strict):
     """In-context sparse linear regression: x ~ N(0, I_d), s-sparse w*, noise sigma."""
 
-    d: int = Field(ge=1, description="covariate dimension")
-    s: int = Field(ge=1, description="support size of w*")
+    d: int = Field(ge=1, le=MAX_DIM, description="covariate dimension")
+    s: int = Field(ge=1, le=MAX_DIM, description="support size of w*")
     tau: float = Field(default=1.0, gt=0, description="std of the non-zero weights")
     sigma: float = Field(ge=0, description="label-noise std")
-    n_max: int = Field(ge=1, description="largest context length")
+    n_max: int = Field(ge=1, le=MAX_DIM, description="largest context length")
 
     @model_validator(mode="after")
     def _s_le_d(self) -> "TaskConfig":
@@ -44,8 +81,8 @@ class ArchConfig(_Strict):
     (``--set model.token_format=interleaved``, ``model.mlp=true``, ``model.n_layers=6``).
     """
 
-    d_model: int = Field(ge=1)
-    n_layers: int = Field(ge=1)
+    d_model: int = Field(ge=1, le=MAX_DIM)
+    n_layers: int = Field(ge=1, le=MAX_LAYERS)
     attention: Literal["softmax", "linear"] = "softmax"
     mlp: bool = True
     pos_emb: bool = True
@@ -64,9 +101,9 @@ class ModelConfig(ArchConfig):
     """GPT-2-style pre-LN decoder (SPEC section 3): the architecture plus the task's sizes
     (``n_dims``, ``n_max``) and the head count."""
 
-    n_dims: int = Field(ge=1)
-    n_max: int = Field(ge=1)
-    n_heads: int = Field(ge=1)
+    n_dims: int = Field(ge=1, le=MAX_DIM)
+    n_max: int = Field(ge=1, le=MAX_DIM)
+    n_heads: int = Field(ge=1, le=MAX_HEADS)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
@@ -78,28 +115,28 @@ class ModelConfig(ArchConfig):
 class TrainConfig(_Strict):
     """AdamW on fresh prompts every step; warm-up, then cosine (fixed length) or constant (wsd, extendable)."""
 
-    steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
+    steps: int = Field(ge=1, le=MAX_STEPS)
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
     lr: float = Field(gt=0)
     min_lr_frac: float = Field(default=0.1, ge=0, le=1)
-    warmup_steps: int = Field(default=200, ge=0)
+    warmup_steps: int = Field(default=200, ge=0, le=MAX_STEPS)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     curriculum: bool = False
     curriculum_start_frac: float = Field(default=0.25, gt=0, le=1, description="first n_max as a fraction")
     curriculum_steps_frac: float = Field(default=0.5, gt=0, le=1, description="share of steps spent ramping")
     curriculum_d: bool = Field(default=False, description="also ramp the number of active coordinates (rest zero)")
-    curriculum_ramp_steps: int = Field(default=0, ge=0, description="ramp length in steps; 0 = curriculum_steps_frac * steps "
+    curriculum_ramp_steps: int = Field(default=0, ge=0, le=MAX_STEPS, description="ramp length in steps; 0 = curriculum_steps_frac * steps "
                                        "(a wsd run sets it, so extending the run leaves its past unchanged)")
     schedule: Literal["cosine", "wsd"] = Field(default="cosine", description="cosine: warm-up, cosine to min_lr_frac * lr "
                                                "at `steps`; wsd: warm-up, then constant (extendable; cool-downs are branches)")
-    cooldown_from: int = Field(default=0, ge=0, description="wsd cool-down branch: the stable step it starts from; the lr "
+    cooldown_from: int = Field(default=0, ge=0, le=MAX_STEPS, description="wsd cool-down branch: the stable step it starts from; the lr "
                                "decays linearly from lr to 0 between it and `steps` (0 = no cool-down)")
-    eval_every: int = Field(default=500, ge=1)
-    n_eval_prompts: int = Field(default=512, ge=1)
-    checkpoint_every: int = Field(default=500, ge=1)
-    threads: int = Field(default=0, ge=0, description="torch threads on CPU; 0 = torch default")
-    snapshots: int = Field(default=0, ge=0, description="weights-only snapshots per run at log-spaced steps; 0 = none")
+    eval_every: int = Field(default=500, ge=1, le=MAX_STEPS)
+    n_eval_prompts: int = Field(default=512, ge=1, le=MAX_PROMPTS)
+    checkpoint_every: int = Field(default=500, ge=1, le=MAX_STEPS)
+    threads: int = Field(default=0, ge=0, le=MAX_THREADS, description="torch threads on CPU; 0 = torch default")
+    snapshots: int = Field(default=0, ge=0, le=MAX_SNAPSHOTS, description="weights-only snapshots per run at log-spaced steps; 0 = none")
     bf16: bool = Field(default=False, description="CUDA only: bf16 autocast of the forward pass (loss in fp32)")
     compile: bool = Field(default=False, description="CUDA only: torch.compile the model for training")
 
@@ -115,10 +152,10 @@ class TrainConfig(_Strict):
 class EvalConfig(_Strict):
     """Sizes of the validation (hyper-parameter tuning) and test prompt sets."""
 
-    n_val: int = Field(default=1000, ge=2)
-    n_test: int = Field(default=2000, ge=2)
-    pto_steps: list[int] = Field(default=[1, 2, 3, 5, 10, 20, 50, 100, 200, 400])
-    n_emergence: int = Field(default=1000, ge=2, description="val and test prompts per E7 training snapshot")
+    n_val: int = Field(default=1000, ge=2, le=MAX_PROMPTS)
+    n_test: int = Field(default=2000, ge=2, le=MAX_PROMPTS)
+    pto_steps: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] = Field(default=[1, 2, 3, 5, 10, 20, 50, 100, 200, 400])
+    n_emergence: int = Field(default=1000, ge=2, le=MAX_PROMPTS, description="val and test prompts per E7 training snapshot")
 
 
 class Preset(_Strict):
@@ -126,13 +163,13 @@ class Preset(_Strict):
 
     name: str
     task: TaskConfig
-    sigmas: list[Annotated[float, Field(ge=0)]] = Field(default_factory=list, description="extra noise levels swept by E5 on this preset")
+    sigmas: list[Annotated[float, Field(ge=0)]] = Field(default_factory=list, max_length=64, description="extra noise levels swept by E5 on this preset")
     model: ArchConfig
-    heads: list[int] = Field(min_length=1)
+    heads: list[Annotated[int, Field(ge=1, le=MAX_HEADS)]] = Field(min_length=1, max_length=64)
     train: TrainConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    seed: int = Field(default=0, ge=0)
-    seeds: int = Field(default=3, ge=1, description="training seeds reproduce runs by default (seed, seed+1, ...)")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    seeds: int = Field(default=3, ge=1, le=MAX_SEEDS, description="training seeds reproduce runs by default (seed, seed+1, ...)")
 
     @model_validator(mode="after")
     def _heads_ok(self) -> "Preset":
@@ -193,8 +230,13 @@ def _set_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
             continue
         node = raw
         *parents, leaf = path.split(".")
-        for p in parents:
+        if not all(path.split(".")):
+            raise ConfigError(f"set: {path!r} has an empty part (expected a dotted path such as train.steps)")
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # task.d.x=1: task.d is a number, not a group of fields
+                raise ConfigError(f"{'.'.join(parents[:i + 1])}: is a value, not a group of fields "
+                                  f"(cannot set {path})")
         node[leaf] = value
     return raw
 

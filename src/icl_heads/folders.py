@@ -6,6 +6,12 @@ beside seed 1's snapshots; ``assess-heads CKPT --out CKPT`` overwrote the checkp
 (an advisory ``.lock`` file with the owner's PID, host and start time; a lock whose
 PID is no longer alive on this host is stale and taken over), and an analysis checks
 its ``--out`` with :func:`check_analysis_out` before any work.
+
+Issue 26: a command killed after its first CSV left a folder another command was let into, and
+``--out`` could point into the zoo or a finished run. So every command, once it holds the lock,
+:func:`claim_out`: the folder may not lie in a zoo or a run, and a stage folder records its owner
+(``.owner.json``) before its first file, so a later command of another kind is refused even where
+the first one died before writing ``config.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ from typing import Any, Iterator, Sequence
 from .config import ConfigError
 
 LOCK_FILE = ".lock"
+OWNER_FILE = ".owner.json"  # {"experiment": tag, "command": name}: who writes this folder
+# files that make every folder below them someone else's: a zoo, a reproduce run (also the zoo main job's),
+# a sweep, a checkpoint (its snapshots/)
+ENCLOSING_MARKERS = {"SHA256SUMS": "the model zoo", "run.json": "a reproduce run", "manifest.json": "a reproduce run",
+                     "zoo_run.json": "a reproduce run", "sweep.json": "a sweep", "meta.json": "a checkpoint",
+                     "stage.json": "a reproduce run's stage"}
 # files that say a folder belongs to a checkpoint (meta/model), a reproduce run (run/manifest) or a sweep
 FOREIGN_MARKERS = ("meta.json", "model.safetensors", "state.safetensors", "run.json", "manifest.json", "sweep.json")
 _held: dict[Path, int] = {}  # folders this process holds, with a nesting count (a lock is re-entrant)
@@ -114,6 +126,8 @@ def _drop_if_created(folder: Path) -> None:
     if folder in _created:
         _created.discard(folder)
         try:
+            if [p.name for p in folder.iterdir()] == [OWNER_FILE]:  # only our own claim: nothing was written
+                (folder / OWNER_FILE).unlink()
             folder.rmdir()
         except OSError:  # not empty: it holds results
             pass
@@ -148,6 +162,51 @@ def check_analysis_out(out: str | Path, reads: Sequence[str | Path], experiment:
     owner = _experiment_of(out / "config.json")
     if owner is not None and owner != experiment:
         raise ConfigError(f"out: {out} holds the results of {owner}, not {experiment}; use a new --out")
+
+
+# the tag each command records (the ``experiment`` of its config.json) and the files that mark a folder as its own
+COMMANDS = {"train": "train", "reproduce": "reproduce", "E5": "estimators", "E1 heads sweep": "sweep-heads",
+            "architecture sweep": "sweep-arch", "eval": "eval", "E2": "assess-heads", "E3": "prune", "E4": "probe",
+            "E6": "mechanism", "E7": "emergence"}
+_OWN_MARKERS = {"run.json": "reproduce", "manifest.json": "reproduce", "zoo_run.json": "reproduce",
+                "stage.json": "reproduce", "sweep.json": "architecture sweep", "meta.json": "train",
+                "model.safetensors": "train", "state.safetensors": "train"}
+
+
+def owner_of(folder: Path) -> str | None:
+    """Which command's folder this is (its tag): the recorded owner, else its marker files, else the
+    ``experiment`` of its config.json; None for a folder no command of ours has written."""
+    try:
+        rec = json.loads((folder / OWNER_FILE).read_text())
+        if isinstance(rec, dict) and isinstance(rec.get("experiment"), str):
+            return rec["experiment"]
+    except (OSError, ValueError):
+        pass
+    for marker, tag in _OWN_MARKERS.items():
+        if (folder / marker).exists():
+            return tag
+    exp = _experiment_of(folder / "config.json")
+    return None if exp == "?" else exp
+
+
+def claim_out(out: str | Path, experiment: str) -> None:
+    """Refuse an ``--out`` inside a zoo, a run, a sweep or a checkpoint, or owned by another command;
+    else record ``experiment`` as its owner (before the command writes its first file). Call with the
+    folder's lock held."""
+    out = Path(out).resolve()
+    for above in out.parents:
+        found = [m for m in ENCLOSING_MARKERS if (above / m).is_file()]
+        if found:
+            raise ConfigError(f"out: {out} lies inside {ENCLOSING_MARKERS[found[0]]} ({above / found[0]}); "
+                              "use a folder outside it")
+    if (out / "SHA256SUMS").exists():
+        raise ConfigError(f"out: {out} is the model zoo (SHA256SUMS); use a folder outside it")
+    owner = owner_of(out)
+    if owner is not None and owner != experiment:
+        raise ConfigError(f"out: {out} belongs to `{COMMANDS.get(owner, owner)}`, not `{COMMANDS.get(experiment)}`; "
+                          "use a new --out")
+    if owner is None:  # O_EXCL as the lock: with the lock held nobody else creates it
+        _try_create(out / OWNER_FILE, {"experiment": experiment, "command": COMMANDS.get(experiment, experiment)})
 
 
 def _experiment_of(config: Path) -> str | None:

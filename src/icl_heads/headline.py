@@ -15,10 +15,14 @@ REFERENCES = ("ridge", "lasso", "bayes")  # the baselines shown beside a model, 
 
 
 def _n_names(task: TaskConfig) -> dict[int, str]:
-    """``{n: "d/2" | "d" | "2d"}`` for the marker context lengths (a capped one keeps the first name)."""
+    """``{n: "d" | "2d" | "d/2" | "n_max"}`` for the marker context lengths: a name only where n is that
+    length (``--n-max 1`` with d = 5 labelled n = 1 "d/2", issue 26); one capped at ``n_max`` is called so."""
     names: dict[int, str] = {}
-    for name, n in (("d/2", max(task.d // 2, 1)), ("d", task.d), ("2d", 2 * task.d)):
-        names.setdefault(min(n, task.n_max), name)
+    for name, n in (("d", task.d), ("2d", 2 * task.d), ("d/2", max(task.d // 2, 1))):
+        if n <= task.n_max:
+            names.setdefault(n, name)
+    for n in marker_ns(task):
+        names.setdefault(n, "n_max")
     return names
 
 

@@ -23,10 +23,11 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -264,12 +265,12 @@ def verify(root: Path = ZOO_DIR) -> int:
     sums = root / SUMS_FILE
     if not sums.exists():
         raise CheckpointError(f"{sums}: no checksum manifest")
-    listed: dict[str, str] = {}
-    for line in sums.read_text().splitlines():
-        digest, _, rel = line.partition("  ")
-        listed[rel] = digest
+    listed = read_sums(sums)
+    inside = root.resolve()
     for rel, digest in listed.items():
         path = root / rel
+        if inside not in path.resolve().parents:  # a link out of the zoo is not the zoo's file
+            raise CheckpointError(f"{path}: listed in {SUMS_FILE} but leads outside the zoo")
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in {SUMS_FILE} but missing")
         if _sha(path) != digest:
@@ -278,6 +279,29 @@ def verify(root: Path = ZOO_DIR) -> int:
     if extra:
         raise CheckpointError(f"{root / extra[0]}: not listed in {SUMS_FILE}")
     return len(listed)
+
+
+def read_sums(sums: Path) -> dict[str, str]:
+    """``SHA256SUMS`` as ``{relative path: digest}``; a malformed line, or a path that is absolute, climbs out
+    of the zoo (``..``) or is listed twice, is one error naming the line (a listed ``../../etc/hostname`` was
+    verified and counted, issue 26)."""
+    listed: dict[str, str] = {}
+    try:
+        text = sums.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{sums}: not a text file") from None
+    for i, line in enumerate(text.splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        where = f"{sums}: line {i} ({line[:80]!r})"
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or not rel:
+            raise CheckpointError(f"{where}: expected '<64 hex digits>  <relative path>'")
+        parts = PurePosixPath(rel).parts
+        if rel.startswith("/") or "\\" in rel or ".." in parts or "." in parts or rel != PurePosixPath(rel).as_posix():
+            raise CheckpointError(f"{where}: the path must be relative and inside the zoo")
+        if rel in listed:
+            raise CheckpointError(f"{where}: {rel} is listed twice")
+        listed[rel] = digest
+    return listed
 
 
 def listing(root: Path = ZOO_DIR) -> list[dict[str, Any]]:

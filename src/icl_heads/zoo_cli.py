@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -51,7 +52,8 @@ def verify_cmd(root: Optional[Path]) -> None:
 
 
 @zoo_group.command("train")
-@click.option("--config", "configs", default="A,B,C", show_default=True, help="comma-separated configurations")
+@click.option("--config", "configs", default="A,B,C", show_default=True,
+              help="comma-separated configurations (the zoo's: zoo/README.md)")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("runs/zoo-train"), show_default=True,
               help="resumable training folders (with optimizer state)")
 @click.option("--jobs", type=int, default=2, show_default=True, help="training processes (one per core)")
@@ -75,17 +77,18 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, st
     --commit what changed (models, SHA256SUMS, the resumable state) is committed once at the end."""
     from dataclasses import replace
 
-    from .cli_options import parse_sets, resolve_device
+    from .cli_options import parse_list, parse_sets, resolve_device
     from .zoo import get_config, train_zoo
 
     extra = parse_sets(sets)
-    chosen = [get_config(c.strip()) for c in configs.split(",") if c.strip()]
+    chosen = [get_config(c) for c in dict.fromkeys(parse_list(configs, "config"))]
     chosen = [replace(c, overrides={**c.overrides, **extra}) for c in chosen] if extra else chosen
     for c in chosen:
         c.preset(0)  # validates the overrides before any work
     device = resolve_device(device)
-    if jobs < 1:
-        raise ConfigError(f"jobs: must be >= 1 (got {jobs})")
+    if not 1 <= jobs <= (os.cpu_count() or 1):
+        raise ConfigError(f"jobs: must be between 1 and {os.cpu_count() or 1}, the CPU cores of this machine "
+                          f"(got {jobs})")
     zroot = _root(root)
 
     def git_commit(dest: Path) -> None:

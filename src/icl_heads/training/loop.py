@@ -43,6 +43,7 @@ Choices where the SPEC is silent:
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -131,6 +132,10 @@ class Stack:
 Trainee = One | Stack
 
 
+class TrainingDiverged(ConfigError):
+    """The loss became NaN or inf: the run stops; it is not marked finished, its last finite checkpoint is kept."""
+
+
 def clip_per_member(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip each member's gradient to global norm ``max_norm`` (as ``clip_grad_norm_`` does per model).
 
@@ -214,13 +219,22 @@ def _scheduled(trainee: Trainee, opt: torch.optim.Optimizer, members: Sequence[M
     def after(step: int, losses: torch.Tensor) -> None:
         nonlocal t0
         state.step = step
-        if step in snaps:
-            for i, m in enumerate(members):
-                save_snapshot(m.out, trainee.member(i), run_meta(m.spec), step)
         if host_ema:
             state.ema = losses.item() if state.ema is None else 0.98 * state.ema + 0.02 * losses.item()
         else:
             state.ema = losses.detach() if state.ema is None else 0.98 * state.ema + 0.02 * losses.detach()
+        # a NaN or inf loss stays in the EMA: checked every step where it is a host float, else where the
+        # run syncs anyway (evaluation, checkpoint), always before a checkpoint could be written
+        late = deadline is not None and time.monotonic() >= deadline
+        if (host_ema and not math.isfinite(state.ema)) or (
+                not host_ema and (step % cfg.eval_every == 0 or step % cfg.checkpoint_every == 0 or step == end
+                                  or late)
+                and not bool(torch.isfinite(state.ema).all())):
+            raise TrainingDiverged(f"train: the loss became non-finite by step {step} (diverged; try a lower "
+                                   f"train.lr); not marked finished, {_last_checkpoint(members)}")
+        if step in snaps:
+            for i, m in enumerate(members):
+                save_snapshot(m.out, trainee.member(i), run_meta(m.spec), step)
         if progress is not None:
             progress.update(1)
             if host_ema:
@@ -239,7 +253,6 @@ def _scheduled(trainee: Trainee, opt: torch.optim.Optimizer, members: Sequence[M
                 last = state.histories[0][-1] if len(members) == 1 else {}
                 progress.set_postfix(loss=f"{max(loss_ema):.4f}",
                                      **{k: f"{v:.4f}" for k, v in last.items() if k.startswith("r@")})
-        late = deadline is not None and time.monotonic() >= deadline
         if step % cfg.checkpoint_every == 0 or step == end or late:
             state.wall += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -278,6 +291,15 @@ def cuda_fast_math(device: str) -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+def _last_checkpoint(members: Sequence[Member]) -> str:
+    """What a diverged run leaves: its last (finite) checkpoint, or none."""
+    out = members[0].out
+    try:
+        return f"its last finite checkpoint (step {load_meta(out)['step']}) in {out} is kept"
+    except (CheckpointError, KeyError):
+        return f"no checkpoint was written to {out}"
 
 
 def save_snapshot(out: str | Path, model: Transformer, meta: dict[str, Any], step: int) -> Path | None:
@@ -340,26 +362,8 @@ def train(preset_or_cfgs: Preset | TrainSpec, n_heads: int | None, out_dir: str 
                       on_eval, position, None if init_from is None else Path(init_from), deadline)
 
 
-# train fields that may differ between a wsd run and its extension or its cool-down branch
-EXTENDABLE = ("steps", "cooldown_from", "snapshots", "eval_every", "checkpoint_every", "threads")
-
-
-def _same_run(spec: TrainSpec, meta: dict[str, Any], out: Path, extendable: bool) -> None:
-    """Refuse a checkpoint made with another task, model, seed or train config (naming the field)."""
-    want = {**run_meta(spec), "model_config": spec.model.model_dump()}
-    want.pop("preset_config", None)  # provenance: task, train, model and seed decide whether it resumes
-    got = {k: meta.get(k) for k in want}
-    try:  # train fields added since the checkpoint was written take their defaults
-        got["train"] = TrainConfig.model_validate(got["train"]).model_dump()
-    except ValueError:
-        pass
-    if extendable and isinstance(got["train"], dict):
-        got["train"] = {**got["train"], **{k: want["train"][k] for k in EXTENDABLE}}
-    if got != want:
-        bad = next(k for k in want if got[k] != want[k])
-        if bad == "train" and isinstance(got["train"], dict):
-            bad = "train." + next(k for k in want["train"] if got["train"].get(k) != want["train"][k])
-        raise ConfigError(f"resume: checkpoint in {out} was made with a different {bad}")
+# train fields a cool-down branch sets differently from the stable run it starts from
+BRANCH_FIELDS = ("steps", "cooldown_from", "snapshots", "eval_every", "checkpoint_every", "threads")
 
 
 def _train(spec: TrainSpec, out: Path, device: str, resume: bool, progress: bool, stop_at: int | None,
@@ -382,14 +386,14 @@ def _train(spec: TrainSpec, out: Path, device: str, resume: bool, progress: bool
     source = out if have_ckpt else init_from
     if source is not None:
         model, meta = load_model(source, device)
-        _same_run(spec, meta, source, extendable=wsd and (source == init_from or not cfg.cooldown_from))
-        if source == init_from and int(meta["step"]) != cfg.cooldown_from:
-            raise ConfigError(f"init_from: {source} stands at step {meta['step']}, the cool-down branches at "
-                              f"train.cooldown_from={cfg.cooldown_from}")
+        _check_resumable(source, meta, spec, branch=source == init_from)
+        if source == init_from and (not wsd or int(meta["step"]) != cfg.cooldown_from):
+            raise ConfigError(f"train.cooldown_from: {source} stands at step {meta['step']}, the cool-down branches "
+                              f"at train.cooldown_from={cfg.cooldown_from}")
         opt = optimizer_for(One(model), cfg, device)
         restore_model_state(load_tensors(source, STATE_FILE, meta), opt, gen, source)
         state = _Progress(int(meta["step"]), float(meta.get("wall_s", 0.0)), None, [list(meta.get("history", []))])
-        if have_ckpt and meta.get("finished") and (not wsd or state.step >= cfg.steps):
+        if have_ckpt and meta.get("finished") and state.step >= cfg.steps:
             return TrainResult(model, out, meta, state.histories[0])
     if not have_ckpt:
         write_provenance(out, {"task": task, "model": spec.model, "train": cfg}, spec.seed, preset=spec.preset,
@@ -409,6 +413,40 @@ def _train(spec: TrainSpec, out: Path, device: str, resume: bool, progress: bool
                on_eval, deadline)
     model.eval()
     return TrainResult(model, out, load_meta(out), state.histories[0])
+
+
+def _check_resumable(out: Path, meta: dict[str, Any], spec: TrainSpec, branch: bool = False) -> None:
+    """The checkpoint must come from the same task, train config, model and seed; one line names the first
+    field that differs. ``train.steps`` may grow (a finished run is extended: a wsd run exactly, since its lr
+    never depended on ``steps``; a cosine run's schedule and curriculum are stretched to the new length from
+    the resumed step on) but not fall below the step reached. ``branch``: the checkpoint is the stable run a
+    cool-down starts from, which differs in :data:`BRANCH_FIELDS`."""
+    if not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool):
+        raise CheckpointError(f"step: {out / META_FILE} records no step to resume from")
+    want = {**run_meta(spec), "model_config": spec.model.model_dump()}
+    want.pop("preset_config", None)  # provenance: task, train, model and seed decide whether it resumes
+    got = {k: meta.get(k) for k in want}
+    try:  # train fields added since the checkpoint was written take their defaults
+        got["train"] = TrainConfig.model_validate(got["train"]).model_dump()
+    except (ValueError, TypeError):
+        pass
+    steps = spec.train.steps
+    if isinstance(got["train"], dict) and got["train"].get("steps") != steps:
+        if steps < meta["step"]:
+            raise ConfigError(f"train.steps: the checkpoint in {out} is at step {meta['step']} already (got "
+                              f"{steps}); a run can be extended, not shortened")
+        got["train"] = {**got["train"], "steps": steps}
+    if branch and isinstance(got["train"], dict):
+        got["train"] = {**got["train"], **{k: want["train"][k] for k in BRANCH_FIELDS}}
+    for key in want:
+        if got[key] == want[key]:
+            continue
+        field, have, new = key, got[key], want[key]
+        if isinstance(have, dict) and isinstance(new, dict):
+            sub = next((k for k in {**new, **have} if have.get(k) != new.get(k)), None)
+            field, have, new = f"{key}.{sub}", have.get(sub), new.get(sub)
+        raise ConfigError(f"{field}: the checkpoint in {out} was made with {have!r}, not {new!r}; resume it with "
+                          "the same settings or train into a new --out")
 
 
 def fine_tune(model: Transformer, task: TaskConfig, steps: int, batch_size: int, lr: float, seed: int,
