@@ -8,6 +8,7 @@ from typing import Optional
 
 import click
 
+from .cli_options import executor_options
 from .config import ConfigError
 
 
@@ -59,16 +60,20 @@ def verify_cmd(root: Optional[Path]) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
 @click.option("--stacked", is_flag=True, help="train all members as stacks (the GPU path)")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="override every configuration's recipe (dry runs; recorded in each model's meta)")
+              help="override every configuration's recipe (dry runs; recorded in each model's meta); "
+                   "executor.FIELD=VALUE sets the executor")
+@executor_options
 @root_option
 def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, stacked: bool,
-              sets: tuple[str, ...], root: Optional[Path]) -> None:
+              sets: tuple[str, ...], executor: str, no_wait: bool, root: Optional[Path]) -> None:
     """Train every zoo model not yet in the zoo with its configuration's recipe (resumable)."""
     from dataclasses import replace
 
-    from .cli_options import parse_sets, resolve_device
+    from .cli_options import make_executor, parse_sets, resolve_device, split_executor_sets
     from .zoo import get_config, train_zoo
 
+    sets, executor_sets = split_executor_sets(sets)
+    ex = make_executor(executor, executor_sets, no_wait)
     extra = parse_sets(sets)
     chosen = [get_config(c.strip()) for c in configs.split(",") if c.strip()]
     chosen = [replace(c, overrides={**c.overrides, **extra}) for c in chosen] if extra else chosen
@@ -86,7 +91,7 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, st
             subprocess.run(["git", "commit", "-q", "-m", f"zoo: {rel}", "--", str(rel), str(zroot / "SHA256SUMS")],
                            cwd=zroot.parent)
 
-    done = train_zoo(chosen, work, jobs, zroot, git_commit if commit else None, device, stacked)
+    done = train_zoo(chosen, work, jobs, zroot, git_commit if commit else None, device, stacked, executor=ex)
     click.echo(f"{len(done)} models exported into {zroot}")
 
 
