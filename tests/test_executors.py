@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -100,21 +101,44 @@ def eval_steps(log: str) -> list[int]:
     return [int(s) for s in re.findall(r"K/seed0/h2 step (\d+) ", log)]
 
 
-@pytest.mark.slow  # ~20 s on the 2-core VM: two trainings of 600 steps and three Python starts with torch
-def test_a_killed_job_resumes_on_resubmission_to_the_same_weights(submitit_local, tmp_path):
-    ref_root = tmp_path / "zoo-ref"
-    train_zoo([LONG], tmp_path / "work-ref", jobs=1, root=ref_root)  # today's path, never interrupted
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory):
+    """LONG trained by today's path, never interrupted."""
+    root = tmp_path_factory.mktemp("zoo-long")
+    train_zoo([LONG], tmp_path_factory.mktemp("work-long"), jobs=1, root=root)
+    return root
 
-    root, work = tmp_path / "zoo", tmp_path / "work"
+
+def submit_and_wait_for_step(work: Path, root: Path, step: int) -> tuple[object, int]:
+    """LONG submitted without waiting; returns its job and its training process once past ``step``."""
     run = work / "K" / "seed0" / "h2"
     with pytest.raises(JobsSubmitted) as sub:
         train_zoo([LONG], work, jobs=1, root=root, executor=SUBMITIT_LOCAL.model_copy(update={"wait": False}))
     job = sub.value.jobs[0]
     deadline = time.monotonic() + 120
-    while not ((run / "meta.json").exists() and load_meta(run)["step"] >= 100):
+    while not ((run / "meta.json").exists() and load_meta(run)["step"] >= step):
         assert time.monotonic() < deadline and not job.done(), job.stderr()
         time.sleep(0.01)
-    os.kill(read_lock(run)["pid"], signal.SIGKILL)  # the training process itself, mid-run, no clean-up
+    return job, read_lock(run)["pid"]  # the training process holds its folder's lock
+
+
+def checkpoint_is_whole(run: Path) -> bool:
+    meta = load_meta(run)
+    return all(hashlib.sha256((run / name).read_bytes()).hexdigest() == digest
+               for name, digest in meta["sha256"].items())
+
+
+@pytest.mark.slow  # ~20 s on the 2-core VM: two trainings of 600 steps and three Python starts with torch
+def test_a_killed_job_resumes_on_resubmission_to_the_same_weights(long_reference, submitit_local, tmp_path):
+    root, work = tmp_path / "zoo", tmp_path / "work"
+    run = work / "K" / "seed0" / "h2"
+    job, pid = submit_and_wait_for_step(work, root, 100)
+    os.kill(pid, signal.SIGSTOP)  # SIGKILL cannot be held: not while a checkpoint is half written (io.signals_held)
+    while not checkpoint_is_whole(run):
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.002)
+        os.kill(pid, signal.SIGSTOP)
+    os.kill(pid, signal.SIGKILL)  # mid-run, no clean-up: as a node failure
     while not job.done():
         time.sleep(0.05)
     killed_at = load_meta(run)["step"]
@@ -126,7 +150,30 @@ def test_a_killed_job_resumes_on_resubmission_to_the_same_weights(submitit_local
     assert new_id != job.job_id
     steps = eval_steps((work / "jobs" / f"{new_id}_0_log.out").read_text())
     assert steps[0] == killed_at + 20 and steps[-1] == 600  # resumed from the last checkpoint, not from 0
-    assert_same_weights(model_path("K", 0, 2, ref_root), model_path("K", 0, 2, root))
+    assert_same_weights(model_path("K", 0, 2, long_reference), model_path("K", 0, 2, root))
+
+
+@pytest.mark.slow  # ~15 s: one training of 600 steps, restarted once
+def test_a_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_weights(long_reference, submitit_local,
+                                                                                  tmp_path):
+    """Slurm's warning signal (USR2, what submitit asks sbatch for) makes submitit checkpoint the job (a
+    :class:`Resumable`: the same call) and requeue it; the requeued call resumes from the last checkpoint."""
+    root, work = tmp_path / "zoo", tmp_path / "work"
+    run = work / "K" / "seed0" / "h2"
+    job, pid = submit_and_wait_for_step(work, root, 100)
+    os.kill(pid, signal.SIGUSR2)
+    assert job.result() == str(run)  # the same job, requeued by its controller, finished
+    log = job.stdout()
+    assert "Caught signal SIGUSR2" in log and "this job is preempted" in log and "Requeued job" in log
+    first, second = log.split("Requeued job")  # submitit started the same call again
+    before, after = eval_steps(first), eval_steps(second)
+    assert before[-1] >= 100 and after[-1] == 600
+    assert 100 < after[0] <= before[-1] + 20  # from the last checkpoint (every 20 steps), not from step 0
+    assert sorted(set(before + after)) == list(range(20, 601, 20))
+
+    train_zoo([LONG], work, jobs=1, root=root, executor=SUBMITIT_LOCAL)  # collects: exports, submits nothing
+    assert json.loads((work / "jobs" / executors.JOBS_FILE).read_text()) == {str(run): job.job_id}
+    assert_same_weights(model_path("K", 0, 2, long_reference), model_path("K", 0, 2, root))
 
 
 # --------------------------------------------------------------------------- the sbatch script, not submitted
