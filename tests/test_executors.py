@@ -271,3 +271,22 @@ def test_a_settings_file_with_set_on_top(tmp_path):
     js.write_text(json.dumps({"kind": "slurm", "cpus": 0}))
     with pytest.raises(ConfigError, match=r"^executor\.cpus: "):
         make_executor(str(js), {})
+
+
+def test_reproduce_train_queues_every_configuration_where_its_train_stage_looks(tmp_path):
+    """``reproduce --train`` with an executor trains all configurations' models first, as one batch, into
+    the folders each configuration's train stage uses: that stage then finds every model finished."""
+    from icl_heads.experiments.heads_sweep import train_seeds
+    from icl_heads.reproduce import seed_preset
+    from icl_heads.runs import layout
+    from icl_heads.zoo_reproduce import train_all, zoo_preset
+
+    two = ZooConfig("U", "second tiny configuration", {**TINY.overrides, "model.mlp": False, "train.steps": 20},
+                    seeds=(0, 1), heads=(1, 2), base="smoke")
+    train_all(tmp_path, [TINY, two], "cpu", ExecutorConfig(kind="debug"))
+    for c in (TINY, two):
+        preset = zoo_preset(c, None)
+        per_seed = [seed_preset(preset, k) for k in range(len(c.seeds))]
+        dirs = [layout.stage_dir(tmp_path / c.name, "e1", k) for k in range(len(c.seeds))]
+        got = train_seeds(per_seed, dirs, "cpu")  # what reproduce's train stage calls
+        assert len(got["members"]) == 2 * len(c.seeds) and all(m["reused"] for m in got["members"].values())
