@@ -29,7 +29,7 @@ from icl_heads.cli_options import make_executor
 from icl_heads.config import ConfigError, ExecutorConfig
 from icl_heads.folders import read_lock
 from icl_heads.training import executors, is_finished
-from icl_heads.workers import JobsSubmitted
+from icl_heads.workers import JobsFailed, JobsSubmitted
 from icl_heads.zoo import ZooConfig, model_path, train_zoo, verify
 
 TINY = ZooConfig("T", "tiny smoke configuration",
@@ -174,6 +174,22 @@ def test_a_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_weights
     train_zoo([LONG], work, jobs=1, root=root, executor=SUBMITIT_LOCAL)  # collects: exports, submits nothing
     assert json.loads((work / "jobs" / executors.JOBS_FILE).read_text()) == {str(run): job.job_id}
     assert_same_weights(model_path("K", 0, 2, long_reference), model_path("K", 0, 2, root))
+
+
+def test_failed_jobs_are_one_line_after_the_others_landed_and_a_rerun_resubmits_them(submitit_local, tmp_path):
+    executor = SUBMITIT_LOCAL.model_copy(update={"folder": str(tmp_path / "jobs")})
+    landed: list[tuple[int, object]] = []
+    with pytest.raises(JobsFailed) as e:
+        executors.run_calls(int, [("7",), ("seven",)], ["good", "bad"], executor, on_done=lambda i, r: landed.append((i, r)))
+    assert landed == [(0, 7)]  # the job that succeeded was landed before the failure was reported
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("executor: 1 of 2 jobs ended unfinished, first bad (job ")
+    assert "invalid literal for int()" in msg and "rerun the same command to resubmit" in msg
+    first = json.loads((tmp_path / "jobs" / executors.JOBS_FILE).read_text())
+    with pytest.raises(JobsFailed):
+        executors.run_calls(int, [("seven",)], ["bad"], executor)
+    again = json.loads((tmp_path / "jobs" / executors.JOBS_FILE).read_text())
+    assert again["bad"] != first["bad"] and again["good"] == first["good"]  # the ended job was resubmitted
 
 
 # --------------------------------------------------------------------------- the sbatch script, not submitted

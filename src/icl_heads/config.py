@@ -152,7 +152,7 @@ class ExecutorConfig(_Strict):
     poll_s: float = Field(default=30.0, gt=0, description="seconds between progress checks while waiting")
     setup: list[str] = Field(default_factory=list, description="shell lines run before each job "
                                                                "(module load, source .venv/bin/activate)")
-    slurm: dict[str, str | int] = Field(default_factory=dict, description="more #SBATCH options, e.g. "
+    slurm: dict[str, str | int | bool] = Field(default_factory=dict, description="more #SBATCH options, e.g. "
                                                                            "{\"account\": \"lab\", \"qos\": \"high\"}")
     wait: bool = Field(default=True, description="wait for the jobs with progress (--no-wait: submit and return)")
 

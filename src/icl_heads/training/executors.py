@@ -39,6 +39,7 @@ JOBS_FILE = "jobs.json"
 # submission (pickled call, job folder, logs, requeue on its timeout signal) as subprocesses here.
 SLURM_CLUSTER = "slurm"
 LOCAL = ExecutorConfig()
+PROGRESS_EVERY_S = 600.0  # while waiting, a progress line at least this often (and whenever the states change)
 
 
 class Resumable(submitit.helpers.Checkpointable):
@@ -167,13 +168,14 @@ def submit(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], names: Sequ
 
 def wait_for(jobs: Sequence[Any], names: Sequence[str], executor: ExecutorConfig,
              on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
-    """Wait for every job with one progress line per finished job (and one every ``poll_s`` of waiting);
+    """Wait for every job with one progress line per finished job (and one when the jobs' states change);
     ``on_done(i, result)`` as each finishes. Failed jobs are reported together at the end
     (:class:`~icl_heads.workers.JobsFailed`); the others' results are landed first."""
     pending = dict(enumerate(jobs))
     results: dict[int, Any] = {}
     failed: list[tuple[int, BaseException]] = []
-    t0 = time.monotonic()
+    t0 = shown_at = time.monotonic()
+    shown = ""
     while pending:
         for i, job in list(pending.items()):
             if not job.done():
@@ -190,16 +192,26 @@ def wait_for(jobs: Sequence[Any], names: Sequence[str], executor: ExecutorConfig
             if on_done is not None:
                 on_done(i, results[i])
         if pending:
-            _log(f"executor: waiting for {len(pending)} of {len(jobs)} jobs ({_states(pending.values())}), "
-                 f"{_elapsed(t0)}")
+            states = f"waiting for {len(pending)} of {len(jobs)} jobs ({_states(pending.values())})"
+            if states != shown or time.monotonic() - shown_at > PROGRESS_EVERY_S:  # a line when something changed
+                _log(f"executor: {states}, {_elapsed(t0)}")
+                shown, shown_at = states, time.monotonic()
             time.sleep(executor.poll_s)
     if failed:
         i, e = failed[0]
-        why = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        why = _last_error_line(e)
         raise JobsFailed(f"executor: {len(failed)} of {len(jobs)} jobs ended unfinished, first {names[i]} "
                          f"(job {jobs[i].job_id}: {why}; log {jobs[i].paths.stderr}); rerun the same command to "
                          "resubmit them (each resumes from its last checkpoint)")
     return [results[i] for i in range(len(jobs))]
+
+
+def _last_error_line(e: BaseException) -> str:
+    """The exception line of a failed job's traceback (submitit puts it between two dashed lines)."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    dashes = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
+    trace = [line for line in lines[dashes[0] + 1:dashes[1]] if line] if len(dashes) >= 2 else []
+    return trace[-1] if trace else (next((line for line in lines if line), "") or type(e).__name__)
 
 
 def _states(jobs: Any) -> str:
