@@ -289,6 +289,7 @@ def test_a_settings_file_with_set_on_top(tmp_path):
         make_executor(str(js), {})
 
 
+@pytest.mark.slow  # six in-process trainings: ~25 s on the loaded 2-core VM
 def test_reproduce_train_queues_every_configuration_where_its_train_stage_looks(tmp_path):
     """``reproduce --train`` with an executor trains all configurations' models first, as one batch, into
     the folders each configuration's train stage uses: that stage then finds every model finished."""
