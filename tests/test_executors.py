@@ -192,6 +192,43 @@ def test_failed_jobs_are_one_line_after_the_others_landed_and_a_rerun_resubmits_
     assert again["bad"] != first["bad"] and again["good"] == first["good"]  # the ended job was resubmitted
 
 
+def test_submitits_preemption_signal_waits_until_a_checkpoint_is_whole(tmp_path, monkeypatch):
+    """USR2 makes submitit requeue the job and exit (``SystemExit``); arriving after each file of a checkpoint,
+    it is delivered once ``meta.json`` matches the new files (as SIGTERM is: ``io.signals_held``)."""
+    from icl_heads import io as io_module
+    from icl_heads.checkpoint import load_model, save_checkpoint
+    from icl_heads.config import ModelConfig
+    from icl_heads.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_dims=3, n_max=5, d_model=8, n_layers=1, n_heads=2))
+    save_checkpoint(tmp_path, model, {"step": 1})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    real_write = io_module.atomic_write_bytes
+
+    def write_then_usr2(path, data):
+        out = real_write(path, data)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return out
+
+    def requeue_and_exit(signum, frame):  # what submitit's handler ends with
+        raise SystemExit(-1)
+
+    monkeypatch.setattr(io_module, "atomic_write_bytes", write_then_usr2)
+    previous = signal.signal(signal.SIGUSR2, requeue_and_exit)
+    try:
+        with pytest.raises(SystemExit):
+            save_checkpoint(tmp_path, model, {"step": 2})
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    loaded, meta = load_model(tmp_path)  # checksums match: the whole new checkpoint, not half of it
+    assert meta["step"] == 2
+    for a, b in zip(loaded.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------- the sbatch script, not submitted
 
 @pytest.fixture
