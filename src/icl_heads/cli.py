@@ -19,6 +19,7 @@ import click
 from . import __version__
 from .checkpoint import CheckpointError
 from .cli_options import parse_floats, parse_list, parse_sets, resolve_device  # noqa: F401  (public here too)
+from .cli_options import executor_options, make_executor, split_executor_sets
 from .config import (MAX_BOOT, MAX_PROMPTS, MAX_SEED, MAX_SEEDS, MAX_STEPS, PRESET_NAMES, ConfigError, Preset,
                      get_preset)
 
@@ -369,14 +370,17 @@ def mechanism(ckpt: Path, preset: Optional[str], out: Path, prompts: Optional[in
 @click.option("--jobs", type=int, default=None,
               help="quick on the zoo: analysis processes, one (configuration, seed) each, one torch thread each "
                    "(default: the number of CPU cores)")
+@executor_options
 def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str], stacked: Optional[bool],
               any_t: bool, device: str, sets: tuple[str, ...], threads: int, train_all: bool,
-              jobs: Optional[int]) -> None:
+              jobs: Optional[int], executor: str, no_wait: bool) -> None:
     """Run E5, E1-E4, E6 and E7 for a preset over seeds and write report.md/report.html into OUT.
 
     On the quick preset with no --set/--seeds/--sigmas, the models are the zoo's (every
     configuration, every complete seed; zoo/README.md); --train trains them here instead.
     """
+    sets, executor_sets = split_executor_sets(sets)
+    ex = make_executor(executor, executor_sets, no_wait)
     p = make_preset(preset, None, sets)
     dev = resolve_device(device)
     if seeds is not None and seeds < 1:
@@ -397,7 +401,7 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
         if train_all or any(complete_seeds(c) for c in CONFIGS.values()):
             with writing(out, "reproduce"):
                 report = reproduce_zoo(out, train=train_all, device=dev, any_t=any_t,
-                                       jobs=jobs or (1 if dev == "cuda" else os.cpu_count() or 1))
+                                       jobs=jobs or (1 if dev == "cuda" else os.cpu_count() or 1), executor=ex)
             click.echo(f"done: factor report at {report}; one report per configuration under {out}/<config>/")
             return
         click.echo(f"note: {ZOO_DIR} holds no complete seed yet; training the quick preset's models in this run",
@@ -405,7 +409,7 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
     elif train_all and preset != "quick":
         raise ConfigError("train: --train selects the zoo's configurations and needs --preset quick")
     with writing(out, "reproduce"):
-        report = run(p, out, seeds=seeds, device=dev, sigmas=levels, stacked=stacked, any_t=any_t)
+        report = run(p, out, seeds=seeds, device=dev, sigmas=levels, stacked=stacked, any_t=any_t, executor=ex)
     click.echo(f"done: report at {report} (and {report.with_suffix('.html')})")
 
 
@@ -498,9 +502,13 @@ def eval_cmd(ckpt: Path, out: Path, device: str, prompts: Optional[int], sets: t
 @click.option("--stacked/--no-stacked", default=None,
               help="train the head counts as one stacked model (default: on CUDA only)")
 @sets_option
+@executor_options
 def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed: Optional[int],
-                jobs: Optional[int], workers: Optional[int], stacked: Optional[bool], sets: tuple[str, ...]) -> None:
+                jobs: Optional[int], workers: Optional[int], stacked: Optional[bool], sets: tuple[str, ...],
+                executor: str, no_wait: bool) -> None:
     """E1: one model per head count (same seed and budget) vs the estimators; e1_heads.csv/.png."""
+    sets, executor_sets = split_executor_sets(sets)
+    ex = make_executor(executor, executor_sets, no_wait)
     p = make_preset(preset, seed, sets, **{"train.steps": steps})
     for name, value in (("jobs", jobs), ("workers", workers)):
         if value is not None and value < 1:
@@ -516,7 +524,7 @@ def sweep_heads(preset: str, out: Path, device: str, steps: Optional[int], seed:
     from .io import read_csv
 
     with writing(out, "E1 heads sweep"):
-        s = run_e1(p, out, dev, workers=workers, stacked=stacked)
+        s = run_e1(p, out, dev, workers=workers, stacked=stacked, executor=ex)
     models = [f"transformer h={h}" for h in p.heads]
     echo_lines(risk_lines(read_csv(out / "e1_heads.csv"), p.task, models + ["pto", "gd", "lasso", "ridge", "bayes"]))
     click.echo(f"E1 written to {out} (training {s['train_wall_s']:.0f} s)")
@@ -550,9 +558,13 @@ def _int_list(name: str, text: str) -> list[int]:
 @click.option("--jobs", default=1, show_default=True, type=int, help="stacks trained at once, one process each")
 @click.option("--stacked/--no-stacked", default=None, help="one stack per architecture (default: on CUDA only)")
 @click.option("--table", is_flag=True, help="only write OUT/table.csv from the trained models and their analyses")
+@executor_options
 def sweep_arch(preset: str, out: Path, layers: str, mlps: str, heads: str, seeds: int, device: str,
-               sets: tuple[str, ...], jobs: int, stacked: Optional[bool], table: bool) -> None:
+               sets: tuple[str, ...], jobs: int, stacked: Optional[bool], table: bool, executor: str,
+               no_wait: bool) -> None:
     """Architecture sweep: L x MLP x heads x seeds into OUT/L{L}-mlp{0|1}/seed{k}/h{h}/ (stacked on CUDA)."""
+    sets, executor_sets = split_executor_sets(sets)
+    ex = make_executor(executor, executor_sets, no_wait)
     p = make_preset(preset, None, sets)
     Ls, ms, hs = _int_list("layers", layers), _int_list("mlp", mlps), _int_list("heads", heads)
     check_count("seeds", seeds, 1, MAX_SEEDS)
@@ -572,7 +584,7 @@ def sweep_arch(preset: str, out: Path, layers: str, mlps: str, heads: str, seeds
         raise ConfigError(f"out: {out} holds no trained sweep (no sweep.json); run sweep-arch without --table first")
     with writing(out, "architecture sweep"):
         s = None if table else run_arch_sweep(p, out, Ls, [bool(m) for m in ms], hs, seeds, dev, stacked=stacked,
-                                              jobs=jobs)
+                                              jobs=jobs, executor=ex)
         rows = arch_table(p, out, dev)
     echo_lines(arch_lines(rows))
     if s is not None:
@@ -645,6 +657,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         fail(str(e), 2)
     except OSError as e:  # the system, not the input: a full disk, a read-only or vanished folder
         fail(os_error_line(e), 1)
+    except JobsSubmitted as e:  # --no-wait: the jobs are queued; the same command without it collects them
+        click.echo(f"submitted {len(e.job_ids)} jobs: {' '.join(e.job_ids)} (logs in {e.folder})")
+        click.echo(f"collect the results with: {_collect_command(argv)}")
+    except JobsFailed as e:
+        fail(str(e), 1)
     if interrupted is not None:
         click.echo(f"interrupted: {_resume_hint(argv)}", err=True)
         sys.exit(interrupted)
@@ -672,6 +689,14 @@ def _terminated(e: BaseException) -> bool:
     from .workers import Terminated
 
     return isinstance(e, Terminated) or isinstance(e.__cause__ or e.__context__, Terminated)
+
+
+def _collect_command(argv: Optional[list[str]]) -> str:
+    """The command line that waits for ``--no-wait``'s jobs and lands their results: the same, without it."""
+    import shlex
+
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["icl-heads", *[a for a in args if a != "--no-wait"]])
 
 
 def _resume_hint(argv: Optional[list[str]]) -> str:

@@ -58,3 +58,75 @@ def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
         except json.JSONDecodeError:
             ov[key] = value
     return ov
+
+
+EXECUTOR_HELP = ("where the models train: local (processes here, the default), debug (in this process) or slurm "
+                 "(one job per model or stack; docs/cluster.md); or a .json/.toml file of executor settings. "
+                 "--set executor.FIELD=VALUE overrides one (partition, time_min, gpus, cpus, folder, ...)")
+
+
+def executor_options(f: Any) -> Any:
+    """``--executor`` and ``--no-wait``, for every command that trains (or analyses) many models."""
+    import click
+
+    f = click.option("--no-wait", is_flag=True,
+                     help="slurm: submit the jobs, print their ids and the command that collects the results")(f)
+    return click.option("--executor", "executor", default="local", show_default=True, metavar="KIND|FILE",
+                        help=EXECUTOR_HELP)(f)
+
+
+def split_executor_sets(sets: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """``--set`` pairs for the preset, and the ``executor.*`` ones (keys without the prefix)."""
+    ov = parse_sets(tuple(s for s in sets if s.startswith("executor.")))
+    return tuple(s for s in sets if not s.startswith("executor.")), {k[len("executor."):]: v for k, v in ov.items()}
+
+
+def make_executor(value: str, overrides: dict[str, Any], no_wait: bool = False) -> Any:
+    """The :class:`~icl_heads.config.ExecutorConfig` of ``--executor KIND|FILE`` with ``--set executor.*``
+    on top; a bad value is one line naming the field (``executor.time_min: ...``)."""
+    from pathlib import Path
+
+    from .config import ExecutorConfig, validate
+
+    raw: dict[str, Any]
+    if value in ("local", "debug", "slurm"):
+        raw = {"kind": value}
+    elif Path(value).suffix in (".json", ".toml"):
+        if not Path(value).is_file():
+            raise ConfigError(f"executor: no settings file {value}")
+        raw = _read_settings(Path(value))
+    else:
+        raise ConfigError(f"executor: expected local, debug, slurm or a .json/.toml settings file (got {value!r})")
+    raw.update(overrides)
+    if no_wait:
+        raw["wait"] = False
+    try:
+        executor = validate(ExecutorConfig, raw)
+    except ConfigError as e:
+        raise ConfigError(f"executor.{e}") from None
+    if not executor.wait and executor.kind != "slurm":
+        raise ConfigError(f"executor.wait: --no-wait needs --executor slurm (got {executor.kind}: the work runs here)")
+    return executor
+
+
+def _read_settings(path: Any) -> dict[str, Any]:
+    import json
+
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(path.read_text())
+        else:
+            import tomllib  # Python >= 3.11
+
+            raw = tomllib.loads(path.read_text())
+    except ImportError:
+        raise ConfigError(f"executor: {path}: TOML needs Python 3.11 or later; write the settings as JSON") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"executor: {path}: cannot read the settings ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"executor: {path}: expected a table of settings (got {type(raw).__name__})")
+    section = raw.get("executor", raw)  # a file may hold the settings at its top or under [executor]
+    if not isinstance(section, dict):
+        raise ConfigError(f"executor: {path}: [executor] must be a table of settings")
+    return section
+

@@ -183,6 +183,31 @@ class Preset(_Strict):
         return ModelConfig(n_dims=self.task.d, n_max=self.task.n_max, n_heads=n_heads, **self.model.model_dump())
 
 
+class ExecutorConfig(_Strict):
+    """Where the many trainings (and zoo analyses) of a command run (``--executor``, ``--set executor.*``,
+    ``docs/cluster.md``): ``local`` (processes on this machine, the default), ``debug`` (in this process,
+    one after another) or ``slurm`` (one submitit job per model or stack, as one job array).
+
+    The resources are per job; ``folder`` (default ``<out or work>/jobs``) holds submitit's pickles,
+    sbatch scripts and logs and must be on a file system the compute nodes share."""
+
+    kind: Literal["local", "debug", "slurm"] = "local"
+    folder: str | None = Field(default=None, min_length=1, description="job folder (default: <out>/jobs)")
+    partition: str | None = Field(default=None, min_length=1, description="Slurm partition (default: the cluster's)")
+    time_min: int = Field(default=240, ge=1, description="wall-time limit per job in minutes (sbatch --time)")
+    gpus: int = Field(default=0, ge=0, description="GPUs per job; >= 1 trains on cuda (stacked by default)")
+    cpus: int = Field(default=1, ge=1, description="CPU cores per job (and torch threads of a separate model)")
+    mem_gb: float | None = Field(default=None, gt=0, description="memory per job (default: the partition's)")
+    array_parallelism: int = Field(default=64, ge=1, description="jobs of one array running at once")
+    max_requeues: int = Field(default=3, ge=0, description="requeues after a timeout before a job gives up")
+    poll_s: float = Field(default=30.0, gt=0, description="seconds between progress checks while waiting")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before each job "
+                                                               "(module load, source .venv/bin/activate)")
+    slurm: dict[str, str | int | bool] = Field(default_factory=dict, description="more #SBATCH options, e.g. "
+                                                                           "{\"account\": \"lab\", \"qos\": \"high\"}")
+    wait: bool = Field(default=True, description="wait for the jobs with progress (--no-wait: submit and return)")
+
+
 _PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
         task=dict(d=5, s=2, sigma=0.1, n_max=10),

@@ -55,7 +55,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends, then deliver them (in arrival order).
+    """Hold SIGINT, SIGTERM and SIGUSR2 until the block ends, then deliver them (in arrival order).
 
     Why: each file is written atomically, but a checkpoint is several files with ``meta.json``
     (holding the others' SHA-256) written last. A SIGTERM between two of them left new weights
@@ -64,13 +64,16 @@ def signals_held() -> Iterator[None]:
     process-directed signal to any thread (torch's pool threads included). Off the main thread,
     where handlers cannot be installed, the block runs unprotected. SIGKILL cannot be held: a
     checkpoint cut by it fails its checksum with a clear error rather than loading mixed files.
+    SIGUSR2 is submitit's preemption and time-limit signal (``training.executors``): its handler
+    requeues the Slurm job and exits, so it must not land between two files of a checkpoint either.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: list[int] = []
     # a handler installed outside Python (getsignal gives None) could not be put back: left as it is
-    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    held = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None))
+            if s is not None and signal.getsignal(s) is not None]
     previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
     try:
         yield

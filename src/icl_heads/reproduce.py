@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .analysis.pruning import default_policy
-from .config import ConfigError, Preset
+from .config import ConfigError, ExecutorConfig, Preset
 from .experiments.algorithms import run_e5
 from .experiments.e2_importance import run_e2
 from .experiments.e3_pruning import run_e3
@@ -139,7 +139,7 @@ def check_folder(out: Path, preset: Preset, seeds: int, sigmas: Sequence[float])
 
 def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str = "cpu",
               sigmas: Sequence[float] | None = None, stacked: bool | None = None, any_t: bool = True,
-              models: Callable[[int, int], Path] | None = None) -> Path:
+              models: Callable[[int, int], Path] | None = None, executor: ExecutorConfig | None = None) -> Path:
     """Run every experiment for ``preset`` into ``out`` and write ``report.md``/``report.html``.
 
     ``seeds`` training seeds (default ``preset.seeds``); ``sigmas``: noise levels for the
@@ -149,6 +149,8 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
     final-output-vs-any-T context (no verdict reads it; minutes on the paper preset's CPU side).
     ``models(k, h)``: the finished checkpoint of seed index ``k`` with ``h`` heads (the zoo's) to
     analyse instead of training (then there is no training stage and one noise level).
+    ``executor``: where the models train (``icl_heads.training.executors``; ``slurm``: one job per model,
+    or per stack, job folder ``out/[sigma{s}/]train/jobs``); the analysis runs here.
     """
     seeds = preset.seeds if seeds is None else seeds
     if seeds < 1:
@@ -172,7 +174,7 @@ def reproduce(preset: Preset, out: Path, seeds: int | None = None, device: str =
         dirs = [layout.stage_dir(out, "e1", k, sp) for k in range(seeds)]
         if models is None:
             runner.run(f"{sp}{layout.TRAIN}", out / f"{sp}{layout.TRAIN}",
-                       lambda d: train_seeds(per_seed, dirs, device, stacked, d / "stacks"))
+                       lambda d: train_seeds(per_seed, dirs, device, stacked, d / "stacks", executor))
         for k, pk in enumerate(per_seed):
             # E5 ran on the first seed's prompts at the preset's own sigma: E1 reuses its estimator rows there
             e5_csv = layout.stage_dir(out, layout.E5) / layout.E5_CSV if k == 0 and not sp else None

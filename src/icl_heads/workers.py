@@ -27,6 +27,20 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived; raised in the main thread like Ctrl-C's KeyboardInterrupt."""
 
 
+class JobsSubmitted(Exception):
+    """``--no-wait``: the jobs are submitted (``training.executors``); the command stops here and the
+    CLI prints the job ids and the command that collects the results (the same one, without ``--no-wait``).
+    Here, beside :class:`Terminated`, because the CLI's entry point catches it without importing torch."""
+
+    def __init__(self, job_ids: Sequence[str], folder: str, jobs: Sequence[Any] = ()) -> None:
+        super().__init__(f"submitted {len(job_ids)} jobs (logs in {folder})")
+        self.job_ids, self.folder, self.jobs = list(job_ids), folder, list(jobs)
+
+
+class JobsFailed(RuntimeError):
+    """Some submitted jobs failed; the message (one line) names the first, its log and how to resubmit."""
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 

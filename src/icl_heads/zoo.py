@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from .checkpoint import META_FILE, MODEL_FILE, STATE_FILE, CheckpointError, load_meta, load_model
-from .config import ConfigError, ModelConfig, Preset, TaskConfig, TrainConfig, get_preset
+from .config import ConfigError, ExecutorConfig, ModelConfig, Preset, TaskConfig, TrainConfig, get_preset
 from .io import atomic_write_text, write_json
 from .tasks import fixed_prompts
-from .training import Member, TrainSpec, marker_ns, snapshot_dir, snapshot_steps, train, train_members
-from .workers import run_in_processes
+from .training import Member, TrainSpec, is_finished, marker_ns, snapshot_dir, snapshot_steps, train, train_members
+from .training.executors import run_calls, with_folder
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "zoo"
 STATE_DIR = ZOO_DIR.parent / "zoo_state"  # resumable stable runs and last cool-downs of accumulating configurations
@@ -353,12 +353,15 @@ def _train_member(config: ZooConfig, seed: int, h: int, work: str, threads: int)
 
 
 def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_DIR,
-              on_export: Any = None, device: str = "cpu", stacked: bool = False) -> list[Path]:
+              on_export: Any = None, device: str = "cpu", stacked: bool = False,
+              executor: ExecutorConfig | None = None) -> list[Path]:
     """Train every missing member of ``configs`` and export each into the zoo; resumable.
 
     On CPU: ``jobs`` processes at once (one torch thread each), each model exported as soon as it
     finishes. ``stacked`` (the GPU path): every member in stacks (``icl_heads.training.train_stack``, one per
-    architecture and recipe), exported when the stacks are done.
+    architecture and recipe), exported when the stacks are done. ``executor`` (default ``local``, the
+    above): ``debug`` trains here, ``slurm`` submits one job per model (one per stack when ``stacked``;
+    job folder ``work/jobs``); every model is exported here as its job ends, as after local training.
     """
     # seed by seed across configurations, so every configuration gets seed k before any gets k + 1
     todo = sorted(((c, k, h) for c in configs for k, h in c.members()
@@ -377,17 +380,22 @@ def train_zoo(configs: list[ZooConfig], work: Path, jobs: int, root: Path = ZOO_
         if on_export is not None:
             on_export(dest)
 
+    executor = with_folder(executor, Path(work) / "jobs")
     if stacked:
         members = [Member(TrainSpec.from_preset(c.preset(k), h), runs[(c.name, k, h)]) for c, k, h in todo]
         if members:
-            train_members(members, device, stacked=True, stack_root=Path(work) / "stacks")
+            train_members(members, device, stacked=True, stack_root=Path(work) / "stacks", executor=executor)
         for c, k, h in todo:
             land(c, k, h)
         return done
     # workers.run_in_processes, not a ProcessPoolExecutor: SIGTERM or Ctrl-C must end the running
     # trainings (they resume from their last checkpoint), not wait hours for them to finish
-    run_in_processes(_train_member, [(c, k, h, str(work), 1) for c, k, h in todo], max(1, jobs),
-                     on_done=lambda i, _: land(*todo[i]))
+    for t in [t for t in todo if is_finished(runs[t[0].name, t[1], t[2]])]:  # trained by an earlier run's jobs
+        todo.remove(t)
+        land(*t)
+    # (every zoo model trains with one torch thread: bit-identical retraining needs the recorded count)
+    run_calls(_train_member, [(c, k, h, str(work), 1) for c, k, h in todo], [str(runs[t[0].name, t[1], t[2]])
+              for t in todo], executor, max(1, jobs), on_done=lambda i, _: land(*todo[i]))
     return done
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 
 import click
 
+from .cli_options import executor_options
 from .config import ConfigError
 
 
@@ -61,15 +62,18 @@ def verify_cmd(root: Optional[Path]) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
 @click.option("--stacked", is_flag=True, help="train all members as stacks (the GPU path)")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="override every configuration's recipe (dry runs; recorded in each model's meta)")
+              help="override every configuration's recipe (dry runs; recorded in each model's meta); "
+                   "executor.FIELD=VALUE sets the executor")
 @click.option("--minutes", type=float, default=None,
               help="accumulating configurations (wsd, e.g. E): train this long, export cool-downs, then stop "
                    "cleanly; the state under --state resumes on the next call")
 @click.option("--state", "state_root", type=click.Path(path_type=Path), default=None,
               help="resumable state of accumulating configurations (default: the repository's zoo_state/)")
+@executor_options
 @root_option
 def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, stacked: bool,
-              sets: tuple[str, ...], minutes: Optional[float], state_root: Optional[Path], root: Optional[Path]) -> None:
+              sets: tuple[str, ...], minutes: Optional[float], state_root: Optional[Path], executor: str,
+              no_wait: bool, root: Optional[Path]) -> None:
     """Train every zoo model not yet in the zoo with its configuration's recipe (resumable).
 
     Accumulating configurations grow each model's stable run by doublings, take a cool-down at each and
@@ -77,9 +81,11 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, st
     --commit what changed (models, SHA256SUMS, the resumable state) is committed once at the end."""
     from dataclasses import replace
 
-    from .cli_options import parse_list, parse_sets, resolve_device
+    from .cli_options import make_executor, parse_list, parse_sets, resolve_device, split_executor_sets
     from .zoo import get_config, train_zoo
 
+    sets, executor_sets = split_executor_sets(sets)
+    ex = make_executor(executor, executor_sets, no_wait)
     extra = parse_sets(sets)
     chosen = [get_config(c) for c in dict.fromkeys(parse_list(configs, "config"))]
     chosen = [replace(c, overrides={**c.overrides, **extra}) for c in chosen] if extra else chosen
@@ -105,6 +111,10 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, st
     if minutes is not None and fixed:
         raise ConfigError(f"minutes: only accumulating configurations stop on time ({', '.join(c.name for c in fixed)} "
                           "train to a fixed length)")
+    if growing and executor != "local":
+        raise ConfigError(f"executor: accumulating configurations ({', '.join(c.name for c in growing)}) train on "
+                          "this machine's processes (--executor local); on a cluster, run `zoo train --minutes` "
+                          "inside one job (docs/cluster.md)")
     if growing:
         from .zoo import STATE_DIR, accumulate_zoo
 
@@ -114,7 +124,7 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, st
         if commit:
             commit_paths(zroot.parent, [zroot, sroot], f"zoo train: {', '.join(c.name for c in growing)}")
     if fixed:
-        done = train_zoo(fixed, work, jobs, zroot, git_commit if commit else None, device, stacked)
+        done = train_zoo(fixed, work, jobs, zroot, git_commit if commit else None, device, stacked, executor=ex)
         click.echo(f"{len(done)} models exported into {zroot}")
 
 

@@ -16,16 +16,19 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ConfigError
+from .config import ConfigError, ExecutorConfig
 from .experiments.algorithms import run_e5
 from .claims.across_seeds import Stat
 from .claims.trends import AWAY, TOWARD, UNDECIDED, claim_trends, summary_word
 from .io import atomic_write_text, read_csv, read_json, save_figure, write_json
 from .plotting import new_figure
 from .runs import layout
+from .experiments.heads_sweep import seed_members
 from .reproduce import E5_FIELDS, StageRunner, check_folder, reproduce, seed_preset, seed_stages
+from .runs import layout
 from .runs.layout import SEED_STAGES
-from .workers import run_in_processes
+from .training import train_members
+from .training.executors import is_local, job_device, run_calls, with_folder
 from .zoo import CONFIGS, ZOO_DIR, ZooConfig, available, complete_seeds, model_path
 
 
@@ -59,14 +62,15 @@ def _pair_job(name: str, folder: Path, preset: Any, k: int, given: dict[int, Pat
 
 
 def analyse_pairs(out: Path, plan: Sequence[tuple[ZooConfig, int]], device: str, any_t: bool, jobs: int,
-                  root: Path) -> None:
+                  root: Path, executor: ExecutorConfig | None = None) -> None:
     """Every (configuration, seed)'s stages in ``jobs`` processes, E5 first (shared, serial); the
     per-configuration ``reproduce`` that follows finds them finished and only writes the report.
 
     The stages are independent across (configuration, seed) and each is deterministic, so the
     numbers equal a serial run's; a pair is the unit of work so 5 + 3 + 3 seeds keep 2 cores busy.
     ``workers.run_in_processes``, not a pool whose shutdown waits for every queued pair: SIGTERM and
-    Ctrl-C end the running pairs (a rerun resumes them from their finished stages)."""
+    Ctrl-C end the running pairs (a rerun resumes them from their finished stages). ``executor``
+    (``icl_heads.training.executors``): ``slurm`` runs one job per pair (job folder ``out/jobs``)."""
     shared = out / "e5"
     first = zoo_preset(plan[0][0], root)
     StageRunner(out, first, ["e5"]).run("e5", shared, lambda d: run_e5(first, d), fields=E5_FIELDS)
@@ -79,9 +83,10 @@ def analyse_pairs(out: Path, plan: Sequence[tuple[ZooConfig, int]], device: str,
             shutil.copytree(shared, folder / "e5")
         for k in range(seeds):
             given = {h: model_path(c.name, c.seeds[k], h, root) for h in seed_preset(preset, k).heads}
-            jobs_args.append((c.name, folder, preset, k, given, device, any_t))
+            jobs_args.append((c.name, folder, preset, k, given, job_device(device, executor), any_t))
     jobs_args.sort(key=lambda a: -pair_cost(a[2], a[3]))  # stable: configuration and seed order among equals
-    run_in_processes(_pair_job, jobs_args, max(1, jobs))
+    run_calls(_pair_job, jobs_args, [f"{a[0]}/seed{a[3]}" for a in jobs_args], with_folder(executor, out / "jobs"),
+              max(1, jobs))
 
 
 # relative cost of one block's analysis: an MLP block (4D-wide hidden layer) costs 1.7 attention-only
@@ -103,11 +108,14 @@ def pair_cost(preset: Any, k: int) -> float:
 
 
 def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: bool = False, device: str = "cpu",
-                  root: Path = ZOO_DIR, any_t: bool = True, jobs: int = 1) -> Path:
+                  root: Path = ZOO_DIR, any_t: bool = True, jobs: int = 1,
+                  executor: ExecutorConfig | None = None) -> Path:
     """Run the main job over the zoo's configurations into ``out``; returns ``out/report.md``.
 
     ``jobs > 1`` (zoo models only): the (configuration, seed) stages run in that many processes
-    first (:func:`analyse_pairs`); the reports are the same."""
+    first (:func:`analyse_pairs`); the reports are the same. ``executor`` (``debug``, ``slurm``):
+    with ``train``, every configuration's models train first as one batch of jobs (:func:`train_all`);
+    on the zoo's models, the (configuration, seed) analyses are the jobs."""
     out = Path(out)
     configs = list(CONFIGS.values()) if configs is None else list(configs)
     mode = {"source": "trained" if train else "zoo", "configs": [c.name for c in configs]}
@@ -118,8 +126,10 @@ def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: 
     write_json(mode_file, mode)
     plan = [(c, leading_seeds(c, root)) for c in configs] if not train else []
     plan = [(c, n) for c, n in plan if n]
-    if jobs > 1 and plan:
-        analyse_pairs(out, plan, device, any_t, jobs, root)
+    if train and not is_local(executor):
+        train_all(out, configs, device, executor)
+    if (jobs > 1 or not is_local(executor)) and plan:
+        analyse_pairs(out, plan, device, any_t, jobs, root, executor)
     done: dict[str, dict[str, Any]] = {}
     for c in configs:
         seeds = len(c.seeds) if train else leading_seeds(c, root)
@@ -141,6 +151,18 @@ def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: 
         raise ConfigError(f"zoo: {root} holds no complete seed of {', '.join(mode['configs'])}; "
                           "train them (icl-heads zoo train) or pass --train")
     return write_factor_report(out, configs, done, root)
+
+
+def train_all(out: Path, configs: Sequence[ZooConfig], device: str, executor: ExecutorConfig | None) -> None:
+    """Every configuration's models (all seeds) as one batch of jobs, into the folders where each
+    configuration's ``reproduce`` trains them (its train stage then finds them finished): on a cluster
+    all of them queue at once instead of one configuration after another. Job folder ``out/jobs``."""
+    members = []
+    for c in configs:
+        preset = zoo_preset(c, None)
+        per_seed = [seed_preset(preset, k) for k in range(len(c.seeds))]
+        members += seed_members(per_seed, [layout.stage_dir(out / c.name, "e1", k) for k in range(len(c.seeds))])
+    train_members(members, device, stack_root=out / "stacks", executor=with_folder(executor, out / "jobs"))
 
 
 def factor_rows(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..checkpoint import load_model
-from ..config import ConfigError, Preset, validate
+from ..config import ConfigError, ExecutorConfig, Preset, validate
 from ..evaluation import evaluate
 from ..io import read_json, write_csv, write_json, write_provenance
 from ..tasks import fixed_prompts
 from ..training import Member, group_stacks, is_finished, members_for, stack_dir_for, train_members, train_stack
+from ..training.executors import is_local, job_device
 from ..workers import run_in_processes
 
 
@@ -57,9 +58,11 @@ def _train_group(group: list[Member], sdir: str, device: str, threads: int) -> t
 
 def run_arch_sweep(preset: Preset, out: str | Path, layers: Sequence[int], mlps: Sequence[bool],
                    heads: Sequence[int], seeds: int, device: str = "cpu", stacked: bool | None = None,
-                   jobs: int = 1) -> dict[str, Any]:
+                   jobs: int = 1, executor: ExecutorConfig | None = None) -> dict[str, Any]:
     """Train the sweep (finished models reused). ``jobs > 1`` trains that many stacks at once, one
-    process each: on a GPU these small stacks are bound by kernel launches, so several overlap."""
+    process each: on a GPU these small stacks are bound by kernel launches, so several overlap.
+    ``executor`` (``icl_heads.training.executors``): ``debug`` trains here, ``slurm`` submits one job
+    per stack (per model when not stacked), job folder ``out/jobs``."""
     if seeds < 1 or jobs < 1 or not layers or not mlps or not heads:
         raise ConfigError("sweep: need at least one seed, job, depth, MLP setting and head count")
     out = Path(out)
@@ -68,8 +71,10 @@ def run_arch_sweep(preset: Preset, out: str | Path, layers: Sequence[int], mlps:
                      mlp=list(mlps), heads=list(heads), seeds=seeds, device=device)
     t0 = time.perf_counter()
     todo = [m for m in members if not is_finished(m.out)]
-    stacked = device.startswith("cuda") if stacked is None else stacked
-    if stacked and jobs > 1 and todo:
+    stacked = job_device(device, executor).startswith("cuda") if stacked is None else stacked
+    if todo and not is_local(executor):
+        train_members(todo, device, stacked=stacked, stack_root=out / "stacks", executor=executor)
+    elif stacked and jobs > 1 and todo:
         groups = group_stacks(todo)
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(groups)))
         calls = [(g, str(stack_dir_for(g, out / "stacks")), device, threads) for g in groups]

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from ..checkpoint import load_model
 from ..claims.keys import ModelKey
-from ..config import Preset
+from ..config import ExecutorConfig, Preset
 from ..estimators import estimator_table
 from ..evaluation import evaluate
 from ..io import read_csv, write_csv, write_json, write_provenance
@@ -37,6 +37,7 @@ from ..plotting import risk_vs_n
 from ..runs import layout
 from ..tasks import fixed_prompts
 from ..training import Member, TrainSpec, is_finished, marker_ns, members_for, train_members
+from ..training.executors import job_device
 
 E1_ESTIMATORS = ("ols", "ridge", "lasso", "gd", "pto", "oracle_ls", "bayes")
 # ols (blows up at n = d) and oracle_ls (not an estimator; blows up at n < s) stay in the CSV, off the figure
@@ -54,21 +55,23 @@ def default_stacked(device: str) -> bool:
 
 
 def train_models(preset: Preset, out: str | Path, device: str = "cpu", heads: Sequence[int] | None = None,
-                 workers: int | None = None, stacked: bool | None = None) -> dict[int, dict[str, Any]]:
+                 workers: int | None = None, stacked: bool | None = None,
+                 executor: ExecutorConfig | None = None) -> dict[int, dict[str, Any]]:
     """Train every head count of ``preset`` (reusing finished checkpoints); per-h path and wall time.
 
     ``stacked`` (default :func:`default_stacked`) trains the head counts as one
-    stack (``icl_heads.training.train_stack``; stack state in ``out/models/stacks/``).
+    stack (``icl_heads.training.train_stack``; stack state in ``out/models/stacks/``); ``executor``:
+    where they train (``icl_heads.training.executors``; job folder ``out/models/jobs``).
     """
     heads = list(preset.heads if heads is None else heads)
-    stacked = default_stacked(device) if stacked is None else stacked
+    stacked = default_stacked(job_device(device, executor)) if stacked is None else stacked
     todo = [h for h in heads if not is_finished(model_dir(out, h))]
     info: dict[int, dict[str, Any]] = {h: {"path": str(model_dir(out, h)), "reused": h not in todo} for h in heads}
     if not todo:
         return info
     members = members_for(preset, todo, [preset.seed], lambda _s, h: model_dir(out, h))
     t0 = time.perf_counter()
-    got = train_members(members, device, stacked=stacked, workers=workers)
+    got = train_members(members, device, stacked=stacked, workers=workers, executor=executor)
     for h in todo:
         if stacked:
             info[h].update(stacked=True, stack=got["members"][str(model_dir(out, h))].get("stack"))
@@ -108,33 +111,40 @@ def estimator_rows(preset: Preset, estimators: Sequence[str], depth_matched: boo
     return [{"kind": "estimator", "label": x.pop("estimator"), **x} for x in rows]
 
 
+def seed_members(presets: Sequence[Preset], outs: Sequence[str | Path]) -> list[Member]:
+    """The models :func:`train_seeds` trains: ``presets[k]``'s head counts into ``model_dir(outs[k], h)``."""
+    return [Member(TrainSpec.from_preset(p, h), model_dir(o, h)) for p, o in zip(presets, outs) for h in p.heads]
+
+
 def train_seeds(presets: Sequence[Preset], outs: Sequence[str | Path], device: str = "cpu",
-                stacked: bool | None = None, stack_root: str | Path | None = None) -> dict[str, Any]:
+                stacked: bool | None = None, stack_root: str | Path | None = None,
+                executor: ExecutorConfig | None = None) -> dict[str, Any]:
     """Train every seed's models at once: ``presets[k]`` (its seed and heads) into ``model_dir(outs[k], h)``.
 
     One call so that, on CPU, all models train concurrently (one process each: the cores stay
     busy until the last model ends) and, on CUDA, all seeds share one stack. Finished
-    checkpoints are reused, unfinished ones resumed.
+    checkpoints are reused, unfinished ones resumed. ``executor``: where they train (default: here).
     """
-    members = [Member(TrainSpec.from_preset(p, h), model_dir(o, h)) for p, o in zip(presets, outs) for h in p.heads]
-    return train_members(members, device, stacked=stacked, stack_root=stack_root)
+    return train_members(seed_members(presets, outs), device, stacked=stacked, stack_root=stack_root,
+                         executor=executor)
 
 
 def run_e1(preset: Preset, out: str | Path, device: str = "cpu", workers: int | None = None,
            estimators: Sequence[str] | None = E1_ESTIMATORS, stacked: bool | None = None,
            depth_matched: bool = True, e5_csv: str | Path | None = None,
-           models: dict[int, Path] | None = None) -> dict[str, Any]:
+           models: dict[int, Path] | None = None, executor: ExecutorConfig | None = None) -> dict[str, Any]:
     """Train/reuse the models, evaluate them and the estimators, write CSV, PNG, summary JSON.
 
     ``e5_csv``: reuse E5's tuned estimator rows (same task, eval sizes and seed; see :func:`estimator_rows`).
     ``models``: finished checkpoints per head count (e.g. the zoo's) to evaluate instead of training.
+    ``executor``: where the models train (``icl_heads.training.executors``; default: here).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_provenance(out, preset, preset.seed, experiment="E1 heads sweep", device=device)
     t0 = time.perf_counter()
     if models is None:
-        info = train_models(preset, out, device, workers=workers, stacked=stacked)
+        info = train_models(preset, out, device, workers=workers, stacked=stacked, executor=executor)
     else:
         info = {h: {"path": str(models[h]), "reused": True, "source": "given"} for h in preset.heads}
     paths = {h: Path(info[h]["path"]) for h in preset.heads}
