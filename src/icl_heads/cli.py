@@ -641,7 +641,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """
     interrupted: Optional[int] = None
     try:
-        from .workers import install_term_handler, keep_freed_memory, restore_term_handler
+        from .workers import JobsFailed, JobsSubmitted, install_term_handler, keep_freed_memory, restore_term_handler
 
         keep_freed_memory()
         previous = install_term_handler()
