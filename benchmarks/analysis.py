@@ -37,7 +37,7 @@ from icl_heads.checkpoint import load_model
 from icl_heads.tasks import fixed_prompts
 from icl_heads.workers import keep_freed_memory
 from icl_heads.zoo import available, get_config, model_path
-from icl_heads.zoo_reproduce import zoo_preset
+from icl_heads.zoo.reproduce import zoo_preset
 
 ROWS = {"n": 0}
 

@@ -102,7 +102,8 @@ def test_a_deadline_stops_with_a_resumable_checkpoint_and_the_resume_is_identica
 # --------------------------------------------------------------------------- the zoo trainer (zoo train --minutes)
 
 from icl_heads.checkpoint import load_meta  # noqa: E402
-from icl_heads.zoo import ZooConfig, _accumulate_member, accumulate_zoo, member_status, milestones, model_path  # noqa: E402
+from icl_heads.zoo import ZooConfig, accumulate_zoo, member_status, milestones, model_path  # noqa: E402
+from icl_heads.zoo.train import _accumulate_member  # noqa: E402
 
 GROW = ZooConfig("G", "tiny accumulating configuration",
                  {"model.d_model": 16, "train.steps": 16, "train.snapshots": 3, "train.eval_every": 8,

@@ -333,7 +333,7 @@ def test_reproduce_train_queues_every_configuration_where_its_train_stage_looks(
     from icl_heads.experiments.heads_sweep import train_seeds
     from icl_heads.reproduce import seed_preset
     from icl_heads.runs import layout
-    from icl_heads.zoo_reproduce import train_all, zoo_preset
+    from icl_heads.zoo.reproduce import train_all, zoo_preset
 
     two = ZooConfig("U", "second tiny configuration", {**TINY.overrides, "model.mlp": False, "train.steps": 20},
                     seeds=(0, 1), heads=(1, 2), base="smoke")

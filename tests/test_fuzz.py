@@ -50,8 +50,8 @@ WORK = {  # the functions that do a command's work (none of the checks), by modu
     "icl_heads.experiments.e7_emergence": ["run_e7"], "icl_heads.experiments.heads_sweep": ["run_e1"],
     "icl_heads.experiments.arch_sweep": ["run_arch_sweep", "arch_table"],
     "icl_heads.experiments.evaluate": ["evaluate_checkpoint"], "icl_heads.reproduce": ["reproduce"],
-    "icl_heads.zoo_reproduce": ["reproduce_zoo"], "icl_heads.zoo": ["train_zoo"],
-    "icl_heads.zoo_cards": ["write_cards"],
+    "icl_heads.zoo.reproduce": ["reproduce_zoo"], "icl_heads.zoo": ["train_zoo"],
+    "icl_heads.zoo.cards": ["write_cards"],
 }
 
 

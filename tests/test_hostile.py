@@ -313,12 +313,12 @@ def test_a_diverged_training_is_one_line_and_leaves_no_checkpoint(tmp_path, caps
 def test_a_permission_error_is_one_line_exit_1(monkeypatch, tmp_path, capsys):
     """``zoo cards --root RO`` (an immutable folder) raised PermissionError: now one line, exit 1 (the system
     refused, not the input); simulated, since this suite may run as root."""
-    import icl_heads.zoo_cards
+    import icl_heads.zoo.cards
 
     def denied(root):
         raise PermissionError(13, "Permission denied", str(root / "README.md"))
 
-    monkeypatch.setattr(icl_heads.zoo_cards, "write_cards", denied)
+    monkeypatch.setattr(icl_heads.zoo.cards, "write_cards", denied)
     with pytest.raises(SystemExit) as e:
         main(["zoo", "cards", "--root", str(tmp_path)])
     assert e.value.code == 1

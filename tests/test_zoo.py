@@ -12,7 +12,7 @@ from icl_heads.evaluation import predict
 from icl_heads.tasks import fixed_prompts
 from icl_heads.zoo import (CONFIGS, ZOO_DIR, ZooConfig, available, cpu_kernels, export, listing, model_path, spec_of,
                            train_zoo, verify, write_sums)
-from icl_heads.zoo_cards import card
+from icl_heads.zoo.cards import card
 
 TINY = ZooConfig("T", "tiny smoke configuration",
                  {"model.d_model": 16, "train.steps": 40, "train.snapshots": 4, "train.eval_every": 20,
@@ -159,7 +159,7 @@ def test_reproduce_on_the_zoo_analyses_its_models_without_training(tiny_zoo, tmp
     """The main job's zoo mode: E1-E7 on the zoo's checkpoints (no training stage), one report per
     configuration, and the factor table naming the configuration's verdicts."""
     from icl_heads.io import read_json
-    from icl_heads.zoo_reproduce import reproduce_zoo
+    from icl_heads.zoo.reproduce import reproduce_zoo
 
     root, _ = tiny_zoo
     out = tmp_path / "run"
@@ -181,7 +181,7 @@ def test_zoo_main_job_in_worker_processes_equals_the_serial_run(tiny_zoo, tmp_pa
     from reference_run import compare, fingerprint
 
     from icl_heads.io import read_json
-    from icl_heads.zoo_reproduce import reproduce_zoo
+    from icl_heads.zoo.reproduce import reproduce_zoo
 
     root, _ = tiny_zoo
     threads = torch.get_num_threads()
@@ -233,7 +233,7 @@ def test_emergence_command_runs_e7_on_the_snapshots(tiny_zoo, tmp_path, capsys):
 
 
 def test_factor_sentence_names_the_factor_that_moves_a_verdict():
-    from icl_heads.zoo_reproduce import factor_sentence
+    from icl_heads.zoo.reproduce import factor_sentence
 
     s = factor_sentence("1b", {"A": "not reproduced", "B": "reproduced", "C": "reproduced"})
     assert "adding the MLP (A -> B) changes the verdict" in s and "reproduced in B, C" in s
@@ -258,7 +258,7 @@ def test_the_zoo_stays_under_its_size_cap():
 def test_pairs_are_handed_out_longest_first():
     """The main job's pair order (LPT): deep and MLP configurations first, seed 0 first within a
     configuration, the short attention-only L = 3 pairs last, so two workers finish close together."""
-    from icl_heads.zoo_reproduce import pair_cost
+    from icl_heads.zoo.reproduce import pair_cost
 
     pairs = [(c, k) for c in CONFIGS.values() for k in range(len(c.seeds))]
     order = [f"{c.name}{k}" for c, k in sorted(pairs, key=lambda ck: -pair_cost(ck[0].preset(), ck[1]))]
@@ -272,7 +272,7 @@ def test_a_plateau_configuration_is_not_testable_and_never_compared(tmp_path):
     """Issue 23: a configuration whose largest-head models sit above 0.5 at n = d has not learned: its claims
     about trained models read *not testable* and the factor sentences compare only configurations that learned."""
     from icl_heads.io import write_json
-    from icl_heads.zoo_reproduce import NOT_TESTABLE, factor_sentence, model_state
+    from icl_heads.zoo.reproduce import NOT_TESTABLE, factor_sentence, model_state
 
     def fake(root, risk):
         for k in (0, 1):

@@ -396,7 +396,7 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
     torch.set_num_threads(threads)
     if preset == "quick" and not (sets or seeds or levels):
         from .zoo import CONFIGS, ZOO_DIR, complete_seeds
-        from .zoo_reproduce import reproduce_zoo
+        from .zoo.reproduce import reproduce_zoo
 
         if train_all or any(complete_seeds(c) for c in CONFIGS.values()):
             with writing(out, "reproduce"):

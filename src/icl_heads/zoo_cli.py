@@ -141,7 +141,7 @@ def commit_paths(repo: Path, paths: list[Path], message: str) -> None:
 @root_option
 def cards_cmd(root: Optional[Path]) -> None:
     """Write zoo/README.md: one model card per configuration, every number from the committed models."""
-    from .zoo_cards import write_cards
+    from .zoo.cards import write_cards
 
     path = write_cards(_root(root))
     click.echo(f"model cards written to {path}")

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import load_meta
-from .estimators import estimator_table
-from .io import atomic_write_text
-from .training import marker_ns
-from .zoo import CONFIGS, SUMS_FILE, ZooConfig, available, model_path
+from ..checkpoint import load_meta
+from ..estimators import estimator_table
+from ..io import atomic_write_text
+from ..training import marker_ns
+from .export import SUMS_FILE
+from .registry import CONFIGS, ZooConfig, available, model_path
 
 BASELINES = ("ridge", "lasso", "pto_depth", "pto", "bayes")
 

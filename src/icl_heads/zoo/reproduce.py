@@ -16,20 +16,21 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ConfigError, ExecutorConfig
-from .experiments.algorithms import run_e5
-from .claims.across_seeds import Stat
-from .claims.trends import AWAY, TOWARD, UNDECIDED, claim_trends, summary_word
-from .io import atomic_write_text, read_csv, read_json, save_figure, write_json
-from .plotting import new_figure
-from .runs import layout
-from .experiments.heads_sweep import seed_members
-from .reproduce import E5_FIELDS, StageRunner, check_folder, reproduce, seed_preset, seed_stages
-from .runs import layout
-from .runs.layout import SEED_STAGES
-from .training import train_members
-from .training.executors import is_local, job_device, run_calls, with_folder
-from .zoo import CONFIGS, ZOO_DIR, ZooConfig, available, complete_seeds, model_path
+import torch
+
+from ..claims.across_seeds import Stat
+from ..claims.trends import AWAY, TOWARD, UNDECIDED, claim_trends, summary_word
+from ..config import ConfigError, ExecutorConfig
+from ..experiments.algorithms import run_e5
+from ..experiments.heads_sweep import seed_members
+from ..io import atomic_write_text, read_csv, read_json, save_figure, write_json
+from ..plotting import new_figure
+from ..reproduce import E5_FIELDS, StageRunner, check_folder, reproduce, seed_preset, seed_stages
+from ..runs import layout
+from ..runs.layout import SEED_STAGES
+from ..training import train_members
+from ..training.executors import is_local, job_device, run_calls, with_folder
+from .registry import CONFIGS, ZOO_DIR, ZooConfig, available, complete_seeds, model_path
 
 
 def zoo_preset(config: ZooConfig, root: Path | None = None):
@@ -52,8 +53,6 @@ def leading_seeds(config: ZooConfig, root: Path) -> int:
 
 def _pair_job(name: str, folder: Path, preset: Any, k: int, given: dict[int, Path], device: str, any_t: bool) -> None:
     """E1-E7 of one (configuration, seed) in a worker process (one torch thread), resumable by stage."""
-    import torch
-
     torch.set_num_threads(1)
     runner = StageRunner(folder, preset, [f"seed{k}/{s}" for s in SEED_STAGES],
                          log=lambda m: print(f"[zoo] {name} {m}", file=sys.stderr, flush=True))
