@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from icl_heads.cli import parse_sets
+from icl_heads.cli.options import parse_sets
 from icl_heads.config import get_preset
 from icl_heads.io import write_csv, write_json
 from icl_heads.training import marker_ns, train

@@ -65,7 +65,7 @@ PAPER_SET=${PAPER_SET:-}
 SWEEP_SET=${SWEEP_SET:-}
 ANALYSIS_ARGS=${ANALYSIS_ARGS:-}
 SWEEP="$OUT/quick-long"
-ICL=("$PY" -m icl_heads.cli)
+ICL=("$PY" -m icl_heads)
 mkdir -p "$OUT" "$SWEEP"
 T0=$(date +%s)
 log() { echo "[device] $(( $(date +%s) - T0 ))s: $*"; }

@@ -22,7 +22,7 @@
 set -euo pipefail
 OUT=${1:?usage: scripts/device_zoo.sh OUT}
 DEVICE=${DEVICE:-cuda}; PY=${PYTHON:-python}; CONFIGS=${ZOO_CONFIGS:-A,B,C,D}
-ICL=("$PY" -m icl_heads.cli)
+ICL=("$PY" -m icl_heads)
 mkdir -p "$OUT"
 say() { echo "[device] $(date +%H:%M:%S) $*"; }
 say "torch $("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.cuda.is_available())')"

@@ -9,7 +9,7 @@ from icl_heads.config import PRESET_NAMES, ConfigError, get_preset
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "icl_heads.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "icl_heads", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -160,7 +160,7 @@ def test_sweep_heads_prints_models_beside_the_estimators(tmp_path, capsys):
 def test_marker_labels_name_only_what_n_is():
     """``estimators --n-max 1`` labelled n = 1 "(d/2)" with d = 5 (issue 26): a capped marker is called n_max."""
     from icl_heads.config import TaskConfig
-    from icl_heads.headline import risk_lines
+    from icl_heads.cli.output import risk_lines
 
     rows = [{"label": "ridge", "n": 1, "risk_norm": 0.5}]
     head = risk_lines(rows, TaskConfig(d=5, s=2, sigma=0.1, n_max=1))[1]
@@ -168,3 +168,17 @@ def test_marker_labels_name_only_what_n_is():
     rows = [{"label": "ridge", "n": n, "risk_norm": 0.5} for n in (2, 5, 7)]
     head = risk_lines(rows, TaskConfig(d=5, s=2, sigma=0.1, n_max=7))[1]
     assert head.split() == ["n=2", "(d/2)", "n=5", "(d)", "n=7", "(n_max)"]
+
+
+def test_one_rule_names_the_marker_lengths_for_every_reader():
+    """d/2, d, 2d is written once (``training.marker_names``): the training log's r@n, the commands' last lines
+    and the report's tables read the same lengths and names (the report's own copy called a capped 2d "2d")."""
+    from icl_heads.config import TaskConfig
+    from icl_heads.report import build
+    from icl_heads.training import marker_names, marker_ns
+
+    assert marker_names(TaskConfig(d=10, s=2, sigma=0.1, n_max=20)) == {5: "d/2", 10: "d", 20: "2d"}
+    assert marker_names(TaskConfig(d=10, s=2, sigma=0.1, n_max=15)) == {5: "d/2", 10: "d", 15: "n_max"}
+    assert marker_names(TaskConfig(d=1, s=1, sigma=0.1, n_max=4)) == {1: "d", 2: "2d"}  # d/2 rounds up to d
+    assert marker_ns(TaskConfig(d=5, s=2, sigma=0.1, n_max=7)) == [2, 5, 7]
+    assert build.marker_names is marker_names

@@ -25,8 +25,9 @@ args = sys.argv[1:]
 if args[0] == "-c":
     sys.argv = ["-c", *args[2:]]
     exec(args[1])
-elif args[:3] == ["-m", "icl_heads.cli", "reproduce"]:
-    from icl_heads.cli import app, make_preset, parse_sets
+elif args[:3] == ["-m", "icl_heads", "reproduce"]:
+    from icl_heads.cli import app
+    from icl_heads.cli.options import make_preset, parse_sets
     ctx = app.commands["reproduce"].make_context("reproduce", args[3:])  # parses and checks every option
     p = make_preset(ctx.params["preset"], None, **parse_sets(ctx.params["sets"]))
     json.dump({"args": args[3:], "preset": p.name, "steps": p.train.steps}, open(__file__ + ".json", "w"))

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from icl_heads.checkpoint import load_meta
 from icl_heads.cli import main
-from icl_heads.cli_options import make_executor
+from icl_heads.cli.options import make_executor
 from icl_heads.config import ConfigError, ExecutorConfig
 from icl_heads.folders import read_lock
 from icl_heads.training import executors, is_finished

@@ -403,7 +403,7 @@ def test_two_trainings_into_one_folder_one_is_refused(tmp_path):
     """Two ``train --out SAME`` at once: the second is one line naming the first's PID, exit 2, and writes
     nothing; the first, stopped by SIGTERM, leaves only its own (seed 0) files, no lock, and a resume hint."""
     out = tmp_path / "same"
-    args = [sys.executable, "-m", "icl_heads.cli", "train", "--preset", "smoke", "--heads", "2", "--out", str(out),
+    args = [sys.executable, "-m", "icl_heads", "train", "--preset", "smoke", "--heads", "2", "--out", str(out),
             "--quiet", "--set", "train.steps=100000", "--set", "train.checkpoint_every=20"]
     first = subprocess.Popen([*args, "--seed", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, holder = time.time() + 120, None

@@ -146,7 +146,7 @@ def test_run_e6_writes_everything(tiny_ckpts, tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "icl_heads.cli", "mechanism", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "icl_heads", "mechanism", *args], capture_output=True,
                           text=True, timeout=120)
 
 

@@ -22,7 +22,7 @@ N_STAGES = 1 + 1 + 2 * 6 + 1  # e5, train, 2 seeds x (e1 e2 e3 e4 e6 e7), report
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "icl_heads.cli", *args]
+    return [sys.executable, "-m", "icl_heads", *args]
 
 
 def env() -> dict[str, str]:

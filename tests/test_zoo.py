@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -289,3 +291,25 @@ def test_a_plateau_configuration_is_not_testable_and_never_compared(tmp_path):
     s = factor_sentence("1b", {"A": "not reproduced", "B": "not reproduced", "C": NOT_TESTABLE})
     assert "leaves it unchanged" in s and "not testable in C" in s and "B -> C" not in s
     assert "no configuration learned" in factor_sentence("1b", {"C": NOT_TESTABLE})
+
+
+def test_the_zoo_folder_is_ICL_HEADS_ZOO_and_a_missing_one_is_one_line(tmp_path, capsys):
+    """An installed package has no checkout beside it: ``$ICL_HEADS_ZOO`` names the zoo (else the checkout's zoo/),
+    and a command that reads a missing folder says so in one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from icl_heads.zoo import ZOO_DIR, STATE_DIR; print(ZOO_DIR); print(STATE_DIR)"
+    env = {**os.environ, "ICL_HEADS_ZOO": str(tmp_path / "elsewhere")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(tmp_path / "elsewhere"), str(tmp_path / "zoo_state")]
+    env.pop("ICL_HEADS_ZOO")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == str(ZOO_DIR) == str(Path(__file__).resolve().parents[1] / "zoo")
+    for cmd in ("list", "verify", "cards"):
+        with pytest.raises(SystemExit) as e:
+            main(["zoo", cmd, "--root", str(tmp_path / "missing")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("error: root: no zoo folder at") and "ICL_HEADS_ZOO" in err

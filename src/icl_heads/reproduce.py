@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from .analysis.pruning import default_policy
 from .config import ConfigError, ExecutorConfig, Preset
 from .experiments.algorithms import run_e5
@@ -107,9 +109,6 @@ class StageRunner:
 
 def machine() -> str:
     """This machine in a few words, for the ETA: host, CPU cores and torch threads."""
-
-    import torch
-
     return f"{platform.node() or 'this host'}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from multiprocessing import get_all_start_methods, get_context
 from multiprocessing.connection import Connection, wait
@@ -73,9 +74,7 @@ def _worker_init() -> None:
     tqdm's default lock is a multiprocessing lock per process (a worker shares it with no one);
     a worker killed while holding one leaves a "leaked semaphore" warning, so workers use a thread lock.
     """
-    import threading
-
-    from tqdm import tqdm
+    from tqdm import tqdm  # the progress bars' library, only in a worker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_now)
@@ -149,7 +148,7 @@ def _context(fn: Callable[..., Any]) -> BaseContext:
 
     Why: a spawned worker imports the package afresh, about 1.2 s of CPU per worker on the 2-core VM;
     forked from the server, a worker starts in 16 ms (measured: ``run_in_processes`` of a function of
-    ``icl_heads.zoo_reproduce``, two calls at once, 32 ms once the server runs; its start costs 2 s,
+    ``icl_heads.zoo.reproduce``, two calls at once, 32 ms once the server runs; its start costs 2 s,
     once per process). The main job starts one worker per (configuration, seed), the tests dozens.
     The server is a fresh interpreter that only imports (no torch threads or CUDA context exist yet),
     so forking it is safe; it ends with its parent. It is started once per process with the first

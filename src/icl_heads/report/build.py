@@ -18,6 +18,7 @@ from ..config import Preset
 from .document import Document
 from ..io import atomic_write_text, read_csv, read_json, save_figure, write_json
 from ..plotting import new_figure
+from ..training import marker_names
 from ..runs import layout
 from ..claims.across_seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Verdict
 from ..claims.rules import compute_verdicts, curves
@@ -157,14 +158,6 @@ def summary_figure(verdicts: list[Verdict], path: Path) -> Path:
     fig.subplots_adjust(left=0.36, right=0.87, hspace=1.5, top=0.93, bottom=0.08)
     save_figure(fig, path)
     return path
-
-
-def marker_names(task: Any) -> dict[int, str]:
-    """``{n: "d/2" | "d" | "2d"}`` for the context lengths the summary reports (capped at n_max)."""
-    names: dict[int, str] = {}
-    for name, n in (("d/2", max(task.d // 2, 1)), ("d", task.d), ("2d", 2 * task.d)):
-        names.setdefault(min(n, task.n_max), name)
-    return names
 
 
 def summary_risk_rows(out: Path, preset: Preset, seeds: int) -> list[list[str]]:

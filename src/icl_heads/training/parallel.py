@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from ..config import ExecutorConfig
 from ..workers import run_in_processes
 from .executors import is_local, job_device, job_threads, run_calls, with_folder
@@ -22,8 +24,6 @@ from .spec import Member, TrainSpec, group_stacks, stack_dir_for
 
 def _train_one(spec: TrainSpec, path: str, device: str, threads: int, position: int, progress: bool = True) -> float:
     """Worker: train (or resume) one model; returns the wall time of this call."""
-    import torch
-
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     train(spec, None, path, device, resume=True, progress=progress, position=position)
@@ -71,8 +71,6 @@ def _stack_root(todo: Sequence[Member], stack_root: str | Path | None) -> Path:
 
 def _train_stack(group: list[Member], sdir: str, device: str, threads: int) -> float:
     """Job: train (or resume) one stack; returns the wall time of this call."""
-    import torch
-
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     train_stack(group, sdir, device, resume=True, progress=False)

@@ -87,6 +87,22 @@ def snapshot_dir(out: str | Path, step: int) -> Path:
     return Path(out) / "snapshots" / f"step{step:06d}"
 
 
+def marker_names(task: TaskConfig) -> dict[int, str]:
+    """The context lengths every summary reports, ``{n: name}`` in increasing n: ``d/2`` (at least 1), ``d``
+    and ``2d``, each capped at ``n_max``. The one place this rule is written (the training log's ``r@n``,
+    the commands' last lines, the report's tables, the zoo's convergence test all read it).
+
+    A length is named ``d``, ``2d`` or ``d/2`` only where n is that length (``d`` first: with d = 1, n = 1 is
+    ``d``); one capped at ``n_max`` is called ``n_max`` (``--n-max 1`` with d = 5 labelled n = 1 "d/2",
+    issue 26)."""
+    capped = {min(max(task.d // 2, 1), task.n_max), min(task.d, task.n_max), min(2 * task.d, task.n_max)}
+    names: dict[int, str] = {}
+    for name, n in (("d", task.d), ("2d", 2 * task.d), ("d/2", max(task.d // 2, 1))):
+        if n <= task.n_max:
+            names.setdefault(n, name)
+    return {n: names.get(n, "n_max") for n in sorted(capped)}
+
+
 def marker_ns(task: TaskConfig) -> list[int]:
-    """The context lengths the docs report: ``d/2``, ``d`` and ``2d`` (capped at ``n_max``)."""
-    return sorted({min(max(task.d // 2, 1), task.n_max), min(task.d, task.n_max), min(2 * task.d, task.n_max)})
+    """The context lengths of :func:`marker_names`, in increasing order."""
+    return list(marker_names(task))

@@ -1,16 +1,21 @@
-"""``icl-heads zoo``: list, verify, train and describe the model zoo (``icl_heads.zoo``)."""
+"""``icl-heads zoo``: list, verify, train and describe the model zoo (``icl_heads.zoo``).
+
+The zoo's folder is ``--root``, else ``$ICL_HEADS_ZOO``, else the source checkout's ``zoo/``
+(:func:`icl_heads.zoo.registry.default_zoo_dir`); ``list``, ``verify`` and ``cards`` refuse a missing one."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from .cli_options import executor_options
-from .config import ConfigError
+from ..config import ConfigError
+from .options import executor_options, make_executor, parse_list, parse_sets, resolve_device, split_executor_sets
+from .output import echo_lines, zoo_lines
 
 
 @click.group("zoo", help="The shipped reference models: list, verify, train, cards.")
@@ -19,36 +24,42 @@ def zoo_group() -> None:
 
 
 def _root(root: Optional[Path]) -> Path:
-    from .zoo import ZOO_DIR
+    from ..zoo import ZOO_DIR
 
     return ZOO_DIR if root is None else root
 
 
+def _existing_root(root: Optional[Path]) -> Path:
+    """The zoo folder a command reads: one line naming it when it is missing (an installed package without
+    ``$ICL_HEADS_ZOO`` looks in ``./zoo``)."""
+    from ..zoo import require_zoo
+
+    return require_zoo(_root(root))
+
+
 root_option = click.option("--root", type=click.Path(path_type=Path), default=None,
-                           help="zoo folder (default: the repository's zoo/)")
+                           help="zoo folder (default: $ICL_HEADS_ZOO, else the source checkout's zoo/)")
 
 
 @zoo_group.command("list")
 @root_option
 def list_cmd(root: Optional[Path]) -> None:
     """One line per model: configuration, seed, heads, steps, converged, risk at n = d/2, d, 2d."""
-    from .zoo import listing
+    from ..zoo import listing
 
-    rows = listing(_root(root))
+    rows = listing(_existing_root(root))
     if not rows:
         click.echo(f"the zoo in {_root(root)} holds no models yet")
-    for r in rows:
-        risks = " ".join(f"{k}={v:.4f}" for k, v in r.items() if k.startswith("r@"))
-        click.echo(f"{r['config']} seed{r['seed']} h{r['h']}  steps {r['steps']}  converged={r['converged']}  {risks}")
+    echo_lines(zoo_lines(rows))
 
 
 @zoo_group.command("verify")
 @root_option
 def verify_cmd(root: Optional[Path]) -> None:
     """Check every zoo file against zoo/SHA256SUMS (a changed byte is one line, exit 2)."""
-    from .zoo import verify
+    from ..zoo import verify
 
-    n = verify(_root(root))
+    n = verify(_existing_root(root))
     click.echo(f"zoo ok: {n} files match {_root(root) / 'SHA256SUMS'}")
 
 
@@ -79,10 +90,7 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, st
     Accumulating configurations grow each model's stable run by doublings, take a cool-down at each and
     export it, until it converges or reaches its cap; with --minutes they stop cleanly on time, and with
     --commit what changed (models, SHA256SUMS, the resumable state) is committed once at the end."""
-    from dataclasses import replace
-
-    from .cli_options import make_executor, parse_list, parse_sets, resolve_device, split_executor_sets
-    from .zoo import get_config, train_zoo
+    from ..zoo import get_config, train_zoo
 
     sets, executor_sets = split_executor_sets(sets)
     ex = make_executor(executor, executor_sets, no_wait)
@@ -116,7 +124,7 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, st
                           "this machine's processes (--executor local); on a cluster, run `zoo train --minutes` "
                           "inside one job (docs/cluster.md)")
     if growing:
-        from .zoo import STATE_DIR, accumulate_zoo
+        from ..zoo import STATE_DIR, accumulate_zoo
 
         sroot = STATE_DIR if state_root is None else state_root
         for line in accumulate_zoo(growing, 10**6 if minutes is None else minutes, jobs, zroot, sroot, device):
@@ -141,7 +149,7 @@ def commit_paths(repo: Path, paths: list[Path], message: str) -> None:
 @root_option
 def cards_cmd(root: Optional[Path]) -> None:
     """Write zoo/README.md: one model card per configuration, every number from the committed models."""
-    from .zoo.cards import write_cards
+    from ..zoo.cards import write_cards
 
-    path = write_cards(_root(root))
+    path = write_cards(_existing_root(root))
     click.echo(f"model cards written to {path}")
