@@ -39,6 +39,7 @@ from .io import atomic_write_text, write_json
 from .tasks import fixed_prompts
 from .training import Member, TrainSpec, is_finished, marker_ns, snapshot_dir, snapshot_steps, train, train_members
 from .training.executors import run_calls, with_folder
+from .workers import run_in_processes
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "zoo"
 STATE_DIR = ZOO_DIR.parent / "zoo_state"  # resumable stable runs and last cool-downs of accumulating configurations
