@@ -165,7 +165,7 @@ def test_reproduce_on_the_zoo_analyses_its_models_without_training(tiny_zoo, tmp
 
     root, _ = tiny_zoo
     out = tmp_path / "run"
-    report = reproduce_zoo(out, [TINY], root=root, any_t=False)
+    report = reproduce_zoo(out, [TINY], root=root, any_t=False, not_learned=True)  # the tiny models learn nothing
     assert report == out / "report.md" and "| claim | T |" in report.read_text()
     man = read_json(out / "T" / "manifest.json")
     assert "train" not in man["stage_wall_s"] and man["models"]["seed0/h2"] == str(model_path("T", 0, 2, root))
@@ -189,10 +189,10 @@ def test_zoo_main_job_in_worker_processes_equals_the_serial_run(tiny_zoo, tmp_pa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers
     try:
-        reproduce_zoo(tmp_path / "serial", [TINY], root=root, any_t=False)
+        reproduce_zoo(tmp_path / "serial", [TINY], root=root, any_t=False, not_learned=True)
     finally:
         torch.set_num_threads(threads)
-    reproduce_zoo(tmp_path / "jobs", [TINY], root=root, any_t=False, jobs=2)
+    reproduce_zoo(tmp_path / "jobs", [TINY], root=root, any_t=False, jobs=2, not_learned=True)
     assert compare(fingerprint(tmp_path / "serial"), fingerprint(tmp_path / "jobs"), rtol=1e-12) is None
     walls = read_json(tmp_path / "jobs" / "T" / "manifest.json")["stage_wall_s"]
     assert all(walls[f"seed0/{s}"] > 0 for s in ("e1", "e2", "e3", "e4", "e6", "e7"))
@@ -268,6 +268,17 @@ def test_pairs_are_handed_out_longest_first():
     assert order.index("B0") < order.index("B1") < order.index("B2")
     costs = {c.name: pair_cost(c.preset(), 1) for c in CONFIGS.values()}
     assert costs["D"] == 2 * costs["A"] and costs["B"] == costs["C"] > costs["A"]
+
+
+def test_a_configuration_that_has_not_learned_is_not_analysed_by_default(tiny_zoo, tmp_path):
+    """The tiny zoo's models sit on the plateau: by default the main job reads their state, skips their
+    analysis and reports every claim about trained models as not testable (no stage folder is written)."""
+    from icl_heads.zoo.reproduce import reproduce_zoo
+
+    root, _ = tiny_zoo
+    text = reproduce_zoo(tmp_path / "run", [TINY], root=root, any_t=False).read_text()
+    assert "| T | not learned" in text and "not analysed" in text
+    assert not (tmp_path / "run" / "T" / "seed0").exists()
 
 
 def test_a_plateau_configuration_is_not_testable_and_never_compared(tmp_path):

@@ -37,10 +37,13 @@ from .options import (check_cores, check_count, device_option, executor_options,
 @click.option("--jobs", type=int, default=None,
               help="quick on the zoo: analysis processes, one (configuration, seed) each, one torch thread each "
                    "(default: the number of CPU cores)")
+@click.option("--not-learned", "not_learned", is_flag=True,
+              help="quick on the zoo: also analyse configurations whose models have not learned (their claims "
+                   "are not testable; skipped by default)")
 @executor_options
 def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str], stacked: Optional[bool],
               any_t: bool, device: str, sets: tuple[str, ...], threads: int, train_all: bool,
-              jobs: Optional[int], executor: str, no_wait: bool) -> None:
+              jobs: Optional[int], not_learned: bool, executor: str, no_wait: bool) -> None:
     """Run E5, E1-E4, E6 and E7 for a preset over seeds and write report.md/report.html into OUT.
 
     On the quick preset with no --set/--seeds/--sigmas, the models are the zoo's (every
@@ -66,7 +69,8 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
         if train_all or any(complete_seeds(c) for c in CONFIGS.values()):
             with writing(out, "reproduce"):
                 report = reproduce_zoo(out, train=train_all, device=dev, any_t=any_t,
-                                       jobs=jobs or (1 if dev == "cuda" else os.cpu_count() or 1), executor=ex)
+                                       jobs=jobs or (1 if dev == "cuda" else os.cpu_count() or 1), executor=ex,
+                                       not_learned=not_learned)
             click.echo(f"done: factor report at {report}; one report per configuration under {out}/<config>/")
             return
         click.echo(f"note: {ZOO_DIR} holds no complete seed yet; training the quick preset's models in this run",

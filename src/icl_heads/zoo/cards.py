@@ -106,7 +106,12 @@ def write_cards(root: Path, with_baselines: bool = True) -> Path:
              "A model is *converged* when its test-prompt risk at n = d and at n = 2d improved by less than 3% over "
              "the last doubling of steps (the percentage in brackets; 2000 test prompts). "
              "`icl-heads zoo train` trains what is missing; `icl-heads zoo cards` rewrites this file.", ""]
+    seen: dict[str, dict[str, dict[int, float]]] = {}  # configurations on one task and depth share their baselines
     for config in CONFIGS.values():
-        base = baseline_risks(config) if with_baselines and available(config.name, root) else None
+        base = None
+        if with_baselines and available(config.name, root):
+            p = config.preset(0)
+            key = p.task.model_dump_json() + f"/L={p.model.n_layers}/seed={p.seed}/n_test={p.eval.n_test}"
+            base = seen[key] if key in seen else seen.setdefault(key, baseline_risks(config))
         parts.append(card(config, root, base))
     return atomic_write_text(Path(root) / "README.md", "\n".join(parts))

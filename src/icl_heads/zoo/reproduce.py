@@ -108,8 +108,12 @@ def pair_cost(preset: Any, k: int) -> float:
 
 def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: bool = False, device: str = "cpu",
                   root: Path = ZOO_DIR, any_t: bool = True, jobs: int = 1,
-                  executor: ExecutorConfig | None = None) -> Path:
+                  executor: ExecutorConfig | None = None, not_learned: bool = False) -> Path:
     """Run the main job over the zoo's configurations into ``out``; returns ``out/report.md``.
+
+    A configuration whose models have not learned (:func:`model_state`, read from the zoo before any
+    analysis) is *not testable* for every claim about trained models, so it is not analysed unless
+    ``not_learned`` (``reproduce --not-learned``): its column in the factor report says so, with its state.
 
     ``jobs > 1`` (zoo models only): the (configuration, seed) stages run in that many processes
     first (:func:`analyse_pairs`); the reports are the same. ``executor`` (``debug``, ``slurm``):
@@ -123,7 +127,9 @@ def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: 
         raise ConfigError(f"out: {out} holds a run with models {read_json(mode_file)['source']}; use a new --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json(mode_file, mode)
-    plan = [(c, leading_seeds(c, root)) for c in configs] if not train else []
+    skip = {} if train or not_learned else {c.name: n for c in configs if (n := leading_seeds(c, root))
+                                              and not model_state(c, n, root)["learned"]}
+    plan = [(c, leading_seeds(c, root)) for c in configs if c.name not in skip] if not train else []
     plan = [(c, n) for c, n in plan if n]
     if train and not is_local(executor):
         train_all(out, configs, device, executor)
@@ -132,6 +138,11 @@ def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: 
     done: dict[str, dict[str, Any]] = {}
     for c in configs:
         seeds = len(c.seeds) if train else leading_seeds(c, root)
+        if c.name in skip:
+            print(f"[zoo] {c.name}: its models have not learned ({model_state(c, seeds, root)['word']}): not "
+                  "testable, not analysed (--not-learned analyses it)", file=sys.stderr, flush=True)
+            done[c.name] = {"seeds": 0, "not_learned": seeds}
+            continue
         if seeds == 0:
             print(f"[zoo] {c.name}: no complete seed in {root / c.name} yet, skipped", file=sys.stderr, flush=True)
             done[c.name] = {"seeds": 0}
@@ -146,7 +157,7 @@ def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: 
         if not shared.exists():
             shutil.copytree(folder / "e5", shared)
         done[c.name] = {"seeds": seeds, "report": str(report.relative_to(out))}
-    if not any(v["seeds"] for v in done.values()):
+    if not any(v["seeds"] or v.get("not_learned") for v in done.values()):
         raise ConfigError(f"zoo: {root} holds no complete seed of {', '.join(mode['configs'])}; "
                           "train them (icl-heads zoo train) or pass --train")
     return write_factor_report(out, configs, done, root)
@@ -384,12 +395,21 @@ def e5_at_d(out: Path, d: int) -> dict[str, float]:
             if r["estimator"] in ("ridge", "lasso", "bayes") and int(float(r["n"])) == d}
 
 
+def claim_verdicts(claim: str, names: Sequence[str], cell: dict[tuple[str, str], dict[str, Any]],
+                   done: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """``configuration -> verdict`` of one claim; a configuration skipped as not learned is *not testable*
+    for claims about trained models (the estimators' claim 3 does not depend on it)."""
+    about_models = any(r["per_seed"] for r in rows if r["claim"] == claim)
+    return {n: cell[(claim, n)]["verdict"] if (claim, n) in cell else NOT_TESTABLE for n in names
+            if (claim, n) in cell or (done[n].get("not_learned") and about_models)}
+
+
 def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[str, Any]],
                         root: Path = ZOO_DIR) -> Path:
     rows = factor_rows(out, configs, done)
-    names = [c.name for c in configs if done[c.name]["seeds"]]
+    names = [c.name for c in configs if done[c.name]["seeds"] or done[c.name].get("not_learned")]
     by_name = {c.name: c for c in configs}
-    states = {n: model_state(by_name[n], done[n]["seeds"], root) for n in names}
+    states = {n: model_state(by_name[n], done[n]["seeds"] or done[n]["not_learned"], root) for n in names}
     for r in rows:  # a configuration that has not learned has no verdict about trained models
         r["state"] = states[r["config"]]["word"]
         if r["per_seed"] and not states[r["config"]]["learned"]:
@@ -429,6 +449,10 @@ def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str,
         cells = []
         for n in names:
             r = cell.get((claim, n))
+            about_models = any(x["per_seed"] for x in rows if x["claim"] == claim)
+            if r is None and done[n].get("not_learned") and about_models:
+                cells.append(f"**{NOT_TESTABLE}** (not learned: not analysed)")
+                continue
             cells.append("–" if r is None else _cell(r))
         lines.append(f"| {claim} | " + " | ".join(cells) + " |")
     for key, title in (("1b", "1b. where training moves it (E7 trends)"), ("2a", "2a. where training moves it (E7 trends)")):
@@ -436,14 +460,15 @@ def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str,
             f"**{NOT_TESTABLE}**" if not states[n]["learned"] else trend_cell(trends[n][key]) if n in trends
             else "– (no snapshots)" for n in names) + " |")
     lines += ["", "What it decides, one sentence per claim:", ""]
-    lines += [f"* {factor_sentence(claim, {n: cell[(claim, n)]['verdict'] for n in names if (claim, n) in cell})}"
-              for claim in claims]
+    lines += [f"* {factor_sentence(claim, claim_verdicts(claim, names, cell, done, rows))}" for claim in claims]
     lines += ["", "What the format contrast decides (A: paired tokens, E: interleaved tokens; both attention-only, "
               "L = 3):", ""]
     lines += format_sentences(trends, cell, claims, states)
     if trends:
         lines += ["", "## Where training moves each claim, statistic by statistic", ""] + trend_details(trends)
-    lines += ["", "Per configuration: " + ", ".join(f"[{n}]({done[n]['report']})" for n in names) + "."]
+    lines += ["", "Per configuration: " + ", ".join(f"[{n}]({done[n]['report']})" for n in names if "report" in done[n])
+              + "." + "".join(f" {n}: not analysed (not learned; `reproduce --not-learned` analyses it)."
+                            for n in names if "report" not in done[n])]
     missing = [c.name for c in configs if not done[c.name]["seeds"]]
     if missing:
         lines += ["", f"Not analysed (no complete seed in the zoo yet): {', '.join(missing)}."]
