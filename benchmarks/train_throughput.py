@@ -109,7 +109,7 @@ def step_gflops(a: argparse.Namespace) -> None:
     with FlopCounterMode(display=False) as fc:
         step()
     flops = fc.get_total_flops()
-    tokens = model.layout(task.n_max + 1, torch.device("cpu"))[1].shape[0]
+    tokens = model.token_layout(task.n_max + 1, torch.device("cpu"))[1].shape[0]
     D = model.cfg.d_model
     A, W = torch.randn(cfg.batch_size * tokens, D), torch.randn(3 * D, D)
     mm_flops = 2 * A.shape[0] * D * 3 * D

@@ -397,7 +397,7 @@ def test_e3_probe_ratio_equals_a_hand_fitted_ridge_probe(hand_ckpt, tmp_path):
     s = run_e3(hand_ckpt, tmp_path / "e3", "1:top1,2:top1", n_prompts=60, seed=5, n_boot=200)["by_ablation"]["zero"]
     m = hand_model()
     fit, test = fixed_prompts(TASK, 60, 5, "probe"), fixed_prompts(TASK, 60, 5, "test")
-    q = m.layout(TASK.n_max + 1)[0].query_index
+    q = m.token_layout(TASK.n_max + 1)[0].query_index
 
     def last_states(p, drop: list[tuple[int, int]]) -> np.ndarray:
         mm = hand_model()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from icl_heads.config import ModelConfig
-from icl_heads.model import CONTEXT, QUERY, Transformer, attention_mask, layout
+from icl_heads.model import CONTEXT, QUERY, Transformer, attention_mask, token_layout
 
 D, N_MAX = 4, 6
 
@@ -72,7 +72,7 @@ def test_prefix_mask_matches_brute_force() -> None:
     for attention in ("softmax", "linear"):
         cfg = ModelConfig(n_dims=D, n_max=N_MAX, d_model=8, n_layers=1, n_heads=1, attention=attention)
         N = 5
-        lay = layout(cfg, N)
+        lay = token_layout(cfg, N)
         mask = attention_mask(cfg, lay)
         T = lay.token_type.numel()
         for i in range(T):
@@ -125,7 +125,7 @@ def test_linear_attention_equals_explicit_loop() -> None:
     m = make("linear", heads=2)
     attn = m.blocks[0].attn
     x, y = prompts(B=2)
-    lay, mask = m.layout(x.shape[1])
+    lay, mask = m.token_layout(x.shape[1])
     h = torch.randn(2, mask.shape[0], 16, dtype=torch.float64)
     q, k, v = attn.qkv(h).split(16, dim=-1)
     out = torch.zeros_like(h)
@@ -152,7 +152,7 @@ def test_interleaved_format_tokens() -> None:
         assert t[2 * k, D] == 0
     for k in range(2):
         assert (t[2 * k + 1, :D] == 0).all() and t[2 * k + 1, D] == y[0, k]
-    assert layout(cfg, 3).query_index.tolist() == [0, 2, 4]
+    assert token_layout(cfg, 3).query_index.tolist() == [0, 2, 4]
 
 
 
@@ -173,7 +173,7 @@ def test_attention_patterns_on_request_match_sdpa_and_the_mask():
         pred, cache = m.run_with_cache(x, y, patterns=True)
     assert act_name("pattern", 1) not in plain
     torch.testing.assert_close(pred, base, rtol=1e-5, atol=1e-6)
-    lay, mask = m.layout(7)
+    lay, mask = m.token_layout(7)
     T = lay.token_type.numel()
     for l in range(2):
         p = cache[act_name("pattern", l)]
@@ -225,7 +225,7 @@ def test_forward_from_any_layer_equals_the_full_pass(fmt: str, mask: str, attent
     m = Transformer(cfg).eval()
     x, y = torch.randn(4, 6, 3), torch.randn(4, 6)
     gates = torch.rand(4, 3, 2)
-    T = m.layout(6)[0].token_type.numel()
+    T = m.token_layout(6)[0].token_type.numel()
     values = torch.randn(4, 3, T, 2, 4)
     with torch.no_grad():
         pred, cache = m.run_with_cache(x, y, gates, values)

@@ -152,7 +152,7 @@ def test_set_model_fields_reach_the_trained_model(tmp_path):
     import json
 
     assert json.loads((out / "config.json").read_text())["config"]["model"]["token_format"] == "interleaved"
-    lay = model.layout(11)[0]
+    lay = model.token_layout(11)[0]
     assert lay.token_type.numel() == 2 * 11 - 1  # x and y tokens interleaved
 
 

@@ -379,7 +379,7 @@ def _run_settings(model: Transformer, h_in: torch.Tensor, layer: int, settings: 
     The heads of ``layer`` see the same input under every setting, so they run once; only their
     gating, the output projection and the layers above run per setting. ``values``: head values for
     layers ``layer..L-1`` (``(L - layer, T, h, dh)`` or per prompt ``(b, L - layer, T, h, dh)``)."""
-    _, mask = model.layout(n_examples, h_in.device)
+    _, mask = model.token_layout(n_examples, h_in.device)
     A, b = settings.shape[0], h_in.shape[0]
     rep = lambda t: t.unsqueeze(0).expand(A, *t.shape).reshape(A * b, *t.shape[1:])  # noqa: E731
     g = settings.repeat_interleave(b, dim=0)  # (A*b, L, h), setting-major like rep

@@ -144,7 +144,7 @@ class Activations:
 @torch.no_grad()
 def activations(model: Transformer, prompts: Prompts, batch_size: int = 500) -> Activations:
     """Run ``model`` (in its own dtype, float64 for the construction) and collect E6's activations."""
-    lay, _ = model.layout(prompts.x.shape[1], next(model.parameters()).device)
+    lay, _ = model.token_layout(prompts.x.shape[1], next(model.parameters()).device)
     L = model.cfg.n_layers
     ctx, qry, lens = {s: [] for s in SOURCES}, [], []
     for _, cache in batches_with_cache(model, prompts, batch_size):

@@ -49,7 +49,7 @@ def example_weights(model: Transformer, n_examples: int) -> tuple[int, torch.Ten
     its example ``k < n`` (the query token itself excluded: that weight is the query's own), and the
     weight per example under uniform attention over the tokens the query sees (1/(n+1) for paired
     tokens, 2/(2n+1) for interleaved ones)."""
-    lay, mask = model.layout(n_examples, "cpu")
+    lay, mask = model.token_layout(n_examples, "cpu")
     q, n = int(lay.query_index[-1]), int(lay.query_n[-1])
     one_hot = (lay.position[:, None] == torch.arange(n)[None, :]).double()
     one_hot[q] = 0.0

@@ -57,7 +57,7 @@ def query_states(model: Transformer, prompts: Prompts, gates: torch.Tensor | Non
     """
     names = layer_names(model.cfg.n_layers)
     names = names if layers is None else [names[i] for i in layers]
-    lay, _ = model.layout(prompts.x.shape[1], next(model.parameters()).device)
+    lay, _ = model.token_layout(prompts.x.shape[1], next(model.parameters()).device)
     out = [torch.stack([cache[nm][:, lay.query_index] for nm in names]).double().cpu()
            for _, cache in batches_with_cache(model, prompts, batch_size, gates, values)]
     return torch.cat(out, dim=1).numpy()
@@ -123,7 +123,7 @@ def _final_states(model: Transformer, prompts: Prompts, gates: torch.Tensor | No
                   values: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One pass: own predictions ``(P, N)``, and the last residual state at the queries before and
     after the final LayerNorm, each ``(1, P, N, D)`` float64."""
-    lay, _ = model.layout(prompts.x.shape[1], next(model.parameters()).device)
+    lay, _ = model.token_layout(prompts.x.shape[1], next(model.parameters()).device)
     last = f"blocks.{model.cfg.n_layers - 1}.resid_post"
     pred, pre, post = [], [], []
     for p, cache in batches_with_cache(model, prompts, 1024, gates, values):

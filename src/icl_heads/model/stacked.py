@@ -85,7 +85,7 @@ class StackedTransformer(nn.Module):
         """Predictions ``(M, B, Q)`` for prompts ``x (M, B, N, d)``, ``y (M, B, N)``."""
         M, B, N, d = x.shape
         t = self._members[0]  # the template: its modules say what to compute, the stack holds the weights
-        lay, mask = t.layout(N, x.device)  # the head count does not enter the layout
+        lay, mask = t.token_layout(N, x.device)  # the head count does not enter the layout
         tok = tokens(self.cfg, x.reshape(M * B, N, d), y.reshape(M * B, N))
         h = self._lin(tok.view(M, B, -1, d + 1), t.read_in)  # (M, B, T, D)
         if t.pos_emb is not None and t.type_emb is not None:

@@ -21,7 +21,7 @@ CONTEXT, QUERY = 0, 1  # token types
 
 
 @dataclass(frozen=True)
-class Layout:
+class TokenLayout:
     """Where things are in the token sequence for prompts of ``N`` examples."""
 
     n_examples: int
@@ -32,19 +32,19 @@ class Layout:
     context_index: torch.Tensor  # (C,) token index of context tokens (example k at position k)
 
 
-def layout(cfg: ModelConfig, n_examples: int) -> Layout:
+def token_layout(cfg: ModelConfig, n_examples: int) -> TokenLayout:
     N = n_examples
     ar = torch.arange(N)
     if cfg.token_format == "interleaved":
         ttype = torch.tensor([QUERY, CONTEXT] * N)[: 2 * N - 1]
         pos = ar.repeat_interleave(2)[: 2 * N - 1]
-        return Layout(N, ttype, pos, 2 * ar, ar, 2 * ar[:-1] + 1)
+        return TokenLayout(N, ttype, pos, 2 * ar, ar, 2 * ar[:-1] + 1)
     if cfg.mask == "full":
         ttype = torch.cat([torch.full((N - 1,), CONTEXT), torch.tensor([QUERY])])
-        return Layout(N, ttype, ar, torch.tensor([N - 1]), torch.tensor([N - 1]), ar[:-1])
+        return TokenLayout(N, ttype, ar, torch.tensor([N - 1]), torch.tensor([N - 1]), ar[:-1])
     ttype = torch.cat([torch.full((N - 1,), CONTEXT), torch.full((N,), QUERY)])
     pos = torch.cat([ar[:-1], ar])
-    return Layout(N, ttype, pos, (N - 1) + ar, ar, ar[:-1])
+    return TokenLayout(N, ttype, pos, (N - 1) + ar, ar, ar[:-1])
 
 
 def tokens(cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def tokens(cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.cat([with_y[:, :-1], query], dim=1)
 
 
-def attention_mask(cfg: ModelConfig, lay: Layout) -> torch.Tensor:
+def attention_mask(cfg: ModelConfig, lay: TokenLayout) -> torch.Tensor:
     """Boolean ``(T, T)`` mask, ``True`` where a token may attend (row: query token, column: key)."""
     ttype, pos = lay.token_type, lay.position
     T = ttype.numel()

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .hooks import PATTERNS_KEY, act_name, explicit_softmax_pattern
-from .tokens import Layout, attention_mask, layout, tokens
+from .tokens import TokenLayout, attention_mask, token_layout, tokens
 
 
 def gate_heads(out: torch.Tensor, gates: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
@@ -158,7 +158,7 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model) if cfg.layer_norm else nn.Identity()
         self.read_out = nn.Linear(cfg.d_model, 1)
         self.register_buffer("head_gates", torch.ones(cfg.n_layers, cfg.n_heads))
-        self._layouts: dict[tuple[int, str], tuple[Layout, torch.Tensor]] = {}
+        self._layouts: dict[tuple[int, str], tuple[TokenLayout, torch.Tensor]] = {}
         self._intervention: _Intervention | None = None  # set inside ablated()
         self.apply(self._init)
         for block in self.blocks:  # GPT-2: scale the residual projections by depth (named_parameters order)
@@ -173,13 +173,13 @@ class Transformer(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def layout(self, n_examples: int, device: torch.device | str = "cpu") -> tuple[Layout, torch.Tensor]:
+    def token_layout(self, n_examples: int, device: torch.device | str = "cpu") -> tuple[TokenLayout, torch.Tensor]:
         """Token layout and attention mask for ``n_examples``, cached per device."""
         key = (n_examples, str(device))
         if key not in self._layouts:
-            lay = layout(self.cfg, n_examples)
+            lay = token_layout(self.cfg, n_examples)
             mask = attention_mask(self.cfg, lay).to(device)  # built on CPU (torch.eye there), then moved
-            lay = Layout(n_examples, *(t.to(device) for t in (lay.token_type, lay.position, lay.query_index,
+            lay = TokenLayout(n_examples, *(t.to(device) for t in (lay.token_type, lay.position, lay.query_index,
                                                                 lay.query_n, lay.context_index)))
             self._layouts[key] = (lay, mask)
         return self._layouts[key]
@@ -290,7 +290,7 @@ class Transformer(nn.Module):
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None,
              cache: dict[str, torch.Tensor] | None, head_values: torch.Tensor | None = None) -> torch.Tensor:
-        lay, _ = self.layout(x.shape[1], x.device)
+        lay, _ = self.token_layout(x.shape[1], x.device)
         dtype = self.read_in.weight.dtype  # prompts may come as float64 (fixed_prompts); the model decides
         h = self.read_in(tokens(self.cfg, x.to(dtype), y.to(dtype)))
         if self.pos_emb is not None:
@@ -304,7 +304,7 @@ class Transformer(nn.Module):
         L = self.cfg.n_layers
         if not 0 <= start <= L:
             raise ValueError(f"start_at_layer: must be in 0..{L} (got {start})")
-        lay, mask = self.layout(self.n_examples_of(h.shape[1]), h.device)
+        lay, mask = self.token_layout(self.n_examples_of(h.shape[1]), h.device)
         gates = self.head_gates if head_gates is None else head_gates.to(h.dtype)
         gates, head_values = self._with_intervention(gates, head_values, h.shape[0])
         first = 0 if head_values is None or head_values.shape[-4] == L else start  # values of all layers, or the run ones
