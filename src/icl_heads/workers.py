@@ -153,8 +153,9 @@ def _context(fn: Callable[..., Any]) -> BaseContext:
     The server is a fresh interpreter that only imports (no torch threads or CUDA context exist yet),
     so forking it is safe; it ends with its parent. It is started once per process with the first
     call's module (a later call's other module is imported in its workers). Not ``"__main__"`` nor the
-    CLI: Python 3.11's forkserver never passes the main path, and a worker re-runs ``-m icl_heads.cli``
-    as its main module, which warns if the server has imported it. Where fork is missing, spawn.
+    CLI: Python 3.11's forkserver never passes the main path, and a worker re-runs ``-m icl_heads``
+    (``icl_heads.__main__``) as its main module, which warns if the server has imported it. Where fork is
+    missing, spawn.
     """
     if "forkserver" not in get_all_start_methods():
         return get_context("spawn")
