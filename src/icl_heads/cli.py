@@ -660,12 +660,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (ConfigError, CheckpointError) as e:
         fail(str(e), 2)
     except OSError as e:  # the system, not the input: a full disk, a read-only or vanished folder
-        fail(os_error_line(e), 1)
+        if not _interrupt_in(e):
+            fail(os_error_line(e), 1)
+        interrupted = 143 if _terminated(e) else 130
     except JobsSubmitted as e:  # --no-wait: the jobs are queued; the same command without it collects them
         click.echo(f"submitted {len(e.job_ids)} jobs: {' '.join(e.job_ids)} (logs in {e.folder})")
         click.echo(f"collect the results with: {_collect_command(argv)}")
     except JobsFailed as e:
         fail(str(e), 1)
+    except Exception as e:  # a Ctrl-C inside a lazy import leaves a half-initialised module behind: whatever
+        if not _interrupt_in(e):  # fails next (an AttributeError of numpy, seen) is the interrupt's doing
+            raise
+        interrupted = 143 if _terminated(e) else 130
     if interrupted is not None:
         click.echo(f"interrupted: {_resume_hint(argv)}", err=True)
         sys.exit(interrupted)
@@ -689,10 +695,24 @@ def os_error_line(e: OSError) -> str:
     return f"{where}: {why}"
 
 
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and the exceptions it was raised from or during (cycle-safe)."""
+    seen: set[int] = set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def _interrupt_in(e: BaseException) -> bool:
+    return any(isinstance(x, KeyboardInterrupt) for x in _chain(e))
+
+
 def _terminated(e: BaseException) -> bool:
     from .workers import Terminated
 
-    return isinstance(e, Terminated) or isinstance(e.__cause__ or e.__context__, Terminated)
+    return any(isinstance(x, Terminated) for x in _chain(e))
 
 
 def _collect_command(argv: Optional[list[str]]) -> str:
