@@ -12,7 +12,7 @@ import errno
 import shlex
 import sys
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import click
 
@@ -48,12 +48,18 @@ def handle(app: click.Group, argv: Optional[list[str]] = None) -> None:
     except (ConfigError, CheckpointError) as e:
         fail(str(e), 2)
     except OSError as e:  # the system, not the input: a full disk, a read-only or vanished folder
-        fail(os_error_line(e), 1)
+        if not interrupt_in(e):
+            fail(os_error_line(e), 1)
+        interrupted = 143 if terminated(e) else 130
     except JobsSubmitted as e:  # --no-wait: the jobs are queued; the same command without it collects them
         click.echo(f"submitted {len(e.job_ids)} jobs: {' '.join(e.job_ids)} (logs in {e.folder})")
         click.echo(f"collect the results with: {collect_command(argv)}")
     except JobsFailed as e:
         fail(str(e), 1)
+    except Exception as e:  # a Ctrl-C inside a lazy import leaves a half-initialised module behind: whatever
+        if not interrupt_in(e):  # fails next (an AttributeError of numpy, seen) is the interrupt's doing
+            raise
+        interrupted = 143 if terminated(e) else 130
     if interrupted is not None:
         click.echo(f"interrupted: {resume_hint(argv, app.commands)}", err=True)
         sys.exit(interrupted)
@@ -75,9 +81,23 @@ def os_error_line(e: OSError) -> str:
     return f"{where}: {why}"
 
 
+def chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and the exceptions it was raised from or during (cycle-safe)."""
+    seen: set[int] = set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def interrupt_in(e: BaseException) -> bool:
+    return any(isinstance(x, KeyboardInterrupt) for x in chain(e))
+
+
 def terminated(e: BaseException) -> bool:
-    """Whether ``e`` (or what it unwound from) is the SIGTERM handler's :class:`~icl_heads.workers.Terminated`."""
-    return isinstance(e, Terminated) or isinstance(e.__cause__ or e.__context__, Terminated)
+    """Whether ``e`` or what it unwound from is the SIGTERM handler's :class:`~icl_heads.workers.Terminated`."""
+    return any(isinstance(x, Terminated) for x in chain(e))
 
 
 def collect_command(argv: Optional[list[str]]) -> str:
