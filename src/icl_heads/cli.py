@@ -222,7 +222,10 @@ def _analysis_preset(ckpt: Path, preset: Optional[str], sets: tuple[str, ...]) -
     from .config import with_overrides
 
     load_model(ckpt)  # a damaged checkpoint says so before an override is judged against it
-    return with_overrides(resolve_preset(ckpt, preset), **parse_sets(sets))
+    p = with_overrides(resolve_preset(ckpt, preset), **parse_sets(sets))
+    if p.train.threads:  # prune --finetune trains
+        check_cores("train.threads", p.train.threads)
+    return p
 
 
 def _check_analysis_args(preset: Optional[str], prompts: Optional[int], seed: Optional[int]) -> None:
