@@ -427,3 +427,19 @@ def test_two_trainings_into_one_folder_one_is_refused(tmp_path):
     metas = [out / "meta.json", *(out / "snapshots").glob("*/meta.json")]
     assert all(json.loads(m.read_text())["seed"] == 0 for m in metas)
     assert not (out / ".lock").exists()
+
+
+def test_a_full_disk_is_one_line_exit_1(base, monkeypatch, tmp_path, capsys):
+    """ENOSPC while results are written: one line naming the file and the cause, exit 1 (simulated)."""
+    import errno
+
+    import icl_heads.experiments.evaluate
+
+    def full(ckpt, out, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "risk.csv"))
+
+    monkeypatch.setattr(icl_heads.experiments.evaluate, "evaluate_checkpoint", full)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(base / "ckpt"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'o' / 'risk.csv'}: no space left on the device (disk full)"

@@ -16,7 +16,7 @@ import click
 from ..checkpoint import load_meta, load_model
 from ..config import MAX_BOOT, MAX_SEED, MAX_STEPS, ConfigError, TaskConfig, get_preset, validate, with_overrides
 from ..io import read_json
-from .options import (analysis_out, check_count, check_prompts, device_option, out_option, parse_sets,
+from .options import (analysis_out, check_cores, check_count, check_prompts, device_option, out_option, parse_sets,
                       prompts_option, resolve_device, sets_option)
 from .output import e2_lines, e3_lines, e4_lines, e6_lines, e7_lines, echo_lines, risk_lines
 
@@ -57,7 +57,10 @@ def analysis_preset(ckpt: Path, preset: Optional[str], sets: tuple[str, ...]) ->
     from ..experiments.loading import resolve_preset
 
     load_model(ckpt)  # a damaged checkpoint says so before an override is judged against it
-    return with_overrides(resolve_preset(ckpt, preset), **parse_sets(sets))
+    p = with_overrides(resolve_preset(ckpt, preset), **parse_sets(sets))
+    if p.train.threads:  # prune --finetune trains
+        check_cores("train.threads", p.train.threads)
+    return p
 
 
 def check_analysis_args(preset: Optional[str], prompts: Optional[int], seed: Optional[int]) -> None:
