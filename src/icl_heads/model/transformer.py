@@ -71,6 +71,17 @@ class LayerNorm(nn.LayerNorm):
         return self.hook_normalized(x / scale * self.weight + self.bias)
 
 
+class NoNorm(nn.Identity):
+    """No normalisation (``layer_norm=False``), still with ``hook_normalized`` so the names exist in every model."""
+
+    def __init__(self, *_: Any):
+        super().__init__()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_normalized(x)
+
+
 class Attention(nn.Module):
     """Multi-head attention; hook points at TransformerLens's shapes (``hook_q/k/v/z`` ``(B, T, h, d_head)``,
     ``hook_attn_scores``/``hook_pattern`` ``(B, h, T_query, T_key)``, ``hook_result`` ``(B, T, h, D)``)."""
@@ -169,7 +180,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        norm = (lambda: LayerNorm(cfg.d_model)) if cfg.layer_norm else nn.Identity
+        norm = (lambda: LayerNorm(cfg.d_model)) if cfg.layer_norm else NoNorm
         self.ln_1, self.attn = norm(), Attention(cfg)
         self.ln_2 = norm()
         self.mlp = MLP(cfg.d_model) if cfg.mlp else None
@@ -213,7 +224,7 @@ class Transformer(HookedRootModule):
         self.pos_emb = nn.Embedding(cfg.n_max + 1, cfg.d_model) if cfg.pos_emb else None
         self.type_emb = nn.Embedding(2, cfg.d_model) if cfg.pos_emb else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = LayerNorm(cfg.d_model) if cfg.layer_norm else nn.Identity()
+        self.ln_f = LayerNorm(cfg.d_model) if cfg.layer_norm else NoNorm()
         self.read_out = nn.Linear(cfg.d_model, 1)
         self.hook_embed = HookPoint()
         self.hook_pos_embed = HookPoint() if cfg.pos_emb else None
