@@ -53,7 +53,7 @@ import torch
 from sklearn.metrics import r2_score
 
 from ..config import TaskConfig
-from ..construct import pto_transformer
+from .construct import pto_transformer
 from ..estimators import FAMILIES, RIDGE_LAMBDAS, SCALE_FREE_CS, group_slices, pto, pto_groups
 from ..evaluation import batches_with_cache
 from ..model import Transformer, act_name
