@@ -241,6 +241,25 @@ def test_finetune_keeps_gated_heads_frozen_and_moves_the_rest():
     assert loss(finetune(m, gates, TASK, steps=40, batch_size=64, lr=3e-3)) < loss(tuned)
 
 
+@pytest.mark.parametrize("kind", ["mean", "resample"])
+def test_finetune_with_values_trains_through_hooks_and_leaves_none_behind(kind):
+    """Mean/resample fine-tuning: the gated-off head gets no gradient, its values change what the rest
+    learns (unlike zero), a resample run is reproducible, and the returned pruned model has no hooks."""
+    from icl_heads.analysis.ablation import make_ablation
+
+    m = random_model("softmax", heads=2, layers=2, seed=8)
+    gates = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    abl = make_ablation(m, kind, fixed_prompts(TASK, 30, 0, "ablation"), seed=1)
+    tuned = finetune(m, gates, TASK, steps=3, batch_size=16, lr=1e-2, seed=0, ablation=abl)
+    zero = finetune(m, gates, TASK, steps=3, batch_size=16, lr=1e-2, seed=0)
+    q0 = slice(0, 8)
+    assert torch.equal(tuned.blocks[1].attn.qkv.weight[q0], m.blocks[1].attn.qkv.weight[q0])
+    assert not torch.equal(tuned.blocks[0].attn.qkv.weight, zero.blocks[0].attn.qkv.weight)
+    assert torch.equal(tuned.head_gates, gates) and not any(p.has_hooks() for p in tuned.hook_points())
+    again = finetune(m, gates, TASK, steps=3, batch_size=16, lr=1e-2, seed=0, ablation=abl)
+    assert all(torch.equal(a, b) for a, b in zip(tuned.parameters(), again.parameters()))
+
+
 @pytest.fixture(scope="module")
 def hand_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "hand"
