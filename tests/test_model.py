@@ -271,6 +271,22 @@ def test_hooks_are_removed_and_permanent_ones_stay() -> None:
         m.add_hook("blocks.0.attn.hook_zz", zero)
 
 
+def test_backward_hooks_see_the_gradient_of_the_activation() -> None:
+    m = make()
+    x, y = prompts()
+    seen, kept = {}, {}
+
+    def keep(t: torch.Tensor, hook) -> None:
+        t.retain_grad()
+        kept[hook.name] = t
+
+    name = act_name("resid_post", 0)
+    with m.hooks([(name, keep)], [(name, lambda g, hook: seen.__setitem__(hook.name, g.clone()))]):
+        m(x, y).pow(2).sum().backward()
+    torch.testing.assert_close(seen[name], kept[name].grad, rtol=0, atol=0)
+    assert seen[name].abs().max() > 0 and not any(p.has_hooks() or p.bwd_hooks for p in m.hook_points())
+
+
 def test_mlp_is_addressed_by_name_and_keeps_checkpoint_names() -> None:
     from icl_heads.config import ModelConfig
     from icl_heads.model import Transformer
