@@ -112,7 +112,7 @@ class HookPoint(nn.Module):
         else:
             raise ValueError(f"add_hook: dir must be fwd or bwd (got {dir!r})")
         lens = LensHandle(handle, is_permanent, level)
-        hooks.insert(0, lens) if prepend else hooks.append(lens)
+        hooks.insert(0 if prepend else len(hooks), lens)
         return lens
 
     def remove_hooks(self, dir: str = "fwd", including_permanent: bool = False, level: int | None = None) -> None:
