@@ -96,9 +96,10 @@ class Attention(nn.Module):
         self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()
         self.hook_z, self.hook_result = HookPoint(), HookPoint()
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's output ``(B', T, D)`` from the normalised residual stream ``x (B, T, D)``;
-        ``gates (h,)`` is the model's head mask for this layer. ``B' = B`` unless a ``hook_z`` hook fans out."""
+        ``gates (h,)`` is the model's head mask for this layer (None: all ones). ``B' = B`` unless a
+        ``hook_z`` hook fans out."""
         B, T, D = x.shape
         q, k, v = (hook(t.view(B, T, self.n_heads, self.d_head)).transpose(1, 2)  # (B, h, T, d_head)
                    for hook, t in zip((self.hook_q, self.hook_k, self.hook_v), self.qkv(x).split(D, dim=-1)))
@@ -106,7 +107,8 @@ class Attention(nn.Module):
             z = self._explicit(q, k, v, mask)
         else:
             z = attend(q, k, v, mask, self.linear)
-        z = self.hook_z(gate_heads(z.transpose(1, 2), gates))  # (B', T, h, d_head)
+        z = z.transpose(1, 2)  # (B, T, h, d_head)
+        z = self.hook_z(z if gates is None else gate_heads(z, gates))  # (B', T, h, d_head)
         if self.hook_result.has_hooks():  # per-head contributions (B', T, h, D), summed as TransformerLens does
             return self.hook_result(torch.einsum("bthd,hdm->bthm", z, self.W_O)).sum(2) + self.proj.bias
         return self.proj(z.reshape(z.shape[0], T, D))
@@ -188,7 +190,7 @@ class Block(nn.Module):
         self.hook_mlp_out = HookPoint() if cfg.mlp else None
         self.hook_resid_post = HookPoint()
 
-    def forward(self, resid: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def forward(self, resid: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
         resid = self.hook_resid_pre(resid)
         attn_out = self.hook_attn_out(self.attn(self.ln_1(resid), mask, gates))
         resid = self.hook_resid_mid(_fan_in(resid, attn_out) + attn_out)
@@ -294,9 +296,17 @@ class Transformer(HookedRootModule):
         if not 0 <= start <= L:
             raise ValueError(f"start_at_layer: must be in 0..{L} (got {start})")
         lay, mask = self.layout(self.n_examples_of(resid.shape[1]), resid.device)
+        gates = self._head_mask()
         for l in range(start, L):
-            resid = self.blocks[l](resid, mask, self.head_gates[l])
+            resid = self.blocks[l](resid, mask, None if gates is None else gates[l])
         return self.hook_readout(self.read_out(self.ln_f(resid[:, lay.query_index])).squeeze(-1))
+
+    def _head_mask(self) -> torch.Tensor | None:
+        """The head mask, or None when it is all ones: an evaluation pass then skips the multiply by 1 (the
+        same numbers, less work per head output). Training and compiled passes always apply it (no host sync)."""
+        if self.training or torch.compiler.is_compiling() or not bool((self.head_gates == 1).all()):
+            return self.head_gates
+        return None
 
     def pruned(self, gates: torch.Tensor) -> "Transformer":
         """A copy whose own head mask is ``gates`` ``(L, h)`` (0 = head pruned, zero-ablated in every pass
