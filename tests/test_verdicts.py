@@ -1,4 +1,4 @@
-"""The across-seed verdict rule (icl_heads.verdicts) on synthetic per-seed results."""
+"""The across-seed verdict rule (icl_heads.claims.across_seeds) on synthetic per-seed results."""
 
 from __future__ import annotations
 

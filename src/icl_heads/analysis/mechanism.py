@@ -35,7 +35,7 @@ GD better than PtO, while ``lens`` recovers PtO exactly. Read the two readouts t
 Context (:func:`final_output_any_t`): the model's final prediction is also matched against
 every algorithm at any ``T`` in a grid, to see whether it looks like few steps, many, or neither.
 
-**E6c.** :func:`construct_deviation` checks the hand-built transformer of :mod:`icl_heads.construct`
+**E6c.** :func:`construct_deviation` checks the hand-built transformer of :mod:`icl_heads.analysis.construct`
 against ``estimators.pto``/``pto_groups`` with the fixed step.
 
 No file is read or written here: :mod:`icl_heads.experiments.e6_mechanism` is the runner (CLI,
