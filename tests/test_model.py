@@ -271,6 +271,17 @@ def test_hooks_are_removed_and_permanent_ones_stay() -> None:
         m.add_hook("blocks.0.attn.hook_zz", zero)
 
 
+def test_without_transformer_lens_the_cache_object_says_how_to_get_it(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformer_lens", None)  # as if the `lens` extra were not installed
+    m = make()
+    with pytest.raises(ImportError, match=r"icl-heads\[lens\].*return_cache_object=False"):
+        m.run_with_cache(*prompts(), names_filter=[act_name("z", 0)])
+    _, cache = m.run_with_cache(*prompts(), names_filter=[act_name("z", 0)], return_cache_object=False)
+    assert list(cache) == [act_name("z", 0)]
+
+
 def test_backward_hooks_see_the_gradient_of_the_activation() -> None:
     m = make()
     x, y = prompts()
