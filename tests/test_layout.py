@@ -134,13 +134,12 @@ ALLOWED = {
     "checkpoint": {"config", "io", "model"},
     "evaluation": {"config", "metrics", "model", "tasks"},
     "estimators": {"config", "metrics", "tasks"},
-    "construct": {"config", "estimators", "model"},
     "plotting": {"io"},
     "claims": {"config", "io", "runs"},
     "training": {"checkpoint", "config", "evaluation", "folders", "io", "model", "tasks", "workers"},
     # analysis is pure functions on loaded models and arrays: no file I/O (io, checkpoint, runs) and no experiments
-    "analysis": {"claims", "config", "construct", "estimators", "evaluation", "metrics", "model", "tasks", "training"},
-    "experiments": {"analysis", "checkpoint", "claims", "config", "construct", "estimators", "evaluation", "io",
+    "analysis": {"claims", "config", "estimators", "evaluation", "metrics", "model", "tasks", "training"},
+    "experiments": {"analysis", "checkpoint", "claims", "config", "estimators", "evaluation", "io",
                     "metrics", "model", "plotting", "runs", "tasks", "training", "workers"},
 }
 
@@ -162,7 +161,8 @@ def test_each_layer_imports_only_the_layers_below_it() -> None:
 # the package itself (``icl_heads.load`` on first use) and ``__main__`` keep start-up light too (issue 26: a
 # Ctrl-C during start-up is one line, not a traceback of torch's import)
 LAZY_OK_MODULES = {"icl_heads", "icl_heads.__main__", "icl_heads.cli", "icl_heads.cli_options", "icl_heads.zoo_cli"}
-LAZY_OK_IMPORTS = {"torch", "tqdm", "tqdm.auto", "scipy.linalg", "ctypes", "ctypes.util", "threading"}
+LAZY_OK_IMPORTS = {"torch", "tqdm", "tqdm.auto", "scipy.linalg", "ctypes", "ctypes.util", "threading",
+                   "transformer_lens"}  # the optional `lens` extra: ActivationCache, only when asked for
 
 
 def test_function_local_imports_only_in_the_front_ends_or_of_heavy_dependencies() -> None:
