@@ -6,7 +6,7 @@ them (three ablation kinds for E2/E3) on one zoo configuration's seed-0 models (
 
 * its wall time,
 * the forward-pass equivalents (FPE) it does: every attention layer applied to a token row is
-  counted (``Attention.heads`` is wrapped: a block's attention, which E2 runs once per layer for
+  counted (``Attention.forward`` is wrapped: a block's attention, which E2 runs once per layer for
   all its gate settings; the per-setting output projection and MLP are not counted), and one FPE
   is the model's ``L`` layers over the stage's base prompt set (``eval.n_test`` prompts,
   ``2 n_max + 1`` tokens each) -- so partial passes from a layer, ablation batches and snapshot
@@ -104,7 +104,7 @@ def main() -> None:
     multi, single = model_path(cfg.name, 0, max(cfg.heads)), model_path(cfg.name, 0, min(cfg.heads))
     L, T = p.model.n_layers, 2 * p.task.n_max + 1
     fpe_rows = L * p.eval.n_test * T
-    model_mod.Attention.heads = counting(model_mod.Attention.heads)
+    model_mod.Attention.forward = counting(model_mod.Attention.forward)
     common = dict(preset=p, seed=p.seed, device="cpu")
     stages = {
         "E1": lambda d: run_e1(p, d, "cpu", estimators=None, models={h: model_path(cfg.name, 0, h) for h in p.heads}),

@@ -16,7 +16,7 @@ from icl_heads.claims.across_seeds import (INCONCLUSIVE, NOT_REPRODUCED, REPRODU
 from icl_heads.claims.keys import AblationKind, ClaimDataError, ModelKey, Readout, Variant, select
 from icl_heads.claims.rules import claim_1a, claim_2b, judge_1b, judge_2a
 from icl_heads.config import TaskConfig, get_preset
-from icl_heads.construct import pto_transformer, spread_gd_transformer
+from icl_heads.analysis.construct import pto_transformer, spread_gd_transformer
 from icl_heads.io import write_csv
 from icl_heads.tasks import Prompts
 

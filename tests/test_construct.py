@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from icl_heads.config import ConfigError, TaskConfig
-from icl_heads.construct import Slots, pto_transformer
+from icl_heads.analysis.construct import Slots, pto_transformer
 from icl_heads.estimators import pto, pto_groups
-from icl_heads.model import Transformer
+from icl_heads.model import Transformer, act_name
 from icl_heads.tasks import fixed_prompts
 
 TOL = 1e-10
@@ -72,10 +72,10 @@ def test_every_layer_is_one_step():
     d, T, n, eta = 5, 4, 9, 0.1
     x, y = prompts(d, n, seed=2)
     model = pto_transformer(d, T, eta)
-    _, cache = model.run_with_cache(x, y)
+    _, cache = model.run_with_cache(x, y, names_filter=lambda n: n.endswith("hook_resid_post"))
     ref = pto(x, y, eta=eta, step="fixed", steps=list(range(T + 1)))[:, :, n]
     for l in range(T + 1):
-        lens = model.read_out(cache[f"blocks.{l}.resid_post"][:, -1]).squeeze(-1).detach()
+        lens = model.read_out(cache[act_name("resid_post", l)][:, -1]).squeeze(-1).detach()
         assert (lens - ref[l]).abs().max() < TOL
 
 
@@ -92,9 +92,9 @@ def test_layer1_writes_diag_r_x():
     d, n = 4, 6
     x, y = prompts(d, n, seed=4)
     model = pto_transformer(d, 2, 0.1)
-    _, cache = model.run_with_cache(x, y)
+    _, cache = model.run_with_cache(x, y, names_filter=[act_name("resid_post", 0)])
     r = (x[:, :n] * y[:, :n, None]).mean(1)
-    f = cache["blocks.0.resid_post"][:, :n][..., Slots(d, d).f].detach()
+    f = cache[act_name("resid_post", 0)][:, :n][..., Slots(d, d).f].detach()
     assert (f - r[:, None] * x[:, :n]).abs().max() < TOL
 
 

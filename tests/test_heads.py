@@ -11,7 +11,7 @@ from icl_heads.cli import main
 from icl_heads.config import ConfigError, ModelConfig, Preset, TaskConfig
 from icl_heads.evaluation import predict
 from icl_heads.io import read_csv, read_json
-from icl_heads.model import Transformer
+from icl_heads.model import Transformer, act_name
 from icl_heads.tasks import fixed_prompts, generator, sample_prompts
 from icl_heads.analysis.importance import ABLATE, KEEP, HeadImportance, assess_heads, top_share
 from icl_heads.analysis.pruning import control_policy, default_policy, finetune, paired_ratio, parse_policy, prune_gates
@@ -241,6 +241,25 @@ def test_finetune_keeps_gated_heads_frozen_and_moves_the_rest():
     assert loss(finetune(m, gates, TASK, steps=40, batch_size=64, lr=3e-3)) < loss(tuned)
 
 
+@pytest.mark.parametrize("kind", ["mean", "resample"])
+def test_finetune_with_values_trains_through_hooks_and_leaves_none_behind(kind):
+    """Mean/resample fine-tuning: the gated-off head gets no gradient, its values change what the rest
+    learns (unlike zero), a resample run is reproducible, and the returned pruned model has no hooks."""
+    from icl_heads.analysis.ablation import make_ablation
+
+    m = random_model("softmax", heads=2, layers=2, seed=8)
+    gates = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    abl = make_ablation(m, kind, fixed_prompts(TASK, 30, 0, "ablation"), seed=1)
+    tuned = finetune(m, gates, TASK, steps=3, batch_size=16, lr=1e-2, seed=0, ablation=abl)
+    zero = finetune(m, gates, TASK, steps=3, batch_size=16, lr=1e-2, seed=0)
+    q0 = slice(0, 8)
+    assert torch.equal(tuned.blocks[1].attn.qkv.weight[q0], m.blocks[1].attn.qkv.weight[q0])
+    assert not torch.equal(tuned.blocks[0].attn.qkv.weight, zero.blocks[0].attn.qkv.weight)
+    assert torch.equal(tuned.head_gates, gates) and not any(p.has_hooks() for p in tuned.hook_points())
+    again = finetune(m, gates, TASK, steps=3, batch_size=16, lr=1e-2, seed=0, ablation=abl)
+    assert all(torch.equal(a, b) for a, b in zip(tuned.parameters(), again.parameters()))
+
+
 @pytest.fixture(scope="module")
 def hand_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "hand"
@@ -301,8 +320,8 @@ def _constant_head_model(layer: int = 1, head: int = 0) -> Transformer:
 def test_mean_ablation_of_a_constant_head_changes_nothing_but_zero_ablation_does():
     m = _constant_head_model(layer=1, head=0)
     p, ref = fixed_prompts(TASK, 40, 1, "test"), fixed_prompts(TASK, 30, 1, "ablation")
-    _, cache = m.run_with_cache(p.x.float(), p.y.float())
-    out = cache["blocks.1.attn.head_out"][..., 0, :]
+    _, cache = m.run_with_cache(p.x.float(), p.y.float(), names_filter=[act_name("z", 1)])
+    out = cache[act_name("z", 1)][..., 0, :]
     torch.testing.assert_close(out, torch.ones_like(out), rtol=0, atol=1e-6)  # the head really is constant
     zero = assess_heads(m, p, TASK, ablation="zero").score(ABLATE)
     mean = assess_heads(m, p, TASK, ablation="mean", reference=ref).score(ABLATE)
@@ -340,11 +359,11 @@ def test_resample_and_mean_ablation_equal_patching_the_head_by_hand(kind):
     abl = make_ablation(m, kind, reference=ref, seed=11)
     imp = assess_heads(m, p, TASK, ablation=abl, batch_rows=20)  # several chunks: donor offsets matter
     with torch.no_grad():
-        _, ref_cache = m.run_with_cache(ref.x.float(), ref.y.float())
+        _, ref_cache = m.run_with_cache(ref.x.float(), ref.y.float(), names_filter=lambda n: n.endswith("hook_z"))
     donors = np.random.default_rng(11).permutation(30)[:24]  # the documented pairing
     assert len(set(donors.tolist())) == 24
     for l in range(3):
-        clean = ref_cache[f"blocks.{l}.attn.head_out"]  # (R, T, h, dh)
+        clean = ref_cache[act_name("z", l)]  # (R, T, h, dh)
         donor_out = clean[torch.as_tensor(donors)] if kind == "resample" else clean.mean(0)
         for k in range(2):
             want = _patched_errors(m, p, l, [k], donor_out)
@@ -404,8 +423,8 @@ def test_e3_probe_ratio_equals_a_hand_fitted_ridge_probe(hand_ckpt, tmp_path):
         with torch.no_grad():  # prune by hand: zero the dropped heads' output-projection columns
             for l, k in drop:
                 mm.blocks[l].attn.proj.weight[:, k * 4:(k + 1) * 4] = 0
-            _, cache = mm.run_with_cache(p.x.float(), p.y.float())
-        return cache["blocks.1.resid_post"][:, q].double().numpy()  # (P, N, D)
+            _, cache = mm.run_with_cache(p.x.float(), p.y.float(), names_filter=[act_name("resid_post", 1)])
+        return cache[act_name("resid_post", 1)][:, q].double().numpy()  # (P, N, D)
 
     def probe_err(drop: list[tuple[int, int]]) -> np.ndarray:
         a, b = last_states(fit, drop), last_states(test, drop)

@@ -125,8 +125,8 @@ def test_importing_every_module_leaves_matplotlib_alone() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-BELOW = {"analysis", "checkpoint", "claims", "config", "construct", "estimators", "evaluation", "experiments", "folders",
-         "io", "metrics", "model", "plotting", "runs", "tasks", "training", "workers"}
+BELOW = {"analysis", "checkpoint", "claims", "config", "estimators", "evaluation", "experiments", "folders", "io",
+         "metrics", "model", "plotting", "runs", "tasks", "training", "workers"}
 
 # What each layer may import (docs/architecture.md says why). The orchestrators on top -- reproduce and report
 # (the main job), api, zoo/ (which runs the main job on its models), cli/ (over all of them) -- may import every
@@ -138,13 +138,12 @@ ALLOWED = {
     "checkpoint": {"config", "io", "model"},
     "evaluation": {"config", "metrics", "model", "tasks"},
     "estimators": {"config", "metrics", "tasks"},
-    "construct": {"config", "estimators", "model"},
     "plotting": {"io"},
     "claims": {"config", "io", "runs"},
     "training": {"checkpoint", "config", "evaluation", "folders", "io", "model", "tasks", "workers"},
     # analysis is pure functions on loaded models and arrays: no file I/O (io, checkpoint, runs) and no experiments
-    "analysis": {"claims", "config", "construct", "estimators", "evaluation", "metrics", "model", "tasks", "training"},
-    "experiments": {"analysis", "checkpoint", "claims", "config", "construct", "estimators", "evaluation", "io",
+    "analysis": {"claims", "config", "estimators", "evaluation", "metrics", "model", "tasks", "training"},
+    "experiments": {"analysis", "checkpoint", "claims", "config", "estimators", "evaluation", "io",
                     "metrics", "model", "plotting", "runs", "tasks", "training", "workers"},
     # the orchestrators: the main job, its report, the zoo (which runs the main job on its models), the CLI
     "report": BELOW, "reproduce": BELOW | {"report"}, "api": BELOW,
@@ -170,7 +169,8 @@ def test_each_layer_imports_only_the_layers_below_it() -> None:
 # package itself (``icl_heads.load`` on first use) and ``__main__`` keep start-up light too (issue 26: a Ctrl-C
 # during start-up is one line, not a traceback of torch's import).
 LAZY_OK_MODULES = {"icl_heads", "icl_heads.__main__"}
-LAZY_OK_IMPORTS = {"torch", "tqdm", "tqdm.auto", "scipy.linalg", "ctypes", "ctypes.util", "tomllib"}
+LAZY_OK_IMPORTS = {"torch", "tqdm", "tqdm.auto", "scipy.linalg", "ctypes", "ctypes.util", "tomllib",
+                   "transformer_lens"}  # the optional `lens` extra: ActivationCache, only when asked for
 FRONT_END = "icl_heads.cli"
 
 

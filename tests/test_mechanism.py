@@ -12,7 +12,7 @@ from icl_heads.analysis.mechanism import (ALGORITHMS, Activations, Algorithm, ac
                                           optimisation_readout, preprocessing_readout, summarise_e6b, verdicts)
 from icl_heads.checkpoint import save_checkpoint
 from icl_heads.config import TaskConfig, get_preset
-from icl_heads.construct import pto_transformer
+from icl_heads.analysis.construct import pto_transformer
 from icl_heads.estimators import gd, group_slices, pto
 from icl_heads.experiments.e6_mechanism import run_e6
 from icl_heads.io import read_csv

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from icl_heads.config import ModelConfig
-from icl_heads.model import CONTEXT, QUERY, Transformer, attention_mask, token_layout
+from icl_heads.model import CONTEXT, QUERY, Transformer, act_name, attention_mask, head_hooks, token_layout
 
 D, N_MAX = 4, 6
 
@@ -91,7 +91,8 @@ def test_prefix_mask_matches_brute_force() -> None:
 def test_gates_at_one_change_nothing(attention: str) -> None:
     m = make(attention, heads=4)
     x, y = prompts()
-    torch.testing.assert_close(m(x, y, head_gates=torch.ones(2, 4)), m(x, y), rtol=0, atol=0)
+    got = m.run_with_hooks(x, y, fwd_hooks=head_hooks(torch.ones(2, 4)))
+    torch.testing.assert_close(got, m(x, y), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("attention", ["softmax", "linear"])
@@ -102,12 +103,13 @@ def test_gate_zero_equals_removing_that_heads_slice_of_the_output_projection(att
     for layer, head in [(0, 0), (0, 3), (1, 2)]:
         gates = torch.ones(2, 4, dtype=torch.float64)
         gates[layer, head] = 0.0
-        gated = m(x, y, head_gates=gates)
+        gated = m.run_with_hooks(x, y, fwd_hooks=head_hooks(gates))
         ref = make(attention, heads=4)
         with torch.no_grad():
             ref.blocks[layer].attn.proj.weight[:, head * dh:(head + 1) * dh] = 0.0
         torch.testing.assert_close(gated, ref(x, y), rtol=1e-10, atol=1e-12)
         assert (gated - m(x, y)).abs().max() > 1e-6  # and the head did matter
+        torch.testing.assert_close(m.pruned(gates)(x, y), gated, rtol=0, atol=0)  # the stored mask: the same gate
 
 
 def test_per_prompt_gates_equal_separate_runs() -> None:
@@ -115,9 +117,13 @@ def test_per_prompt_gates_equal_separate_runs() -> None:
     x, y = prompts(B=3)
     g = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[0.5, 1.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]],
                      dtype=torch.float64)
-    batched = m(x, y, head_gates=g)
+    batched = m.run_with_hooks(x, y, fwd_hooks=head_hooks(g))
     for b in range(3):
-        torch.testing.assert_close(batched[b], m(x[b:b + 1], y[b:b + 1], head_gates=g[b])[0], rtol=1e-12, atol=1e-12)
+        one = m.run_with_hooks(x[b:b + 1], y[b:b + 1], fwd_hooks=head_hooks(g[b]))
+        torch.testing.assert_close(batched[b], one[0], rtol=1e-12, atol=1e-12)
+        # a pass over prompts b.. of the set takes rows b.. of the per-prompt gates
+        torch.testing.assert_close(m.run_with_hooks(x[b:], y[b:], fwd_hooks=head_hooks(g, start=b)), batched[b:],
+                                   rtol=1e-12, atol=1e-12)
 
 
 def test_linear_attention_equals_explicit_loop() -> None:
@@ -136,7 +142,18 @@ def test_linear_attention_equals_explicit_loop() -> None:
                 s = slice(hd * 8, (hd + 1) * 8)
                 acc = sum(((q[b, i, s] @ k[b, j, s]) * v[b, j, s] for j in vis), torch.zeros(8, dtype=torch.float64))
                 out[b, i, s] = acc / max(len(vis), 1)
-    torch.testing.assert_close(attn(h, mask, None), attn.proj(out), rtol=1e-10, atol=1e-12)
+    ones = torch.ones(2, dtype=torch.float64)
+    torch.testing.assert_close(attn(h, mask, ones), attn.proj(out), rtol=1e-10, atol=1e-12)
+    seen = {}
+    attn.hook_pattern.add_hook(lambda t, hook: seen.setdefault("pattern", t))  # the explicit path: weights / #visible
+    try:
+        torch.testing.assert_close(attn(h, mask, ones), attn.proj(out), rtol=1e-10, atol=1e-12)
+    finally:
+        attn.hook_pattern.remove_hooks()
+    for hd in range(2):  # the pattern: (q_i . k_j) / #visible on visible keys, 0 elsewhere
+        s = slice(hd * 8, (hd + 1) * 8)
+        want = (q[:, :, s] @ k[:, :, s].transpose(1, 2)) * mask / mask.sum(-1, keepdim=True).clamp(min=1)
+        torch.testing.assert_close(seen["pattern"][:, hd], want, rtol=1e-10, atol=1e-12)
 
 
 def test_interleaved_format_tokens() -> None:
@@ -157,21 +174,20 @@ def test_interleaved_format_tokens() -> None:
 
 
 def test_attention_patterns_on_request_match_sdpa_and_the_mask():
-    """patterns=True takes the explicit softmax path: same predictions as SDPA, rows summing to 1 over
-    the keys the mask allows and 0 elsewhere; an explicit reference recomputes layer 0's pattern."""
+    """Caching hook_pattern takes the explicit softmax path: same predictions as SDPA, rows summing to 1
+    over the keys the mask allows and 0 elsewhere; an explicit reference recomputes layer 0's pattern."""
     import math
-
-    from icl_heads.config import ModelConfig
-    from icl_heads.model import Transformer, act_name
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_dims=4, n_max=6, d_model=16, n_layers=2, n_heads=2, mlp=True)
     m = Transformer(cfg).eval()
     x, y = torch.randn(3, 7, 4, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)  # float64 is cast
+    patterns = [act_name("pattern", l) for l in range(2)]
     with torch.no_grad():
-        base, plain = m.run_with_cache(x, y)
-        pred, cache = m.run_with_cache(x, y, patterns=True)
-    assert act_name("pattern", 1) not in plain
+        base, plain = m.run_with_cache(x, y, names_filter=[act_name("resid_pre", 0)], return_cache_object=False)
+        pred, cache = m.run_with_cache(x, y, names_filter=patterns + [act_name("resid_pre", 0)],
+                                       return_cache_object=False)
+    assert act_name("pattern", 1) not in plain and torch.equal(base, m(x, y))  # SDPA unless asked
     torch.testing.assert_close(pred, base, rtol=1e-5, atol=1e-6)
     lay, mask = m.token_layout(7)
     T = lay.token_type.numel()
@@ -180,8 +196,9 @@ def test_attention_patterns_on_request_match_sdpa_and_the_mask():
         assert p.shape == (3, 2, T, T)
         torch.testing.assert_close(p.sum(-1), torch.ones(3, 2, T))
         assert (p[:, :, ~mask] == 0).all()
-    # reference for layer 0 from the cached embedding, by hand
-    h = m.blocks[0].ln_1(cache["embed"])
+    # reference for layer 0 from the cached residual stream, by hand
+    h = torch.nn.functional.layer_norm(cache[act_name("resid_pre", 0)], (16,), m.blocks[0].ln_1.weight,
+                                       m.blocks[0].ln_1.bias)
     q, k, _ = m.blocks[0].attn.qkv(h).split(16, dim=-1)
     q, k = (t.view(3, T, 2, 8).transpose(1, 2) for t in (q, k))
     s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
@@ -189,36 +206,25 @@ def test_attention_patterns_on_request_match_sdpa_and_the_mask():
     torch.testing.assert_close(cache[act_name("pattern", 0)], ref)
 
 
-def test_activation_names_and_shapes_are_pinned():
-    from icl_heads.config import ModelConfig
-    from icl_heads.model import Transformer, act_name
-
-    cfg = ModelConfig(n_dims=3, n_max=5, d_model=8, n_layers=2, n_heads=2, mlp=False)
-    m = Transformer(cfg)
-    x, y = torch.randn(2, 6, 3), torch.randn(2, 6)
-    _, cache = m.run_with_cache(x, y, patterns=True)
-    T = 2 * 6 - 1
-    want = {"embed": (2, T, 8), "ln_final": (2, 6, 8)}
-    for l in range(2):
-        want.update({act_name("head_out", l): (2, T, 2, 4), act_name("pattern", l): (2, 2, T, T),
-                     act_name("resid_mid", l): (2, T, 8), act_name("resid_post", l): (2, T, 8)})
-    assert {k: tuple(v.shape) for k, v in cache.items()} == want
-    _, few = m.run_with_cache(x, y, names=["embed", act_name("resid_post", 1)])
-    assert list(few) == ["embed", "blocks.1.resid_post"]
-    with pytest.raises(KeyError, match="no activation"):
-        m.run_with_cache(x, y, names=["blocks.9.resid_post"])
-    with pytest.raises(ValueError, match="unknown activation point"):
-        act_name("queries", 0)
+def test_activation_names_are_transformer_lens_names():
+    assert act_name("embed") == "hook_embed" and act_name("resid_pre", 2) == "blocks.2.hook_resid_pre"
+    assert act_name("z", 1) == "blocks.1.attn.hook_z" and act_name("pattern", 0) == "blocks.0.attn.hook_pattern"
+    assert act_name("pre", 0) == "blocks.0.mlp.hook_pre" and act_name("scale", 1, "ln2") == "blocks.1.ln2.hook_scale"
+    assert act_name("normalized") == "ln_final.hook_normalized" and act_name("blocks.0.hook_mlp_out") == "blocks.0.hook_mlp_out"
+    for bad, match in ((("queries", 0), "unknown activation point"), (("z",), "needs a layer"),
+                       (("embed", 0), "has no layer"), (("scale", 0, "ln3"), "layer_type")):
+        with pytest.raises(ValueError, match=match):
+            act_name(*bad)
+    m = make()
+    with pytest.raises(KeyError, match="no hook point"):
+        m.run_with_cache(*prompts(), names_filter=["blocks.9.hook_resid_post"])
 
 
 @pytest.mark.parametrize("fmt,mask,attention", [("pair", "prefix", "softmax"), ("interleaved", "prefix", "softmax"),
                                                 ("pair", "full", "linear"), ("pair", "prefix", "linear")])
-def test_forward_from_any_layer_equals_the_full_pass(fmt: str, mask: str, attention: str) -> None:
-    """start_at_layer: the cached residual entering layer l, run from l, gives the full pass's predictions
-    exactly, with per-prompt gates and head values given for all layers or for the layers run only."""
-    from icl_heads.config import ModelConfig
-    from icl_heads.model import Transformer, act_name
-
+def test_start_at_any_layer_equals_the_full_pass(fmt: str, mask: str, attention: str) -> None:
+    """start_at_layer: the cached residual entering layer l, run from l with the same hooks, gives the full
+    pass's predictions and activations exactly (per-prompt gates and head values on every layer)."""
     torch.manual_seed(1)
     cfg = ModelConfig(n_dims=3, n_max=5, d_model=8, n_layers=3, n_heads=2, mlp=True, token_format=fmt, mask=mask,
                       attention=attention)
@@ -227,82 +233,69 @@ def test_forward_from_any_layer_equals_the_full_pass(fmt: str, mask: str, attent
     gates = torch.rand(4, 3, 2)
     T = m.token_layout(6)[0].token_type.numel()
     values = torch.randn(4, 3, T, 2, 4)
-    with torch.no_grad():
-        pred, cache = m.run_with_cache(x, y, gates, values)
+    names = lambda n: "hook_resid" in n or n.endswith("hook_z")  # noqa: E731
+    with torch.no_grad(), m.hooks(head_hooks(gates, values)):
+        pred, cache = m.run_with_cache(x, y, names_filter=names, return_cache_object=False)
         for l in range(4):
-            resid = cache["embed"] if l == 0 else cache[act_name("resid_post", l - 1)]
-            assert torch.equal(m.forward_from(resid, l, gates, values), pred)
-            assert torch.equal(m.forward_from(resid, l, gates, values[:, l:]), pred)
-            got, part = m.run_from_with_cache(resid, l, gates, values)
+            resid = cache[act_name("resid_pre", l)] if l < 3 else cache[act_name("resid_post", 2)]
+            got, part = m.run_with_cache(resid, start_at_layer=l, names_filter=names, return_cache_object=False)
             assert torch.equal(got, pred)
-            assert set(part) == {k for k in cache if k == "ln_final" or any(k.startswith(f"blocks.{j}.")
-                                                                             for j in range(l, 3))}
+            assert set(part) == {k for k in cache if any(k.startswith(f"blocks.{j}.") for j in range(l, 3))}
             for k, v in part.items():
                 assert torch.equal(v, cache[k]), k
-        assert not torch.equal(m.forward_from(cache["embed"], 0), pred)  # the gates and values did matter
+    assert not torch.equal(m(cache[act_name("resid_pre", 0)], start_at_layer=0), pred)  # the hooks did matter
     with pytest.raises(ValueError, match="start_at_layer"):
-        m.forward_from(cache["embed"], 4)
+        m(cache[act_name("resid_pre", 0)], start_at_layer=4)
+    with pytest.raises(ValueError, match="residual stream alone"):
+        m(x, y, start_at_layer=1)
 
 
-def test_ablated_context_equals_gates_and_the_analysis_ablations() -> None:
-    """model.ablated(heads, kind) is the head gate at 0 with zero, mean or resample values, as
-    analysis.ablation computes them; the model is unchanged after the block."""
-    from icl_heads.analysis.ablation import make_ablation
-    from icl_heads.config import ModelConfig
-    from icl_heads.model import Transformer
-    from icl_heads.tasks import Prompts
-
-    torch.manual_seed(2)
-    cfg = ModelConfig(n_dims=3, n_max=5, d_model=8, n_layers=2, n_heads=2, mlp=False)
-    m = Transformer(cfg).eval()
-    x, y = torch.randn(5, 6, 3), torch.randn(5, 6)
-    xr, yr = torch.randn(3, 6, 3), torch.randn(3, 6)
-    ref = Prompts(xr, yr, torch.zeros(3, 3), torch.zeros(3, 6))
-    gates = torch.ones(2, 2)
-    gates[0, 1] = gates[1, 0] = 0
-    with torch.no_grad():
-        clean = m(x, y)
-        for kind in ("zero", "mean", "resample"):
-            want = m(x, y, head_gates=gates, head_values=make_ablation(m, kind, ref, seed=7).values(5))
-            with m.ablated([(0, 1), (1, 0)], kind=kind, reference=(xr, yr), seed=7) as am:
-                assert am is m
-                got = m(x, y)
-                got_mask = m.run_with_cache(x, y)[0]
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
-            assert torch.equal(got_mask, got) and not torch.equal(got, clean)
-            assert torch.equal(m(x, y), clean)  # nothing left behind
-        with m.ablated(gates == 0):  # a boolean (L, h) mask of the heads to ablate
-            assert torch.equal(m(x, y), want_zero(m, x, y, gates))
-        extra = torch.ones(2, 2)
-        extra[1, 1] = 0
-        with m.ablated([(0, 1)]):  # gates passed inside multiply the ablation's
-            g = torch.ones(2, 2)
-            g[0, 1] = 0
-            g[1, 1] = 0
-            assert torch.equal(m(x, y, head_gates=extra), want_zero(m, x, y, g))
-    with pytest.raises(ValueError, match="no head"):
-        with m.ablated([(2, 0)]):
-            pass
-    with pytest.raises(ValueError, match="needs reference"):
-        with m.ablated([(0, 0)], kind="mean"):
-            pass
-    with pytest.raises(ValueError, match="kind must be"):
-        with m.ablated([(0, 0)], kind="noise"):
-            pass
-    with pytest.raises(ValueError, match="one ablation at a time"):
-        with m.ablated([(0, 0)]), m.ablated([(1, 0)]):
-            pass
-    with pytest.raises(ValueError, match="no head_values"):
-        with m.ablated([(0, 0)]):
-            m(x, y, head_values=torch.zeros(2, 11, 2, 4))
+def test_hooks_are_removed_and_permanent_ones_stay() -> None:
+    m = make()
+    x, y = prompts()
+    clean = m(x, y)
+    zero = lambda z, hook: torch.zeros_like(z)  # noqa: E731
+    with m.hooks([(act_name("z", 0), zero)]):
+        assert not torch.equal(m(x, y), clean)
+    assert torch.equal(m(x, y), clean)
     with pytest.raises(RuntimeError, match="inside"):
-        with m.ablated([(0, 0)]):
+        with m.hooks([(act_name("z", 0), zero)]):
             raise RuntimeError("inside")
-    assert torch.equal(m(x, y), clean)  # an error inside the block still restores the model
+    assert torch.equal(m(x, y), clean)  # an error inside the block still removes the hook
+    m.add_hook(act_name("z", 0), zero, is_permanent=True)
+    m.reset_hooks()
+    assert not torch.equal(m(x, y), clean)  # a permanent hook survives reset_hooks()
+    m.reset_hooks(including_permanent=True)
+    assert torch.equal(m(x, y), clean)
+    with pytest.raises(KeyError, match="no hook point"):
+        m.add_hook("blocks.0.attn.hook_zz", zero)
 
 
-def want_zero(m, x, y, gates):
-    return m(x, y, head_gates=gates)
+def test_without_transformer_lens_the_cache_object_says_how_to_get_it(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformer_lens", None)  # as if the `lens` extra were not installed
+    m = make()
+    with pytest.raises(ImportError, match=r"icl-heads\[lens\].*return_cache_object=False"):
+        m.run_with_cache(*prompts(), names_filter=[act_name("z", 0)])
+    _, cache = m.run_with_cache(*prompts(), names_filter=[act_name("z", 0)], return_cache_object=False)
+    assert list(cache) == [act_name("z", 0)]
+
+
+def test_backward_hooks_see_the_gradient_of_the_activation() -> None:
+    m = make()
+    x, y = prompts()
+    seen, kept = {}, {}
+
+    def keep(t: torch.Tensor, hook) -> None:
+        t.retain_grad()
+        kept[hook.name] = t
+
+    name = act_name("resid_post", 0)
+    with m.hooks([(name, keep)], [(name, lambda g, hook: seen.__setitem__(hook.name, g.clone()))]):
+        m(x, y).pow(2).sum().backward()
+    torch.testing.assert_close(seen[name], kept[name].grad, rtol=0, atol=0)
+    assert seen[name].abs().max() > 0 and not any(p.has_hooks() or p.bwd_hooks for p in m.hook_points())
 
 
 def test_mlp_is_addressed_by_name_and_keeps_checkpoint_names() -> None:
@@ -313,3 +306,5 @@ def test_mlp_is_addressed_by_name_and_keeps_checkpoint_names() -> None:
     blk = m.blocks[1]
     assert blk.mlp.fc_in is blk.mlp[0] and blk.mlp.fc_out is blk.mlp[2] and isinstance(blk.mlp.act, torch.nn.GELU)
     assert {"blocks.1.mlp.0.weight", "blocks.1.mlp.2.bias"} <= set(m.state_dict())  # the zoo's names
+    assert {"blocks.1.ln_1.weight", "ln_f.bias", "head_gates"} <= set(m.state_dict())  # hook names do not enter
+    assert "blocks.1.ln1.hook_scale" in m.hook_dict and "ln_final.hook_normalized" in m.hook_dict

@@ -11,11 +11,12 @@ from icl_heads.checkpoint import save_checkpoint
 from icl_heads.config import ConfigError, ModelConfig, Preset, TaskConfig
 from icl_heads.experiments.e2_importance import run_e2
 from icl_heads.io import read_csv
-from icl_heads.model import Transformer
+from icl_heads.model import Transformer, act_name
 from icl_heads.runs import layout
 from icl_heads.tasks import fixed_prompts
 
 TASK = TaskConfig(d=4, s=2, sigma=0.1, n_max=10)
+PATTERNS = lambda name: name.endswith("hook_pattern")  # noqa: E731
 
 
 def softmax_model(seed: int = 0, **arch) -> Transformer:
@@ -49,16 +50,16 @@ def test_e2_writes_the_attention_figure_and_csv(e2_run):
 
 
 def test_csv_equals_the_patterns_read_from_run_with_cache(e2_run):
-    """Recompute every number from ``run_with_cache(patterns=True)``: prefix mask, pair tokens, so the query
+    """Recompute every number from the cached ``hook_pattern``: prefix mask, pair tokens, so the query
     for n = n_max is token 2 n_max and example k's context token is token k."""
     out, model, pre = e2_run
     rows = read_csv(out / layout.E2_PATTERNS_CSV)
     p = fixed_prompts(TASK, 50, pre.seed, "test")
     with torch.no_grad():
-        _, cache = model.run_with_cache(p.x, p.y, patterns=True)
+        _, cache = model.run_with_cache(p.x, p.y, names_filter=PATTERNS, return_cache_object=False)
     n = TASK.n_max
     for l, k in sorted({(int(r["layer"]), int(r["head"])) for r in rows}):
-        w = cache[f"blocks.{l - 1}.attn.pattern"][:, k - 1, 2 * n, :n].double().numpy()  # (P, n)
+        w = cache[act_name("pattern", l - 1)][:, k - 1, 2 * n, :n].double().numpy()  # (P, n)
         mine = [r for r in rows if (int(r["layer"]), int(r["head"])) == (l, k)]
         pos = [float(r["weight"]) for r in mine if r["quantity"] == "position"]
         np.testing.assert_allclose(pos, w.mean(0), rtol=1e-6)
@@ -78,13 +79,13 @@ def test_interleaved_weights_sum_each_example_and_leave_the_rest_to_the_query():
     p = fixed_prompts(TASK, 20, 0, "test")
     att = query_attention(model, p, [(0, 0), (1, 1)])
     with torch.no_grad():
-        _, cache = model.run_with_cache(p.x, p.y, patterns=True)
+        _, cache = model.run_with_cache(p.x, p.y, names_filter=PATTERNS, return_cache_object=False)
     q, to_example, uniform = example_weights(model, TASK.n_max + 1)
     assert q == 2 * TASK.n_max and to_example.sum() == 2 * TASK.n_max  # x and y token of every example k < n
     n = TASK.n_max
     assert uniform == pytest.approx(2 / (2 * n + 1))  # the query sees 2n context tokens and itself
     assert example_weights(softmax_model(1), n + 1)[2] == pytest.approx(1 / (n + 1))  # paired: n and itself
-    own = cache["blocks.1.attn.pattern"][:, 1, q, q].double().numpy()
+    own = cache[act_name("pattern", 1)][:, 1, q, q].double().numpy()
     np.testing.assert_allclose(att.weight[:, 1].sum(-1) + own, 1.0, rtol=1e-6)
     assert len([r for r in pattern_rows(att, bins=4) if r["quantity"] == "abs_y"]) == 2 * 4
 

@@ -23,4 +23,4 @@ def test_readme_python_example_runs(capsys):
     finally:
         os.chdir(cwd)
     out = capsys.readouterr().out
-    assert "torch.Size([500, 4, 41, 41])" in out and "pruned/full risk at n = d:" in out
+    assert "torch.Size([500, 4, 41, 41])" in out and "pruned, mean-ablated/full risk at n = d:" in out

@@ -1,4 +1,4 @@
-"""The across-seed verdict rule (icl_heads.verdicts) on synthetic per-seed results."""
+"""The across-seed verdict rule (icl_heads.claims.across_seeds) on synthetic per-seed results."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from icl_heads.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Stat, Verdict, across_seeds, t_interval
+from icl_heads.claims.across_seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Stat, Verdict, across_seeds, t_interval
 
 
 def seed(verdict: str, ratio: float, gap: float = 0.3) -> Verdict:

@@ -11,6 +11,7 @@ from icl_heads.checkpoint import CheckpointError, load_meta, load_model
 from icl_heads.cli import main
 from icl_heads.training import snapshot_dir, snapshot_steps, train
 from icl_heads.evaluation import predict
+from icl_heads.model import act_name
 from icl_heads.tasks import fixed_prompts
 from icl_heads.zoo import (CONFIGS, ZOO_DIR, ZooConfig, available, cpu_kernels, export, listing, model_path, spec_of,
                            train_zoo, verify, write_sums)
@@ -219,10 +220,10 @@ def test_high_level_load_gives_model_task_and_float32_prompts(tiny_zoo):
     assert x.dtype == torch.float32 and run.task.d == 5 and run.seed == 0
     assert torch.equal(run.prompt_set(64).x.to(x.dtype), x) and torch.equal(run.prompt_set(64, "val").x, fixed_prompts(run.task, 64, 0, "val").x)
     with torch.no_grad():
-        pred, cache = run.model.run_with_cache(x, y, patterns=True)
+        pred, cache = run.model.run_with_cache(x, y, names_filter=[act_name("pattern", 0)], return_cache_object=False)
     ref = evaluate(run.model, fixed_prompts(run.task, 64, 0, "test"), run.task).risk_norm
     assert torch.allclose(run.risk(pred, f).double(), torch.as_tensor(ref, dtype=torch.float64), rtol=1e-4)
-    assert "blocks.0.attn.pattern" in cache
+    assert act_name("pattern", 0) in cache
 
 
 def test_emergence_command_runs_e7_on_the_snapshots(tiny_zoo, tmp_path, capsys):

@@ -3,7 +3,7 @@
     import icl_heads
     run = icl_heads.load("zoo/A/seed0/h4")
     x, y, f = run.prompts(500)                      # test prompts of the model's task and seed, float32
-    pred, cache = run.model.run_with_cache(x, y, patterns=True)
+    pred, cache = run.model.run_with_cache(x, y)  # TransformerLens's ActivationCache: cache["pattern", 0]
     run.risk(pred, f)                               # normalised excess risk per context length
     test = run.prompt_set(500)                      # the same prompts as a Prompts object, for icl_heads.analysis
 """

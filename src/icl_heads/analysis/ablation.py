@@ -1,14 +1,19 @@
 """What an ablated (gated-off) head outputs instead: zero, its mean, or a donor prompt's output.
 
-The gate stays the only masking mechanism (``model.gate_heads``): a head with gate ``g`` outputs
-``g * out + (1 - g) * value``. An :class:`Ablation` supplies ``value`` per scored prompt:
+The gate stays the only masking mechanism (:func:`icl_heads.model.gate_heads` at
+``blocks.{l}.attn.hook_z``): a head with gate ``g`` outputs ``g * z + (1 - g) * value``. An
+:class:`Ablation` supplies ``value`` per scored prompt, and :meth:`Ablation.hooks` installs it:
 
-* ``zero``: no value (``g * out``), the paper's masking.
-* ``mean``: the head's output (``blocks.{l}.attn.head_out``, before the output projection)
+    abl = make_ablation(model, "mean", reference_prompts)
+    pred = model.run_with_hooks(x, y, fwd_hooks=abl.hooks(head_mask(model, [(1, 0)])))
+
+* ``zero``: no value (``g * z``), the paper's masking.
+* ``mean``: the head's output (``blocks.{l}.attn.hook_z``, before the output projection)
   averaged over reference prompts, per token position: ``(L, T, h, d_head)``.
 * ``resample``: the head's output at the same position of a reference prompt (other w*, other
   x), scored prompt ``i`` paired with reference prompt ``perm[i mod R]`` for a permutation
-  ``perm`` drawn from ``seed``: ``(P, L, T, h, d_head)``.
+  ``perm`` drawn from ``seed``: ``(P, L, T, h, d_head)``. Prompt ``i`` is its index in the scored
+  set, so a set scored in chunks pairs every prompt with the same donor as in one pass.
 
 Reference outputs come from a clean run (all gates 1) of the model on the ``"ablation"``
 prompt stream, which no experiment scores, ranks heads on or fits probes on.
@@ -25,7 +30,8 @@ import torch
 
 from ..config import ConfigError, TaskConfig
 from ..evaluation import batches_with_cache
-from ..model import Transformer, act_name
+from ..model import Transformer, act_name, head_hooks
+from ..model.hooks import Hooks
 from ..tasks import Prompts, fixed_prompts
 
 KINDS = ("zero", "mean", "resample")
@@ -51,12 +57,22 @@ def parse_ablations(value: str | Sequence[str]) -> tuple[str, ...]:
 
 @torch.no_grad()
 def head_outputs(model: Transformer, prompts: Prompts, batch_size: int = 1024) -> torch.Tensor:
-    """Clean (all gates 1) head outputs of every layer, ``(P, L, T, h, d_head)`` on the model's device."""
-    L, h = model.cfg.n_layers, model.cfg.n_heads
-    ones = torch.ones(L, h)
-    out = [torch.stack([cache[act_name("head_out", l)] for l in range(L)], dim=1)
-           for _, cache in batches_with_cache(model, prompts, batch_size, ones)]
+    """Clean head outputs (``hook_z``, no intervention) of every layer, ``(P, L, T, h, d_head)`` on the model's device."""
+    names = [act_name("z", l) for l in range(model.cfg.n_layers)]
+    out = [torch.stack([cache[name] for name in names], dim=1)
+           for _, cache in batches_with_cache(model, prompts, batch_size, names=names)]
     return torch.cat(out)
+
+
+def head_mask(model: Transformer, heads: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Gates ``(L, h)``: 1, and 0 at each ``(layer, head)`` pair (0-based) of ``heads``."""
+    L, h = model.cfg.n_layers, model.cfg.n_heads
+    gates = torch.ones(L, h)
+    for layer, head in heads:
+        if not (0 <= layer < L and 0 <= head < h):
+            raise ConfigError(f"heads: no head ({layer}, {head}) in a model with {L} layers of {h} heads")
+        gates[layer, head] = 0.0
+    return gates
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,14 @@ class Ablation:
         R = self.reference.shape[0]
         perm = np.random.default_rng(self.seed).permutation(R)
         return perm[np.arange(start, start + n_prompts) % R]
+
+    def hooks(self, gates: torch.Tensor, start: int = 0) -> Hooks:
+        """Hooks (``run_with_hooks(..., fwd_hooks=...)``) gating heads by ``gates`` ``(L, h)`` or per prompt
+        ``(P, L, h)``, gated-off heads outputting this ablation's values, for a pass over scored prompts
+        ``start, start + 1, ...`` (the batch the hooks see)."""
+        values = None if self.kind == "zero" else (self.mean if self.kind == "mean"
+                                                   else lambda first, n: self.values(n, first))
+        return head_hooks(gates, values, start)
 
     def sample(self, n_prompts: int, gen: torch.Generator) -> torch.Tensor | None:
         """Values for ``n_prompts`` fresh prompts (fine-tuning): random donors drawn from ``gen``."""

@@ -7,9 +7,11 @@
   reference prompts (``"mean"``) or a paired reference prompt's output (``"resample"``); see
   :mod:`.ablation`. :func:`assess_heads_kinds` runs several kinds sharing the base pass.
   All ``2 L h`` gate settings run as batched forward passes with per-prompt gates ``(B, L, h)``
-  (prompts x ablations in one batch, chunked). Settings that only touch layer ``l`` share the
-  residual stream entering layer ``l``, which is computed once: gates of layer ``l`` cannot
-  change earlier layers, so this is exact, and it saves the work of layers ``< l``.
+  (prompts x ablations in one batch, chunked), all through the model's hook points. Settings that
+  only touch layer ``l`` share the residual stream entering layer ``l`` (``hook_resid_pre``, cached
+  once): gates of layer ``l`` cannot change earlier layers, so starting there (``start_at_layer``)
+  is exact, and it saves the work of layers ``< l``; layer ``l``'s attention runs once and a hook at
+  its ``hook_z`` fans the head outputs out to the settings.
 * :meth:`HeadImportance.concentration` is the per-layer concentration score: the share of the
   top head in the layer's total (positive) importance, ``1/h`` when all heads matter equally
   and 1 when one head carries everything, with a paired bootstrap CI over prompts.
@@ -31,7 +33,8 @@ import torch
 from ..config import ConfigError, TaskConfig
 from ..evaluation import predict
 from ..metrics import curve_from_errors, squared_errors
-from ..model import Transformer
+from ..model import HookPoint, Transformer, act_name, gate_heads, head_hooks
+from ..model.hooks import Hooks
 from ..tasks import Prompts
 from .ablation import Ablation, make_ablation
 
@@ -313,23 +316,21 @@ def _assess(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: S
     settings = [gate_settings(base_gates, l)[:A] for l in range(L)]  # each (A, L, h)
     shared_base = bool((base_gates == 1).all())  # no head is off in the base: values do not matter there
     P, N = prompts.f.shape
-    n_examples = prompts.x.shape[1]
     K = len(ablations)
     preds = torch.full((K, 1 + 2 * L * h, P, N), float("nan"), dtype=torch.float64)
     chunk = max(1, batch_rows // (2 * h))
+    entering = [act_name("resid_pre", l) for l in range(L)]  # the residual stream entering each layer
     for i in range(0, P, chunk):
         p = prompts.slice(i, i + chunk).to(dev, torch.float32)
         b = p.batch
-        shared = model.run_with_cache(p.x, p.y, base_gates) if shared_base else None
+        shared = _cached(model, p, [], entering) if shared_base else None
         for a, abl in enumerate(ablations):
+            pred, cache = shared or _cached(model, p, abl.hooks(base_gates, start=i), entering)
+            preds[a, 0, i:i + b] = pred.double().cpu()
             vals = abl.values(b, i)  # None, (L, T, h, dh) or (b, L, T, h, dh)
             vals = None if vals is None else vals.to(dev, torch.float32)
-            pred, cache = shared or model.run_with_cache(p.x, p.y, base_gates, vals)
-            preds[a, 0, i:i + b] = pred.double().cpu()
             for l in range(L):
-                h_in = cache["embed"] if l == 0 else cache[f"blocks.{l - 1}.resid_post"]
-                v = None if vals is None else vals[..., l:, :, :, :]
-                out = _run_settings(model, h_in, l, settings[l], n_examples, v).view(A, b, N).double().cpu()
+                out = _run_settings(model, cache[entering[l]], l, settings[l], vals).view(A, b, N).double().cpu()
                 preds[a, 1 + 2 * l * h: 1 + 2 * l * h + A, i:i + b] = out
     model.train(was_training)
     result = {}
@@ -371,33 +372,33 @@ def _assess_per_prefix(model: Transformer, prompts: Prompts, task: TaskConfig, a
     return out
 
 
-def _run_settings(model: Transformer, h_in: torch.Tensor, layer: int, settings: torch.Tensor, n_examples: int,
+def _cached(model: Transformer, p: Prompts, hooks: Hooks, names: list[str]) -> tuple[torch.Tensor, dict]:
+    """Predictions and the activations ``names`` of one pass with ``hooks``."""
+    with model.hooks(hooks):
+        return model.run_with_cache(p.x, p.y, names_filter=names, return_cache_object=False)
+
+
+def _run_settings(model: Transformer, resid: torch.Tensor, layer: int, settings: torch.Tensor,
                   values: torch.Tensor | None = None) -> torch.Tensor:
     """Predictions ``(A * b, Q)`` of ``A`` gate settings ``(A, L, h)`` that differ from layer ``layer`` on,
-    from the residual stream ``h_in (b, T, D)`` entering it (setting-major rows).
+    from the residual stream ``resid (b, T, D)`` entering it (setting-major rows).
 
-    The heads of ``layer`` see the same input under every setting, so they run once; only their
-    gating, the output projection and the layers above run per setting. ``values``: head values for
-    layers ``layer..L-1`` (``(L - layer, T, h, dh)`` or per prompt ``(b, L - layer, T, h, dh)``)."""
-    _, mask = model.token_layout(n_examples, h_in.device)
-    A, b = settings.shape[0], h_in.shape[0]
-    rep = lambda t: t.unsqueeze(0).expand(A, *t.shape).reshape(A * b, *t.shape[1:])  # noqa: E731
-    g = settings.repeat_interleave(b, dim=0)  # (A*b, L, h), setting-major like rep
-    if values is not None and values.dim() == 5:  # per prompt: setting-major like rep
+    One pass from ``layer`` (``start_at_layer``): its attention runs once on the ``b`` prompts and a hook
+    at its ``hook_z`` fans the head outputs out to the ``A`` settings (``gate_heads`` per row), so only
+    the gating, the output projection and what follows run per setting; the layers above gate their
+    heads per row through :func:`~icl_heads.model.head_hooks`. ``values``: head values for all layers,
+    ``(L, T, h, dh)`` or per prompt ``(b, L, T, h, dh)``."""
+    A, b = settings.shape[0], resid.shape[0]
+    g = settings.repeat_interleave(b, dim=0)  # (A*b, L, h), setting-major like the fan-out
+    if values is not None and values.dim() == 5:  # per prompt: setting-major too
         values = values.repeat(A, 1, 1, 1, 1)
-    block = model.blocks[layer]
-    raw = block.attn.heads(block.ln_1(h_in), mask)  # (b, T, h, dh), once for all A settings
-    v0 = None if values is None else values[..., 0, :, :, :]
-    h = block.finish(rep(h_in) + block.attn.combine(rep(raw), g[:, layer, :], values=v0))
-    return _run_from(model, h, layer + 1, g, n_examples, None if values is None else values[..., 1:, :, :, :])
+    v0 = None if values is None else values[..., layer, :, :, :]
 
+    def fan_out(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # (b, T, h, dh) -> (A*b, T, h, dh)
+        return gate_heads(z.repeat(A, 1, 1, 1), g[:, layer], v0)
 
-def _run_from(model: Transformer, h: torch.Tensor, layer: int, gates: torch.Tensor, n_examples: int,
-              values: torch.Tensor | None = None) -> torch.Tensor:
-    """Layers ``layer..L-1`` and the read-out from the residual stream ``h`` entering ``layer``.
-
-    ``values`` holds head values for layers ``layer..L-1`` only (``(..., L - layer, T, h, dh)``)."""
-    return model.forward_from(h, layer, gates, values)  # the model's start_at_layer
+    hooks = [(act_name("z", layer), fan_out)] + head_hooks(g, values, layers=range(layer + 1, model.cfg.n_layers))
+    return model.run_with_hooks(resid, start_at_layer=layer, fwd_hooks=hooks)
 
 
 def _check_prompts(model: Transformer, prompts: Prompts) -> None:

@@ -1,7 +1,7 @@
 """E6: is the trained transformer running preprocess-then-optimise? (SPEC section 5, E6a-E6c).
 
 **E6a, preprocessing readout.** Linear decoders (standardise + ``RidgeCV``, one alpha per
-output) map the residual stream after block 0 (``blocks.0.resid_post``) at the context
+output) map the residual stream after block 0 (``blocks.0.hook_resid_post``) at the context
 tokens to the preprocessed features ``r_j x_ij``. With the causal prefix mask, context
 token ``i`` only sees examples ``0..i``, so the natural target uses ``r`` of that prefix,
 ``r^(i) = (1/(i+1)) sum_{k<=i} y_k x_k`` (``pto_prefix``); ``r`` of the whole context
@@ -35,7 +35,7 @@ GD better than PtO, while ``lens`` recovers PtO exactly. Read the two readouts t
 Context (:func:`final_output_any_t`): the model's final prediction is also matched against
 every algorithm at any ``T`` in a grid, to see whether it looks like few steps, many, or neither.
 
-**E6c.** :func:`construct_deviation` checks the hand-built transformer of :mod:`icl_heads.construct`
+**E6c.** :func:`construct_deviation` checks the hand-built transformer of :mod:`icl_heads.analysis.construct`
 against ``estimators.pto``/``pto_groups`` with the fixed step.
 
 No file is read or written here: :mod:`icl_heads.experiments.e6_mechanism` is the runner (CLI,
@@ -53,10 +53,10 @@ import torch
 from sklearn.metrics import r2_score
 
 from ..config import TaskConfig
-from ..construct import pto_transformer
+from .construct import pto_transformer
 from ..estimators import FAMILIES, RIDGE_LAMBDAS, SCALE_FREE_CS, group_slices, pto, pto_groups
 from ..evaluation import batches_with_cache
-from ..model import Transformer
+from ..model import Transformer, act_name
 from ..tasks import Prompts, fixed_prompts
 from .ridge import RidgeFit, ridge_cv
 
@@ -147,10 +147,11 @@ def activations(model: Transformer, prompts: Prompts, batch_size: int = 500) -> 
     lay, _ = model.token_layout(prompts.x.shape[1], next(model.parameters()).device)
     L = model.cfg.n_layers
     ctx, qry, lens = {s: [] for s in SOURCES}, [], []
-    for _, cache in batches_with_cache(model, prompts, batch_size):
-        ctx["embed"].append(cache["embed"][:, lay.context_index].double().cpu())
-        ctx["layer1"].append(cache["blocks.0.resid_post"][:, lay.context_index].double().cpu())
-        q = torch.stack([cache[f"blocks.{l}.resid_post"][:, lay.query_index] for l in range(L)])
+    post = [act_name("resid_post", l) for l in range(L)]
+    for _, cache in batches_with_cache(model, prompts, batch_size, names=[act_name("resid_pre", 0)] + post):
+        ctx["embed"].append(cache[act_name("resid_pre", 0)][:, lay.context_index].double().cpu())
+        ctx["layer1"].append(cache[post[0]][:, lay.context_index].double().cpu())
+        q = torch.stack([cache[name][:, lay.query_index] for name in post])
         qry.append(q.double().cpu())
         lens.append(model.read_out(model.ln_f(q)).squeeze(-1).double().cpu())
     return Activations({k: torch.cat(v).numpy() for k, v in ctx.items()}, torch.cat(qry, 1).numpy(),

@@ -6,8 +6,8 @@ read each selected head's softmax weight on every context example ``k < n``, ave
 (the per-position pattern), and the same weights binned by ``|y_k|`` (does the head weigh examples
 by their label's size, as ``r = mean_k y_k x_k`` would?). The weight on example ``k`` sums every
 token of that example the query sees (the interleaved format's x token too); the query's weight on
-itself is the rest. Patterns come from ``run_with_cache(patterns=True)`` (the explicit softmax
-path), so only this analysis pays for them; every other forward pass stays on SDPA.
+itself is the rest. Patterns come from caching ``blocks.{l}.attn.hook_pattern`` (which switches that
+layer to the explicit softmax), so only this analysis pays for them; every other forward pass stays on SDPA.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def query_attention(model: Transformer, prompts: Prompts, heads: Sequence[tuple[
     T = to_example.shape[0]
     chunk = max(1, PATTERN_ELEMENTS // (L * h * T * T))
     out = []
-    for _, cache in batches_with_cache(model, prompts, chunk, patterns=True):
+    names = sorted({act_name("pattern", l) for l, _ in heads})
+    for _, cache in batches_with_cache(model, prompts, chunk, names=names):
         rows = torch.stack([cache[act_name("pattern", l)][:, k, q] for l, k in heads], 1)  # (B, H, T)
         out.append(rows.double().cpu() @ to_example)
     weight = torch.cat(out).numpy()

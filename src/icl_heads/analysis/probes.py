@@ -30,7 +30,7 @@ import torch
 from ..config import ConfigError, TaskConfig
 from ..evaluation import batches_with_cache
 from ..metrics import curve_from_errors, squared_errors
-from ..model import Transformer
+from ..model import Transformer, act_name
 from ..tasks import Prompts
 from .ridge import ridge_cv
 
@@ -38,8 +38,8 @@ ALPHAS = np.logspace(-6, 6, 25)
 
 
 def layer_names(n_layers: int) -> list[str]:
-    """Cache names probed, in order: the read-in, then the residual stream after each block."""
-    return ["embed"] + [f"blocks.{l}.resid_post" for l in range(n_layers)]
+    """Hook points probed, in order: the residual stream entering block 0, then after each block."""
+    return [act_name("resid_pre", 0)] + [act_name("resid_post", l) for l in range(n_layers)]
 
 
 def layer_labels(n_layers: int) -> list[str]:
@@ -59,7 +59,7 @@ def query_states(model: Transformer, prompts: Prompts, gates: torch.Tensor | Non
     names = names if layers is None else [names[i] for i in layers]
     lay, _ = model.token_layout(prompts.x.shape[1], next(model.parameters()).device)
     out = [torch.stack([cache[nm][:, lay.query_index] for nm in names]).double().cpu()
-           for _, cache in batches_with_cache(model, prompts, batch_size, gates, values)]
+           for _, cache in batches_with_cache(model, prompts, batch_size, gates, values, names)]
     return torch.cat(out, dim=1).numpy()
 
 
@@ -124,12 +124,12 @@ def _final_states(model: Transformer, prompts: Prompts, gates: torch.Tensor | No
     """One pass: own predictions ``(P, N)``, and the last residual state at the queries before and
     after the final LayerNorm, each ``(1, P, N, D)`` float64."""
     lay, _ = model.token_layout(prompts.x.shape[1], next(model.parameters()).device)
-    last = f"blocks.{model.cfg.n_layers - 1}.resid_post"
+    last, final = act_name("resid_post", model.cfg.n_layers - 1), act_name("normalized")  # final LN output (B, Q, D)
     pred, pre, post = [], [], []
-    for p, cache in batches_with_cache(model, prompts, 1024, gates, values):
+    for p, cache in batches_with_cache(model, prompts, 1024, gates, values, [last, final]):
         pred.append(p.double().cpu())
         pre.append(cache[last][:, lay.query_index].double().cpu())
-        post.append(cache["ln_final"].double().cpu())
+        post.append(cache[final].double().cpu())
     return tuple(torch.cat(t)[None].numpy() if i else torch.cat(t).numpy()  # type: ignore[return-value]
                  for i, t in enumerate((pred, pre, post)))
 

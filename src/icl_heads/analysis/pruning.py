@@ -13,7 +13,6 @@ Pure functions on loaded models and arrays; :mod:`icl_heads.experiments.e3_pruni
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any, Mapping
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, TaskConfig
-from ..model import Transformer
+from ..model import Transformer, head_hooks
 from ..tasks import Prompts
 from ..training import fine_tune
 from .ablation import Ablation
@@ -113,18 +112,30 @@ def finetune(model: Transformer, gates: torch.Tensor, task: TaskConfig, steps: i
 
     Minimal on purpose (constant LR, MSE on every query position as in training): it answers
     "does a short fine-tune recover what pruning lost?", not "what is the best pruned model?".
-    With a mean or resample ``ablation`` the gated-off heads output the original model's mean
-    (fixed) or a random reference prompt's output (drawn per prompt and step) while training.
+    The copy is :meth:`~icl_heads.model.Transformer.pruned` (its own head mask is ``gates``). With a
+    mean or resample ``ablation`` the gated-off heads output the original model's mean (fixed) or a
+    random reference prompt's output (drawn per prompt and step) while training, through hooks at
+    ``hook_z`` (removed afterwards: the returned model is the pruned one, zero in the gated-off heads).
     """
     if steps < 0:
         raise ConfigError(f"finetune: steps must be >= 0 (got {steps})")
-    tuned = copy.deepcopy(model)
-    dev = next(tuned.parameters()).device
-    tuned.head_gates.copy_(gates.to(dev))
+    tuned = model.pruned(gates.to(model.head_gates.device))  # a copy; gated-off heads zero in every pass
     if steps == 0:
         return tuned
-    fine_tune(tuned, task, steps, batch_size, lr, seed, grad_clip,  # the training loop, constant lr
-              None if ablation is None else (lambda gen: ablation.sample(batch_size, gen)))
+    if ablation is None or ablation.kind == "zero":
+        fine_tune(tuned, task, steps, batch_size, lr, seed, grad_clip)  # the training loop, constant lr
+        return tuned
+    drawn: dict[str, torch.Tensor | None] = {}  # this step's values, drawn after its prompts (the loop's order)
+
+    def draw(gen: torch.Generator) -> None:
+        drawn["values"] = ablation.sample(batch_size, gen)
+
+    for name, hook in head_hooks(gates, lambda start, n: drawn["values"]):
+        tuned.add_hook(name, hook, is_permanent=True)
+    try:
+        fine_tune(tuned, task, steps, batch_size, lr, seed, grad_clip, draw)
+    finally:
+        tuned.reset_hooks(including_permanent=True)
     return tuned
 
 

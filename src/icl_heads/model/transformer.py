@@ -1,52 +1,48 @@
 """The transformer: a GPT-2-style pre-LN decoder for in-context regression (SPEC section 3).
 
-Read it top to bottom (tokens and masks are in :mod:`icl_heads.model.tokens`, activation names
-in :mod:`icl_heads.model.hooks`):
+Read it top to bottom (tokens and masks are in :mod:`icl_heads.model.tokens`, hook names and the
+head intervention in :mod:`icl_heads.model.hooks`). Shapes: ``B`` prompts, ``T`` tokens, ``D =
+d_model``, ``h`` heads of ``d_head``, ``Q`` queries (predictions) per prompt.
 
-* **Head gates** (:attr:`Transformer.head_gates`, shape ``(L, h)``): a
-  multiplicative gate on each head's output before the output projection. They
-  default to 1 and are the only mechanism for masking and pruning. A forward
-  pass may take its own gates of shape ``(L, h)`` or ``(B, L, h)``, so many
-  ablations run as one batch.
-* **Head values** (``head_values``, shape ``(L, T, h, d_head)`` or
-  ``(B, L, T, h, d_head)``): what a gated-off head outputs instead, i.e. the
-  head output becomes ``g * out + (1 - g) * value`` (:func:`gate_heads`). None
-  means zero ablation (``g * out``); a mean or a donor prompt's output gives
-  mean or resample ablation (``analysis.ablation``) with the same gates.
-* **Cache** (:meth:`Transformer.run_with_cache`): named internals, e.g.
-  ``blocks.0.attn.head_out`` ``(B, T, h, d_head)`` and ``blocks.0.resid_post``
-  ``(B, T, D)``, in the spirit of TransformerLens, without editing the model; names come from
-  :func:`act_name`, and ``patterns=True`` adds each layer's attention pattern
-  ``blocks.{l}.attn.pattern`` ``(B, h, T, T)`` (explicit softmax path, only when asked).
+* **Hook points** at TransformerLens's names (:func:`~icl_heads.model.hooks.act_name`), each a
+  :class:`~icl_heads.model.hooks.HookPoint`; the model is a
+  :class:`~icl_heads.model.hooks.HookedRootModule` (``run_with_hooks``, ``run_with_cache``,
+  ``hooks()``, ``hook_dict``). docs/architecture.md has the table. Patterns and scores
+  (``hook_attn_scores``/``hook_pattern``), per-head results (``hook_result``) and an LN's
+  ``hook_scale`` are computed only when something hooks them (an explicit path, equal to the fused
+  one to float rounding); otherwise attention is SDPA and the LN is ``F.layer_norm``.
+* **Interventions** are hooks; on heads, :func:`~icl_heads.model.hooks.gate_heads` at
+  ``blocks.{l}.attn.hook_z`` (zero / mean / resample ablation, pruning, E2's per-prompt gates). A
+  hook at ``hook_z`` may return ``k`` copies of the batch (``k * B`` rows, copy-major): the rest of
+  the pass then runs on all of them, the residual stream repeated to match -- E2 gates one layer's
+  heads ``2h`` ways while computing that layer's attention once.
+* **Head mask** (:attr:`Transformer.head_gates`, ``(L, h)``, a buffer saved with the weights): the
+  model's own gates, 1 except in a pruned (:meth:`Transformer.pruned`) or hand-built model, applied
+  (by ``gate_heads``) before ``hook_z``.
+* **Start at a layer**: ``model(resid, start_at_layer=l)`` runs blocks ``l..L-1`` and the read-out on
+  the residual stream entering block ``l`` (``blocks.{l}.hook_resid_pre``), as in TransformerLens.
 
-Linear attention is ``(q . k) v`` summed over the visible keys and divided by
-their number (an average, as in the GD-as-attention literature); a query never
-attends to itself under linear attention, since there is no empty row to avoid.
+Linear attention is ``(q . k) v`` summed over the visible keys and divided by their number (an
+average, as in the GD-as-attention literature); a query never attends to itself under linear
+attention, since there is no empty row to avoid. Module attributes keep their checkpoint names
+(``ln_1``, ``ln_2``, ``ln_f``, ``mlp.0``), so every saved model loads unchanged; their hook points
+answer to TransformerLens's (``ln1``, ``ln2``, ``ln_final``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from types import SimpleNamespace
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .hooks import PATTERNS_KEY, act_name, explicit_softmax_pattern
+from .hooks import HookedRootModule, HookPoint, explicit_softmax_pattern, gate_heads, scaled_scores
 from .tokens import TokenLayout, attention_mask, token_layout, tokens
-
-
-def gate_heads(out: torch.Tensor, gates: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
-    """Head outputs ``out (B, T, H, d_head)`` with gates ``(H,)`` or ``(B, H)`` applied:
-    ``g * out + (1 - g) * values`` (``values`` broadcastable to ``out``; None = zeros)."""
-    g = gates.view(-1, 1, out.shape[2], 1)
-    gated = out * g
-    return gated if values is None else gated + (1 - g) * values.to(out.dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, linear: bool) -> torch.Tensor:
@@ -59,8 +55,36 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` with TransformerLens's ``hook_scale`` ``(B, T, 1)`` and ``hook_normalized`` ``(B, T, D)``
+    (the output, after weight and bias). The scale is computed only when hooked; ``F.layer_norm`` otherwise."""
+
+    def __init__(self, d_model: int):
+        super().__init__(d_model)
+        self.hook_scale, self.hook_normalized = HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.hook_scale.has_hooks():
+            return self.hook_normalized(super().forward(x))
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale * self.weight + self.bias)
+
+
+class NoNorm(nn.Identity):
+    """No normalisation (``layer_norm=False``), still with ``hook_normalized`` so the names exist in every model."""
+
+    def __init__(self, *_: Any):
+        super().__init__()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_normalized(x)
+
+
 class Attention(nn.Module):
-    """Multi-head attention with a per-head gate applied before the output projection."""
+    """Multi-head attention; hook points at TransformerLens's shapes (``hook_q/k/v/z`` ``(B, T, h, d_head)``,
+    ``hook_attn_scores``/``hook_pattern`` ``(B, h, T_query, T_key)``, ``hook_result`` ``(B, T, h, D)``)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -68,39 +92,66 @@ class Attention(nn.Module):
         self.linear = cfg.attention == "linear"
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()
+        self.hook_z, self.hook_result = HookPoint(), HookPoint()
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None,
-                cache: dict[str, torch.Tensor] | None = None, name: str = "attn",
-                values: torch.Tensor | None = None) -> torch.Tensor:
-        return self.combine(self.heads(h, mask, cache, name), gates, cache, name, values)
-
-    def heads(self, h: torch.Tensor, mask: torch.Tensor, cache: dict[str, torch.Tensor] | None = None,
-              name: str = "attn") -> torch.Tensor:
-        """Every head's output ``(B, T, H, d_head)`` before gates: the part of the layer that gate
-        settings do not change, so E2 computes it once for all its settings of a layer."""
-        B, T, D = h.shape
-        q, k, v = (t.view(B, T, self.n_heads, self.d_head).transpose(1, 2) for t in self.qkv(h).split(D, dim=-1))
-        if not self.linear and cache is not None and cache.get(PATTERNS_KEY) is not None:  # the pattern is asked for
-            pattern = explicit_softmax_pattern(q, k, mask)
-            cache[f"{name}.pattern"] = pattern  # (B, h, T, T): query row, key column
-            out = pattern @ v
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's output ``(B', T, D)`` from the normalised residual stream ``x (B, T, D)``;
+        ``gates (h,)`` is the model's head mask for this layer (None: all ones). ``B' = B`` unless a
+        ``hook_z`` hook fans out."""
+        B, T, D = x.shape
+        q, k, v = (hook(t.view(B, T, self.n_heads, self.d_head)).transpose(1, 2)  # (B, h, T, d_head)
+                   for hook, t in zip((self.hook_q, self.hook_k, self.hook_v), self.qkv(x).split(D, dim=-1)))
+        if self.hook_pattern.has_hooks() or self.hook_attn_scores.has_hooks():
+            z = self._explicit(q, k, v, mask)
         else:
-            out = attend(q, k, v, mask, self.linear)
-        return out.transpose(1, 2)  # (B, T, H, d_head)
+            z = attend(q, k, v, mask, self.linear)
+        z = z.transpose(1, 2)  # (B, T, h, d_head)
+        z = self.hook_z(z if gates is None else gate_heads(z, gates))  # (B', T, h, d_head)
+        if self.hook_result.has_hooks():  # per-head contributions (B', T, h, D), summed as TransformerLens does
+            return self.hook_result(torch.einsum("bthd,hdm->bthm", z, self.W_O)).sum(2) + self.proj.bias
+        return self.proj(z.reshape(z.shape[0], T, D))
 
-    def combine(self, out: torch.Tensor, gates: torch.Tensor | None, cache: dict[str, torch.Tensor] | None = None,
-                name: str = "attn", values: torch.Tensor | None = None) -> torch.Tensor:
-        """Gates (and head values) on the head outputs ``(B, T, H, d_head)``, then the output projection."""
-        B, T = out.shape[:2]
-        if gates is not None:  # (H,) or (B, H)
-            out = gate_heads(out, gates, values)
-        if cache is not None:
-            cache[f"{name}.head_out"] = out
-        return self.proj(out.reshape(B, T, -1))
+    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention with its scores and pattern materialised (and hooked); SDPA's result to rounding."""
+        if self.linear:
+            scores = self.hook_attn_scores((q @ k.transpose(-1, -2)) * mask)
+            pattern = self.hook_pattern(scores / mask.sum(-1, keepdim=True).clamp(min=1))
+        else:
+            scores = self.hook_attn_scores(scaled_scores(q, k).masked_fill(~mask, float("-inf")))
+            pattern = self.hook_pattern(explicit_softmax_pattern(scores, mask))
+        return pattern @ v
+
+    # TransformerLens's weight views (read-only): W_Q/W_K/W_V (h, D, d_head), W_O (h, d_head, D)
+    def _in(self, i: int) -> torch.Tensor:
+        D = self.n_heads * self.d_head
+        return self.qkv.weight[i * D:(i + 1) * D].T.reshape(D, self.n_heads, self.d_head).transpose(0, 1)
+
+    @property
+    def W_Q(self) -> torch.Tensor:
+        return self._in(0)
+
+    @property
+    def W_K(self) -> torch.Tensor:
+        return self._in(1)
+
+    @property
+    def W_V(self) -> torch.Tensor:
+        return self._in(2)
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        return self.proj.weight.T.reshape(self.n_heads, self.d_head, -1)
+
+    @property
+    def b_O(self) -> torch.Tensor:
+        return self.proj.bias
 
 
 class MLP(nn.Sequential):
-    """``D -> 4D``, GELU, ``4D -> D``; addressed by name (:attr:`fc_in`, :attr:`act`, :attr:`fc_out`).
+    """``D -> 4D``, GELU, ``4D -> D`` with ``hook_pre`` and ``hook_post`` ``(B, T, 4D)``; addressed by name
+    (:attr:`fc_in`, :attr:`act`, :attr:`fc_out`).
 
     A ``Sequential`` underneath so that checkpoints keep their parameter names
     (``mlp.0.*``, ``mlp.2.*``): the committed zoo and every earlier run load unchanged.
@@ -108,6 +159,10 @@ class MLP(nn.Sequential):
 
     def __init__(self, d_model: int):
         super().__init__(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.hook_post(self.act(self.hook_pre(self.fc_in(x)))))
 
     @property
     def fc_in(self) -> nn.Linear:
@@ -123,30 +178,46 @@ class MLP(nn.Sequential):
 
 
 class Block(nn.Module):
+    """Pre-LN block; ``hook_resid_pre/mid/post``, ``hook_attn_out`` and (with an MLP) ``hook_mlp_out``, all ``(B, T, D)``."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        norm = (lambda: nn.LayerNorm(cfg.d_model)) if cfg.layer_norm else nn.Identity
+        norm = (lambda: LayerNorm(cfg.d_model)) if cfg.layer_norm else NoNorm
         self.ln_1, self.attn = norm(), Attention(cfg)
         self.ln_2 = norm()
         self.mlp = MLP(cfg.d_model) if cfg.mlp else None
+        self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
+        self.hook_mlp_out = HookPoint() if cfg.mlp else None
+        self.hook_resid_post = HookPoint()
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None,
-                cache: dict[str, torch.Tensor] | None, name: str, values: torch.Tensor | None = None) -> torch.Tensor:
-        return self.finish(h + self.attn(self.ln_1(h), mask, gates, cache, f"{name}.attn", values), cache, name)
-
-    def finish(self, h: torch.Tensor, cache: dict[str, torch.Tensor] | None = None, name: str = "") -> torch.Tensor:
-        """The rest of the block from the residual stream after attention (``resid_mid``)."""
-        if cache is not None:
-            cache[f"{name}.resid_mid"] = h
+    def forward(self, resid: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+        resid = self.hook_resid_pre(resid)
+        attn_out = self.hook_attn_out(self.attn(self.ln_1(resid), mask, gates))
+        resid = self.hook_resid_mid(_fan_in(resid, attn_out) + attn_out)
         if self.mlp is not None:
-            h = h + self.mlp(self.ln_2(h))
-        if cache is not None:
-            cache[f"{name}.resid_post"] = h
-        return h
+            resid = resid + self.hook_mlp_out(self.mlp(self.ln_2(resid)))
+        return self.hook_resid_post(resid)
 
 
-class Transformer(nn.Module):
-    """Read-in, ``L`` pre-LN blocks, final LN, scalar read-out at query tokens."""
+def _fan_in(resid: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``resid`` repeated to the rows of ``out``: a ``hook_z`` hook may return ``k * B`` rows (``k`` copies
+    of the batch, copy-major), and the rest of the pass runs on all of them."""
+    if out.shape[0] == resid.shape[0]:
+        return resid
+    k = out.shape[0] // resid.shape[0]
+    if k * resid.shape[0] != out.shape[0]:
+        raise ValueError(f"hook_z: a hook returned {out.shape[0]} rows for a batch of {resid.shape[0]} "
+                         "(a fan-out must be a whole number of copies)")
+    return resid.repeat(k, 1, 1)
+
+
+class Transformer(HookedRootModule):
+    """Read-in, ``L`` pre-LN blocks, final LN, scalar read-out at query tokens.
+
+    ``hook_embed`` (read-in), ``hook_pos_embed`` and ``hook_type_embed`` ``(B, T, D)`` (with position
+    embeddings; their sum is ``blocks.0.hook_resid_pre``), ``ln_final.hook_normalized`` ``(B, Q, D)``
+    (at the query tokens only) and ``hook_readout`` ``(B, Q)``, the predictions.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -155,16 +226,20 @@ class Transformer(nn.Module):
         self.pos_emb = nn.Embedding(cfg.n_max + 1, cfg.d_model) if cfg.pos_emb else None
         self.type_emb = nn.Embedding(2, cfg.d_model) if cfg.pos_emb else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model) if cfg.layer_norm else nn.Identity()
+        self.ln_f = LayerNorm(cfg.d_model) if cfg.layer_norm else NoNorm()
         self.read_out = nn.Linear(cfg.d_model, 1)
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint() if cfg.pos_emb else None
+        self.hook_type_embed = HookPoint() if cfg.pos_emb else None
+        self.hook_readout = HookPoint()
         self.register_buffer("head_gates", torch.ones(cfg.n_layers, cfg.n_heads))
         self._layouts: dict[tuple[int, str], tuple[TokenLayout, torch.Tensor]] = {}
-        self._intervention: _Intervention | None = None  # set inside ablated()
         self.apply(self._init)
         for block in self.blocks:  # GPT-2: scale the residual projections by depth (named_parameters order)
             for out_proj in (block.attn.proj, None if block.mlp is None else block.mlp.fc_out):
                 if out_proj is not None:
                     nn.init.normal_(out_proj.weight, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers))
+        self.setup()
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -188,152 +263,80 @@ class Transformer(nn.Module):
         """Examples per prompt in a sequence of ``n_tokens`` tokens (the inverse of the token layout)."""
         return n_tokens if self.cfg.mask == "full" and self.cfg.token_format != "interleaved" else (n_tokens + 1) // 2
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None = None,
-                head_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Predictions ``(B, Q)``; with the prefix mask ``Q = N`` and column ``k`` is context length ``k``.
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *,
+                start_at_layer: int | None = None) -> torch.Tensor:
+        """Predictions ``(B, Q)`` for prompts ``x (B, N, d)``, ``y (B, N)``; with the prefix mask ``Q = N``
+        and column ``k`` is context length ``k``.
 
-        Inside :meth:`ablated` the intervention applies (gates multiply, values come from it)."""
-        return self._run(x, y, head_gates, None, head_values)
-
-    def run_with_cache(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None = None,
-                       head_values: torch.Tensor | None = None, names: list[str] | None = None,
-                       patterns: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Predictions and a dict of named activations (:func:`act_name`: ``embed``,
-        ``blocks.{l}.attn.head_out``, ``blocks.{l}.resid_post``, ...).
-
-        ``head_out`` is what the output projection sees, i.e. after gates and head values.
-        ``patterns=True`` adds ``blocks.{l}.attn.pattern`` ``(B, h, T, T)`` (softmax attention; computed
-        by the explicit path, equal to SDPA's to float rounding). ``names`` keeps only those entries.
+        ``start_at_layer=l`` (TransformerLens's): ``x`` is the residual stream ``(B, T, D)`` entering
+        block ``l`` (``blocks.{l}.hook_resid_pre`` of a cached pass) and only blocks ``l..L-1`` and the
+        read-out run, so ``model(cache[act_name("resid_pre", l)], start_at_layer=l)`` equals the full pass.
         """
-        cache: dict[str, Any] = {PATTERNS_KEY: True} if patterns else {}
-        pred = self._run(x, y, head_gates, cache, head_values)
-        return pred, _select(cache, names)
+        if start_at_layer is None:
+            if y is None:
+                raise ValueError("forward: prompts need both x and y")
+            return self._blocks_from(self.embed(x, y), 0)
+        if y is not None:
+            raise ValueError("forward: with start_at_layer, pass the residual stream alone")
+        return self._blocks_from(x, start_at_layer)
 
-    def forward_from(self, resid: torch.Tensor, start_at_layer: int, head_gates: torch.Tensor | None = None,
-                     head_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Predictions from blocks ``start_at_layer .. L-1`` and the read-out, run on the residual stream
-        ``resid`` ``(B, T, D)`` entering block ``start_at_layer`` (TransformerLens' ``start_at_layer``).
-
-        ``resid`` is ``embed`` for 0, else ``blocks.{start_at_layer - 1}.resid_post``, so
-        ``forward_from(cache[act_name("resid_post", l - 1)], l)`` equals the full pass. ``head_gates`` is
-        ``(L, h)`` or ``(B, L, h)`` over *all* layers, as in :meth:`forward`; ``head_values`` may cover all
-        ``L`` layers or only the ``L - start_at_layer`` layers run (``(..., L - start_at_layer, T, h, d_head)``).
-        """
-        return self._run_blocks(resid, start_at_layer, head_gates, None, head_values)
-
-    def run_from_with_cache(self, resid: torch.Tensor, start_at_layer: int, head_gates: torch.Tensor | None = None,
-                            head_values: torch.Tensor | None = None, names: list[str] | None = None,
-                            patterns: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """:meth:`forward_from` with the cache of the blocks run (as :meth:`run_with_cache`)."""
-        cache: dict[str, Any] = {PATTERNS_KEY: True} if patterns else {}
-        pred = self._run_blocks(resid, start_at_layer, head_gates, cache, head_values)
-        return pred, _select(cache, names)
-
-    @contextmanager
-    def ablated(self, heads: Iterable[tuple[int, int]] | torch.Tensor, kind: str = "zero",
-                reference: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> Iterator["Transformer"]:
-        """Within the block, every pass of this model ablates ``heads``; the model itself is unchanged.
-
-        ``heads``: ``(layer, head)`` pairs (0-based) or a boolean ``(L, h)`` mask of the heads to
-        ablate. ``kind``: ``zero`` (gate 0, the paper's masking), ``mean`` (the head outputs its clean
-        mean over ``reference`` prompts ``(x, y)``, per position) or ``resample`` (scored prompt ``i``
-        gets the clean output of reference prompt ``perm[i mod R]``, ``perm`` a permutation drawn from
-        ``seed``), as :mod:`icl_heads.analysis.ablation` defines them. Gates passed to a pass inside
-        the block multiply the ablation's; passing ``head_values`` there is refused. One ablation at a time::
-
-            with model.ablated([(0, 1)], kind="mean", reference=(x_ref, y_ref)):
-                pred = model(x, y)
-        """
-        if self._intervention is not None:
-            raise ValueError("ablated: one ablation at a time (merge the heads into one call)")
-        L, h = self.cfg.n_layers, self.cfg.n_heads
-        dev = self.head_gates.device
-        if torch.is_tensor(heads):
-            off = heads.to(dev, torch.bool)
-            if off.shape != (L, h):
-                raise ValueError(f"ablated: a head mask must have shape ({L}, {h}) (got {tuple(off.shape)})")
-        else:
-            off = torch.zeros(L, h, dtype=torch.bool, device=dev)
-            for layer, head in heads:
-                if not (0 <= layer < L and 0 <= head < h):
-                    raise ValueError(f"ablated: no head ({layer}, {head}) in a model with {L} layers of {h} heads")
-                off[layer, head] = True
-        values: torch.Tensor | None = None
-        if kind not in ("zero", "mean", "resample"):
-            raise ValueError(f"ablated: kind must be zero, mean or resample (got {kind!r})")
-        if kind != "zero":
-            if reference is None:
-                raise ValueError(f"ablated: {kind} ablation needs reference prompts (x, y)")
-            with torch.no_grad():
-                _, cache = self.run_with_cache(*reference, head_gates=torch.ones(L, h, device=dev))
-            outs = torch.stack([cache[act_name("head_out", l)] for l in range(L)], dim=1)  # (R, L, T, h, dh)
-            values = outs.mean(0) if kind == "mean" else outs
-        perm = None if kind != "resample" else np.random.default_rng(seed).permutation(values.shape[0])
-        self._intervention = _Intervention((~off).to(self.head_gates.dtype), values, perm)
-        try:
-            yield self
-        finally:
-            self._intervention = None
-
-    def _with_intervention(self, gates: torch.Tensor, values: torch.Tensor | None, batch: int
-                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        iv = self._intervention
-        if iv is None:
-            return gates, values
-        if values is not None:
-            raise ValueError("ablated: a pass inside an ablation takes no head_values of its own")
-        gates = gates * iv.keep.to(gates.device, gates.dtype)
-        if iv.values is None or iv.perm is None:
-            return gates, iv.values
-        donors = iv.perm[np.arange(batch) % iv.perm.size]  # prompt i gets reference perm[i mod R]
-        return gates, iv.values[torch.as_tensor(donors, device=iv.values.device)]
-
-    def _run(self, x: torch.Tensor, y: torch.Tensor, head_gates: torch.Tensor | None,
-             cache: dict[str, torch.Tensor] | None, head_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering block 0 ``(B, T, D)``: read-in plus position and type embeddings."""
         lay, _ = self.token_layout(x.shape[1], x.device)
         dtype = self.read_in.weight.dtype  # prompts may come as float64 (fixed_prompts); the model decides
-        h = self.read_in(tokens(self.cfg, x.to(dtype), y.to(dtype)))
-        if self.pos_emb is not None:
-            h = h + self.pos_emb(lay.position) + self.type_emb(lay.token_type)
-        if cache is not None:
-            cache[act_name("embed")] = h
-        return self._run_blocks(h, 0, head_gates, cache, head_values)
+        h = self.hook_embed(self.read_in(tokens(self.cfg, x.to(dtype), y.to(dtype))))
+        if self.pos_emb is not None and self.type_emb is not None:
+            shape = h.shape
+            h = (h + self.hook_pos_embed(self.pos_emb(lay.position).expand(shape))
+                 + self.hook_type_embed(self.type_emb(lay.token_type).expand(shape)))
+        return h
 
-    def _run_blocks(self, h: torch.Tensor, start: int, head_gates: torch.Tensor | None,
-                    cache: dict[str, torch.Tensor] | None, head_values: torch.Tensor | None) -> torch.Tensor:
+    def _blocks_from(self, resid: torch.Tensor, start: int) -> torch.Tensor:
         L = self.cfg.n_layers
         if not 0 <= start <= L:
             raise ValueError(f"start_at_layer: must be in 0..{L} (got {start})")
-        lay, mask = self.token_layout(self.n_examples_of(h.shape[1]), h.device)
-        gates = self.head_gates if head_gates is None else head_gates.to(h.dtype)
-        gates, head_values = self._with_intervention(gates, head_values, h.shape[0])
-        first = 0 if head_values is None or head_values.shape[-4] == L else start  # values of all layers, or the run ones
+        lay, mask = self.token_layout(self.n_examples_of(resid.shape[1]), resid.device)
+        gates = self._head_mask()
         for l in range(start, L):
-            values = None if head_values is None else head_values[..., l - first, :, :, :]  # (T, h, dh) or (B, T, h, dh)
-            h = self.blocks[l](h, mask, gates[..., l, :], cache, f"blocks.{l}", values)
-        h = self.ln_f(h[:, lay.query_index])
-        if cache is not None:
-            cache[act_name("ln_final")] = h
-        return self.read_out(h).squeeze(-1)
+            resid = self.blocks[l](resid, mask, None if gates is None else gates[l])
+        return self.hook_readout(self.read_out(self.ln_f(resid[:, lay.query_index])).squeeze(-1))
+
+    def _head_mask(self) -> torch.Tensor | None:
+        """The head mask, or None when it is all ones: an evaluation pass then skips the multiply by 1 (the
+        same numbers, less work per head output). Training and compiled passes always apply it (no host sync)."""
+        if self.training or torch.compiler.is_compiling() or not bool((self.head_gates == 1).all()):
+            return self.head_gates
+        return None
+
+    def pruned(self, gates: torch.Tensor) -> "Transformer":
+        """A copy whose own head mask is ``gates`` ``(L, h)`` (0 = head pruned, zero-ablated in every pass
+        and saved with the weights); this model is unchanged."""
+        L, h = self.cfg.n_layers, self.cfg.n_heads
+        if tuple(gates.shape) != (L, h):
+            raise ValueError(f"pruned: gates must have shape ({L}, {h}) (got {tuple(gates.shape)})")
+        out = copy.deepcopy(self)
+        with torch.no_grad():
+            out.head_gates.copy_(gates)
+        return out
+
+    def lens_view(self) -> Any:
+        """The model as TransformerLens's ``ActivationCache`` reads it (``cfg`` in its names)."""
+        return _LensView(self)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
-@dataclass(frozen=True)
-class _Intervention:
-    """An active :meth:`Transformer.ablated`: gate multipliers ``(L, h)``, values and the donor pairing."""
+class _LensView:
+    """The model with a TransformerLens-style ``cfg`` (``n_layers``, ``attn_only``, ...) and ``ln_final``."""
 
-    keep: torch.Tensor  # (L, h): 0 for an ablated head, 1 otherwise
-    values: torch.Tensor | None  # None (zero), (L, T, h, dh) (mean) or (R, L, T, h, dh) (resample)
-    perm: np.ndarray | None  # resample: the donor permutation of the reference prompts, from the seed
+    def __init__(self, model: Transformer):
+        c = model.cfg
+        self._model, self.ln_final = model, model.ln_f
+        self.cfg = SimpleNamespace(n_layers=c.n_layers, n_heads=c.n_heads, d_model=c.d_model,
+                                   d_head=c.d_model // c.n_heads, d_mlp=4 * c.d_model if c.mlp else None,
+                                   attn_only=not c.mlp, normalization_type="LN" if c.layer_norm else None,
+                                   final_rms=False, act_fn="gelu", n_ctx=2 * c.n_max + 1, device=None)
 
-
-def _select(cache: dict[str, Any], names: list[str] | None) -> dict[str, torch.Tensor]:
-    cache.pop(PATTERNS_KEY, None)
-    if names is None:
-        return cache
-    missing = [n for n in names if n not in cache]
-    if missing:
-        raise KeyError(f"run_with_cache: no activation {missing[0]!r} (have {', '.join(cache)})")
-    return {n: cache[n] for n in names}
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)

@@ -450,10 +450,10 @@ def _check_resumable(out: Path, meta: dict[str, Any], spec: TrainSpec, branch: b
 
 
 def fine_tune(model: Transformer, task: TaskConfig, steps: int, batch_size: int, lr: float, seed: int,
-              grad_clip: float, values: Callable[[torch.Generator], torch.Tensor | None] | None = None) -> None:
+              grad_clip: float, values: Callable[[torch.Generator], object] | None = None) -> None:
     """Train ``model`` in place for ``steps`` AdamW steps at a constant ``lr`` (no weight decay) on fresh
-    ``"train"`` prompts of ``seed`` with ``n_max`` examples; ``values(gen)``, drawn after each batch's
-    prompts, gives the ``head_values`` of that step (ablated heads during a fine-tune)."""
+    ``"train"`` prompts of ``seed`` with ``n_max`` examples; ``values(gen)`` is called after each batch's
+    prompts are drawn (a pruning fine-tune draws its ablation's donors there, for its hooks to read)."""
     dev = next(model.parameters()).device
     model.train()
     trainee = One(model)
@@ -462,8 +462,9 @@ def fine_tune(model: Transformer, task: TaskConfig, steps: int, batch_size: int,
 
     def draw(step: int) -> Batch:
         p = train_prompts(task, batch_size, gen, task.n_max, task.d)
-        v = None if values is None else values(gen)
-        return p.x, p.y, {"head_values": v}
+        if values is not None:
+            values(gen)
+        return p.x, p.y, {}
 
     run_steps(trainee, opt, 0, steps, draw, grad_clip)
     model.eval()

@@ -36,9 +36,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import ConfigError, ModelConfig
-from .estimators import group_slices as coordinate_groups  # the grouping contract of pto_groups
-from .model import Transformer
+from ..config import ConfigError, ModelConfig
+from ..estimators import group_slices as coordinate_groups  # the grouping contract of pto_groups
+from ..model import Transformer
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,10 @@ def pto_transformer(d: int, n_steps: int, eta: float | Sequence[float], groups: 
         _preprocess_layer(model.blocks[0].attn, slots, d_head)
         for l, e in enumerate(etas, start=1):
             _gd_layer(model.blocks[l].attn, slots, e, a, gd_heads, d_head)
-        model.head_gates.zero_()
-        model.head_gates[0] = 1.0
-        model.head_gates[1:, :gd_heads] = 1.0
-    return model
+    gates = torch.zeros(cfg.n_layers, h)
+    gates[0] = 1.0
+    gates[1:, :gd_heads] = 1.0
+    return model.pruned(gates)  # its own head mask: the preprocessing heads of layer 0, gd_heads per later layer
 
 
 def _qkv(attn: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -198,7 +198,7 @@ def spread_gd_transformer(d: int, n_steps: int, eta: float, heads: int, n_max: i
                     Wq[base + c, j] = Wk[base + c, j] = b if j in slots.f else 1.0
                 Wv[base, slots.y], Wv[base, slots.p] = eta, -eta
                 model.blocks[l].attn.proj.weight[slots.p, base] = 1.0
-        model.head_gates.fill_(1.0)
-        model.head_gates[0, 1:] = 0.0
-    return model
+    gates = torch.ones_like(model.head_gates)
+    gates[0, 1:] = 0.0
+    return model.pruned(gates)  # layer 0 computes <r, x> with head 0 alone
 
