@@ -34,7 +34,8 @@ from typing import Any
 SKIP_FILES = {"stage.json", "config.json", "run.json", "manifest.json", "meta.json", "provenance.json",
               ".owner.json"}  # who owns the folder (folders.claim_out), not a result
 # files added after the reference was made (descriptive, no verdict reads them): absent from the reference files
-NOT_IN_REFERENCE = {"attention_patterns.csv"}
+NOT_IN_REFERENCE = {"attention_patterns.csv",
+                    "emergence_claims.csv"}  # E7's claim statistics per late snapshot (issue 23: trend verdicts)
 # timings, and the probes' chosen ``alpha``: for an exactly decodable target (E6a's ``x`` control,
 # R^2 = 1 - 1e-12) the leave-one-out curve is flat to rounding and any alpha is the optimum; the
 # R^2, risks and verdicts it gives are compared like every other number
@@ -43,7 +44,8 @@ NOT_IN_REFERENCE = {"attention_patterns.csv"}
 # below this floor means "equal to rounding", which is what E6c states
 ROUNDING_RESIDUE = {"max_abs_dev": 1e-9, "max_rel_dev": 1e-9, "e6c_max_abs_dev": 1e-9}
 SKIP_KEYS = {"elapsed_s", "wall_s", "cpu_s", "train_wall_s", "total_wall_s", "seconds", "time", "versions",
-             "git", "machine", "figures", "alpha"}
+             "git", "machine", "figures", "alpha",
+             "trend_steps"}  # added after the reference (E7's late snapshots: a list of steps, no statistic)
 
 
 def _cell(v: str) -> Any:
