@@ -443,3 +443,21 @@ def test_a_full_disk_is_one_line_exit_1(base, monkeypatch, tmp_path, capsys):
         main(["eval", str(base / "ckpt"), "--out", str(tmp_path / "o")])
     assert e.value.code == 1
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'o' / 'risk.csv'}: no space left on the device (disk full)"
+
+
+def test_the_architecture_sweeps_own_analysis_folders_are_allowed_inside_it_others_are_not(tmp_path):
+    """sweep-arch reads E2/E3 from ``seed{k}/h{h}-e2`` and ``h{h}-e3`` beside the checkpoint (scripts/device_paper.sh
+    writes them there); any other folder inside a sweep stays refused."""
+    from icl_heads.config import ConfigError
+    from icl_heads.folders import claim_out
+
+    sweep = tmp_path / "sweep"
+    (sweep / "L2-mlp0" / "seed0").mkdir(parents=True)
+    (sweep / "sweep.json").write_text("{}")
+    for name in ("h4-e2", "h4-e3", "h4-e4", "elsewhere"):
+        (sweep / "L2-mlp0" / "seed0" / name).mkdir()
+    claim_out(sweep / "L2-mlp0" / "seed0" / "h4-e2", "E2")
+    claim_out(sweep / "L2-mlp0" / "seed0" / "h4-e3", "E3")
+    for name, experiment in (("h4-e2", "E3"), ("h4-e4", "E4"), ("elsewhere", "E2")):
+        with pytest.raises(ConfigError, match="inside|belongs"):
+            claim_out(sweep / "L2-mlp0" / "seed0" / name, experiment)

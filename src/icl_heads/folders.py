@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from contextlib import contextmanager
@@ -196,6 +197,8 @@ def claim_out(out: str | Path, experiment: str) -> None:
     out = Path(out).resolve()
     for above in out.parents:
         found = [m for m in ENCLOSING_MARKERS if (above / m).is_file()]
+        if found == ["sweep.json"] and _sweep_analysis(out, experiment):
+            continue
         if found:
             raise ConfigError(f"out: {out} lies inside {ENCLOSING_MARKERS[found[0]]} ({above / found[0]}); "
                               "use a folder outside it")
@@ -207,6 +210,13 @@ def claim_out(out: str | Path, experiment: str) -> None:
                           "use a new --out")
     if owner is None:  # O_EXCL as the lock: with the lock held nobody else creates it
         _try_create(out / OWNER_FILE, {"experiment": experiment, "command": COMMANDS.get(experiment, experiment)})
+
+
+def _sweep_analysis(out: Path, experiment: str) -> bool:
+    """The architecture sweep's own analysis folders, ``.../seed{k}/h{h}-e2`` (E2) and ``h{h}-e3`` (E3) beside
+    their checkpoint, where ``sweep-arch --table`` reads them (``experiments.arch_sweep``)."""
+    want = {"E2": "e2", "E3": "e3"}.get(experiment)
+    return want is not None and re.fullmatch(rf"h\d+-{want}", out.name) is not None and out.parent.name.startswith("seed")
 
 
 def _experiment_of(config: Path) -> str | None:
