@@ -319,6 +319,10 @@ def format_sentences(trends: dict[str, dict[str, list[Any]]], cell: dict[tuple[s
     a, e = FORMAT_CONTRAST
     if a not in states or e not in states:
         return [f"* The format contrast ({a} vs {e}) is not analysed: {e if e not in states else a} has no complete seed."]
+    untestable = [c for c in (a, e) if not states[c]["learned"]]
+    if untestable:
+        said = ", ".join(f"{c} has not learned {states[c]['word'].removeprefix('not learned ')}" for c in untestable)
+        return [f"* Not testable: {said}; every claim about trained models waits for its models to leave the plateau."]
     out = []
     for claim in claims:
         ra, re_ = cell.get((claim, a)), cell.get((claim, e))
@@ -395,6 +399,12 @@ def e5_at_d(out: Path, d: int) -> dict[str, float]:
             if r["estimator"] in ("ridge", "lasso", "bayes") and int(float(r["n"])) == d}
 
 
+def _seeds_text(d: dict[str, Any]) -> str:
+    if d.get("not_learned"):
+        return f"{d['not_learned']} seeds in the zoo, not analysed: not learned"
+    return f"{d['seeds']} seed{'s' if d['seeds'] != 1 else ''}"
+
+
 def claim_verdicts(claim: str, names: Sequence[str], cell: dict[tuple[str, str], dict[str, Any]],
                    done: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     """``configuration -> verdict`` of one claim; a configuration skipped as not learned is *not testable*
@@ -427,8 +437,7 @@ def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str,
     lines = ["# icl-heads: the factor study on the zoo", "",
              f"![configuration x claim]({fig.name})", "",
              "Configurations (quick task, h = 4 analysed, h = 1 as the single-head reference): "
-             + "; ".join(f"**{c.name}** {c.title} ({done[c.name]['seeds']} seed{'s' if done[c.name]['seeds'] != 1 else ''})"
-                        for c in configs) + ".", "",
+             + "; ".join(f"**{c.name}** {c.title} ({_seeds_text(done[c.name])})" for c in configs) + ".", "",
              "**State of the models** (zoo meta, test prompts; a configuration whose h = 4 models' mean risk at "
              f"n = d is above {NOT_LEARNED:g} has *not learned*, and its claims about trained models are *not "
              "testable*). Beside them on the same task at n = d: "
@@ -469,7 +478,7 @@ def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str,
     lines += ["", "Per configuration: " + ", ".join(f"[{n}]({done[n]['report']})" for n in names if "report" in done[n])
               + "." + "".join(f" {n}: not analysed (not learned; `reproduce --not-learned` analyses it)."
                             for n in names if "report" not in done[n])]
-    missing = [c.name for c in configs if not done[c.name]["seeds"]]
+    missing = [c.name for c in configs if not done[c.name]["seeds"] and not done[c.name].get("not_learned")]
     if missing:
         lines += ["", f"Not analysed (no complete seed in the zoo yet): {', '.join(missing)}."]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
