@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -28,6 +28,14 @@ from .registry import (STATE_DIR, ZOO_DIR, ZooConfig, cooldown_dir, cooldown_pre
                        model_path, stable_preset, state_path)
 
 
+def _progress_line(tag: str, what: Callable[[dict[str, float]], str]) -> Callable[[dict[str, float]], None]:
+    """A worker's ``on_eval``: one line per evaluation -- time, member, step, ``what(row)``, the risks."""
+    def show(row: dict[str, float]) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {tag} step {row['step']} {what(row)} "
+              + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("r@")), flush=True)
+    return show
+
+
 def _train_member(config: ZooConfig, seed: int, h: int, work: str, threads: int) -> str:
     """Worker: train (or resume) one member of a configuration into ``work``; progress lines to stdout."""
     torch.set_num_threads(threads)
@@ -35,9 +43,7 @@ def _train_member(config: ZooConfig, seed: int, h: int, work: str, threads: int)
     run = Path(work) / config.name / f"seed{seed}" / f"h{h}"
     t0 = time.perf_counter()
 
-    def show(row: dict[str, float]) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {tag} step {row['step']} wall {row['wall_s']:.0f}s "
-              + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("r@")), flush=True)
+    show = _progress_line(tag, lambda row: f"wall {row['wall_s']:.0f}s")
 
     clock = run / CPU_CLOCK
     cpu0 = json.loads(clock.read_text())["cpu_s"] if clock.exists() else 0.0
@@ -123,9 +129,7 @@ def _accumulate_member(config: ZooConfig, seed: int, h: int, state_root: str, zo
     member = state_path(config.name, seed, h, Path(state_root))
     tag = f"{config.name}/seed{seed}/h{h}"
 
-    def show(row: dict[str, float]) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {tag} step {row['step']} lr {row['lr']:.2e} "
-              + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("r@")), flush=True)
+    show = _progress_line(tag, lambda row: f"lr {row['lr']:.2e}")
 
     for t in milestones(config):
         if upto is not None and t > upto:
