@@ -405,6 +405,37 @@ def test_ablation_only_assessment_equals_the_full_one_without_keep_settings():
         assert [half[kind].ranking(l) for l in range(3)] == [full[kind].ranking(l) for l in range(3)]
 
 
+def test_top_keep_assessment_gives_claim_1b_statistics_of_the_full_one():
+    """keep="top" (E7's trend statistics) runs one keep-only setting per layer, the top head's, and claim 1b's
+    statistics equal the full assessment's; every other head's keep-only error is NaN."""
+    from icl_heads.analysis.ablation import make_ablations
+    from icl_heads.analysis.importance import assess_heads_kinds
+
+    m = random_model("softmax", heads=4, layers=3, seed=9)
+    p = fixed_prompts(TASK, 24, 4, "val")
+    abls = list(make_ablations(m, "all", TASK, 24, seed=0).values())
+    n_from = 3
+    full = assess_heads_kinds(m, p, TASK, abls, n_min=n_from, batch_rows=40)  # 5 prompts a chunk: the second
+    top = assess_heads_kinds(m, p, TASK, abls, n_min=n_from, keep="top", batch_rows=40)  # pass chunks them again
+    for kind in full:
+        heads = full[kind].top_heads(n_from)
+        np.testing.assert_array_equal(top[kind].top_heads(n_from), heads)
+        for l, k in enumerate(heads):
+            # one setting per pass instead of 2h: the same arithmetic in differently sized float32 batches
+            np.testing.assert_allclose(top[kind].keep_err[l, k], full[kind].keep_err[l, k], rtol=1e-6, atol=1e-7)
+            others = [j for j in range(4) if j != k]
+            assert np.isnan(top[kind].keep_err[l, others]).all()
+        np.testing.assert_array_equal(top[kind].ablate_err, full[kind].ablate_err)
+        for a, b in zip(full[kind].claim1b_stats(n_from, 200, 1), top[kind].claim1b_stats(n_from, 200, 1)):
+            for ra, rb in zip(a, b):
+                assert ra.keys() == rb.keys()
+                for key in ra:
+                    if isinstance(ra[key], float):
+                        np.testing.assert_allclose(rb[key], ra[key], rtol=1e-6, err_msg=key)
+                    else:
+                        assert rb[key] == ra[key], key
+
+
 def test_e3_probe_ratio_equals_a_hand_fitted_ridge_probe(hand_ckpt, tmp_path):
     from sklearn.linear_model import RidgeCV
     from sklearn.pipeline import make_pipeline

@@ -139,3 +139,26 @@ def test_probe_pruned_with_mean_and_resample_ablation(tmp_path):
 def run_e4_cli(tmp_path, extra):
     main(["probe", str(tmp_path / "h2"), "--out", str(tmp_path / "e4"), "--device", "cpu", *extra])
     return read_json(tmp_path / "e4" / "summary.json")
+
+
+def test_e4_reuses_e3s_ranking_only_when_e3_ranked_as_e4_would(tmp_path):
+    """The main job hands E4 the seed's E3 folder: E4 then takes E3's pruned gates (the same ranking: same
+    checkpoint, seed, val prompts and policy) and writes what it writes when it ranks itself; an E3 run with
+    another policy or prompt count is not used."""
+    from icl_heads.experiments.e3_pruning import run_e3
+    from icl_heads.experiments.e4_probes import e3_pruned_gates, run_e4
+
+    pre = Preset(name="tiny", task=TASK, model=dict(d_model=16, n_layers=2), heads=[2],
+                 train=dict(steps=1, batch_size=8, lr=1e-3), eval=dict(n_val=40, n_test=40))
+    save_checkpoint(tmp_path / "h2", small_model(heads=2, seed=3), {"preset": pre.model_dump()})
+    ck, kinds = tmp_path / "h2", ("zero", "resample")
+    run_e3(ck, tmp_path / "e3", ablations=kinds, n_boot=50)
+    run_e3(ck, tmp_path / "e3-other", policy="1:top1,2:top1", ablations=kinds, n_boot=50)
+    own = run_e4(ck, tmp_path / "own", prune="default", ablations=kinds)
+    reused = run_e4(ck, tmp_path / "reused", prune="default", ablations=kinds, ranking_from=tmp_path / "e3")
+    assert e3_pruned_gates(tmp_path / "e3", ck, "1:all,2:top1", kinds, 40, pre.seed) is not None
+    assert e3_pruned_gates(tmp_path / "e3-other", ck, "1:all,2:top1", kinds, 40, pre.seed) is None
+    assert e3_pruned_gates(tmp_path / "e3", ck, "1:all,2:top1", kinds, 20, pre.seed) is None
+    assert e3_pruned_gates(tmp_path / "e3", ck, "1:all,2:top1", ("zero", "mean"), 40, pre.seed) is None
+    assert reused["by_ablation"] == own["by_ablation"]
+    assert read_csv(tmp_path / "reused" / "probes.csv") == read_csv(tmp_path / "own" / "probes.csv")

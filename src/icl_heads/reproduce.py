@@ -215,7 +215,7 @@ def seed_stages(runner: StageRunner, sd: Path, prefix: str, pk: Preset, device: 
     runner.run(f"{prefix}/e2", sd / "e2", lambda d: run_e2(multi, d, ablations=ABLATIONS, **common))
     runner.run(f"{prefix}/e3", sd / "e3", lambda d: run_e3(multi, d, ablations=ABLATIONS, single_ckpt=single, **common))
     runner.run(f"{prefix}/e4", sd / "e4", lambda d: run_e4(multi, d, prune=default_policy(pk.model.n_layers),
-                                                           compare=[single], **common))
+                                                           compare=[single], ranking_from=sd / "e3", **common))
     runner.run(f"{prefix}/e6", sd / "e6", lambda d: run_e6(multi, d, single_ckpt=single, with_construct=first,
                                                            with_any_t=first and any_t, **common))
     runner.run(f"{prefix}/e7", sd / "e7", lambda d: run_e7(multi, d, **common))

@@ -77,7 +77,7 @@ def claim_stat_rows(model: Any, task: TaskConfig, step: int, val: Prompts, test:
     lost needs the h = 1 model at the same step, which keeps no snapshots, so it is not among them."""
     n_from = in_context_n_min(task.d)
     abls = make_ablations(model, kinds, task, val.batch, seed)
-    imps = assess_heads_kinds(model, val, task, list(abls.values()), n_min=n_from, keep=True)
+    imps = assess_heads_kinds(model, val, task, list(abls.values()), n_min=n_from, keep="top")
     full = final_readouts(model, fit, test, torch.as_tensor(imps[kinds[0]].base_gates))
     policy = default_policy(model.cfg.n_layers)
     rows: list[dict[str, Any]] = []

@@ -25,7 +25,7 @@ No file is read or written here: :mod:`icl_heads.experiments.e2_importance` is t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from ..tasks import Prompts
 from .ablation import Ablation, make_ablation
 
 ABLATE, KEEP = "ablate", "keep"
+Keep = Union[bool, Literal["top"]]  # which keep-only settings to run: all, none, or each layer's top head
 
 
 @dataclass
@@ -130,14 +131,13 @@ class HeadImportance:
         """
         L, h = self.shape
         P = self.n_prompts
-        cut = lambda e: e[..., n_from:].mean(-1)  # noqa: E731  per-prompt mean over n >= n_from
-        base, abl, keep = cut(self.base_err), cut(self.ablate_err), cut(self.keep_err)  # (P,), (L, h, P) x2
+        base, abl = _pooled(self.base_err, n_from), _pooled(self.ablate_err, n_from)  # (P,), (L, h, P)
+        keep = _pooled(self.keep_err, n_from)
         counts = np.random.default_rng(seed).multinomial(P, np.full(P, 1 / P), size=n_boot)
         stats = {}
         for name, w in (("point", np.ones((1, P))), ("boot", counts)):
             stats[name] = (w @ base / P, abl @ w.T / P, keep @ w.T / P)  # (B,), (L, h, B), (L, h, B)
-        b0, a0, _ = stats["point"]
-        top = np.argmax(a0[..., 0] - b0[0], axis=1)  # (L,) ties: lower index
+        top = self.top_heads(n_from)
         out = {}
         for name, (b, a, k) in stats.items():
             neff = effective_heads(np.moveaxis(a - b, -1, 0))  # (B, L)
@@ -163,6 +163,16 @@ class HeadImportance:
                 model.append(dict(ablation=self.ablation, statistic=stat, value=float(out["point"][stat][0]),
                                   ci_low=lo, ci_high=hi, n_from=n_from, n_heads=h, n_layers=L))
         return layers, model
+
+    def top_heads(self, n_from: int) -> np.ndarray:
+        """``(L,)`` each layer's top head by ablation importance pooled over ``n >= n_from`` (ties: lower
+        index): the head whose keep-only risk claim 1b's keep-top ratio reads, and the only keep-only
+        setting :func:`assess_heads_kinds` runs with ``keep="top"``."""
+        P = self.n_prompts
+        w = np.ones((1, P))
+        b0 = w @ _pooled(self.base_err, n_from) / P  # (1,): the same products claim1b_stats' point estimate takes
+        a0 = _pooled(self.ablate_err, n_from) @ w.T / P  # (L, h, 1)
+        return np.argmax(a0[..., 0] - b0[0], axis=1)
 
     def effective_heads_by_n(self) -> list[dict[str, Any]]:
         """Per (layer, n): N_eff of the importance shares at that n and the keep-top ratio (top head by the
@@ -256,6 +266,11 @@ def effective_heads(score: np.ndarray) -> np.ndarray:
         return 1.0 / (p ** 2).sum(-1)
 
 
+def _pooled(err: np.ndarray, n_from: int) -> np.ndarray:
+    """Per-prompt mean over context lengths ``n >= n_from`` (last axis)."""
+    return err[..., n_from:].mean(-1)
+
+
 def top_share(score: np.ndarray) -> np.ndarray:
     """Share of the top head in each layer's positive importance (last axis = heads; NaN if none)."""
     return per_layer_share(score).max(-1)
@@ -273,7 +288,7 @@ def gate_settings(base: torch.Tensor, layer: int) -> torch.Tensor:
 
 def assess_heads(model: Transformer, prompts: Prompts, task: TaskConfig, gates: torch.Tensor | None = None,
                  batch_rows: int = 2048, n_min: int = 1, ablation: str | Ablation = "zero",
-                 reference: Prompts | None = None, seed: int = 0, keep: bool = True) -> HeadImportance:
+                 reference: Prompts | None = None, seed: int = 0, keep: Keep = True) -> HeadImportance:
     """E2 on a loaded model: errors of the base model and of all ``2 L h`` single-layer gate changes.
 
     ``gates`` (``(L, h)``, default the model's own) is the base setting that ablations start
@@ -288,13 +303,15 @@ def assess_heads(model: Transformer, prompts: Prompts, task: TaskConfig, gates: 
 @torch.no_grad()
 def assess_heads_kinds(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: Sequence[Ablation],
                        gates: torch.Tensor | None = None, batch_rows: int = 2048,
-                       n_min: int = 1, keep: bool = True) -> dict[str, HeadImportance]:
+                       n_min: int = 1, keep: Keep = True) -> dict[str, HeadImportance]:
     """:func:`assess_heads` for several ablation kinds; the base pass (and the residual stream
     entering each layer) is computed once when the base gates are all 1, as it is then the same.
     A full-mask model (E6c's constructions) predicts one query per pass: it is run once per
     context length on the prompts' prefixes (:func:`prefix_prompts`), so the errors are ``(P, N)`` too.
     ``keep=False`` skips the keep-only settings (half the passes) where only the ablation ranking is
-    read (E3's ranking, E7); ``keep_err`` is then NaN."""
+    read (E3's ranking, E7's view); ``keep_err`` is then NaN. ``keep="top"`` runs one keep-only setting per
+    layer, its top head's (:meth:`HeadImportance.top_heads` over ``n >= n_min``), after the ablations: all
+    that :meth:`HeadImportance.claim1b_stats` reads (E7's trend statistics); the other heads' ``keep_err`` is NaN."""
     _check_prompts(model, prompts)
     if model.cfg.mask == "full":
         return _assess_per_prefix(model, prompts, task, ablations, gates, batch_rows, n_min, keep)
@@ -303,7 +320,7 @@ def assess_heads_kinds(model: Transformer, prompts: Prompts, task: TaskConfig, a
 
 @torch.no_grad()
 def _assess(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: Sequence[Ablation],
-            gates: torch.Tensor | None, batch_rows: int, n_min: int, keep: bool = True) -> dict[str, HeadImportance]:
+            gates: torch.Tensor | None, batch_rows: int, n_min: int, keep: Keep = True) -> dict[str, HeadImportance]:
     """The batched passes of :func:`assess_heads_kinds` (one query per context length, or one in all)."""
     was_training = model.training
     model.eval()
@@ -312,27 +329,53 @@ def _assess(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: S
     base_gates = (model.head_gates if gates is None else gates).detach().to(dev, torch.float32)
     if base_gates.shape != (L, h):
         raise ConfigError(f"gates: expected shape ({L}, {h}) (got {tuple(base_gates.shape)})")
-    A = 2 * h if keep else h  # gate settings per layer: h single-head ablations (then h keep-only)
-    settings = [gate_settings(base_gates, l)[:A] for l in range(L)]  # each (A, L, h)
-    shared_base = bool((base_gates == 1).all())  # no head is off in the base: values do not matter there
     P, N = prompts.f.shape
-    K = len(ablations)
-    preds = torch.full((K, 1 + 2 * L * h, P, N), float("nan"), dtype=torch.float64)
+    preds = torch.full((len(ablations), 1 + 2 * L * h, P, N), float("nan"), dtype=torch.float64)
+    A = 2 * h if keep is True else h  # gate settings per layer: h single-head ablations (then h keep-only)
+    _fill(model, prompts, ablations, base_gates, preds, lambda a, l: range(A), batch_rows)
+    result = _importances(preds, prompts, task, ablations, base_gates, n_min)
+    if keep == "top":  # then the one keep-only setting per layer that claim 1b reads: its top head's
+        tops = [result[abl.kind].top_heads(n_min) for abl in ablations]
+        _fill(model, prompts, ablations, base_gates, preds, lambda a, l: range(h + tops[a][l], h + tops[a][l] + 1),
+              batch_rows, base=False)
+        result = _importances(preds, prompts, task, ablations, base_gates, n_min)
+    model.train(was_training)
+    return result
+
+
+def _fill(model: Transformer, prompts: Prompts, ablations: Sequence[Ablation], base_gates: torch.Tensor,
+          preds: torch.Tensor, which: Any, batch_rows: int, base: bool = True) -> None:
+    """Predictions of the gate settings ``which(a, l)`` (a contiguous range of :func:`gate_settings` indices)
+    of every ablation ``a`` and layer ``l`` into ``preds`` ``(K, 1 + 2Lh, P, N)`` (row 0: the base pass,
+    written when ``base``), by chunks of prompts."""
+    dev = base_gates.device
+    L, h = base_gates.shape
+    P, N = prompts.f.shape
+    shared_base = bool((base_gates == 1).all())  # no head is off in the base: values do not matter there
     chunk = max(1, batch_rows // (2 * h))
     entering = [act_name("resid_pre", l) for l in range(L)]  # the residual stream entering each layer
+    settings = [gate_settings(base_gates, l) for l in range(L)]  # each (2h, L, h)
     for i in range(0, P, chunk):
         p = prompts.slice(i, i + chunk).to(dev, torch.float32)
         b = p.batch
         shared = _cached(model, p, [], entering) if shared_base else None
         for a, abl in enumerate(ablations):
             pred, cache = shared or _cached(model, p, abl.hooks(base_gates, start=i), entering)
-            preds[a, 0, i:i + b] = pred.double().cpu()
+            if base:
+                preds[a, 0, i:i + b] = pred.double().cpu()
             vals = abl.values(b, i)  # None, (L, T, h, dh) or (b, L, T, h, dh)
             vals = None if vals is None else vals.to(dev, torch.float32)
             for l in range(L):
-                out = _run_settings(model, cache[entering[l]], l, settings[l], vals).view(A, b, N).double().cpu()
-                preds[a, 1 + 2 * l * h: 1 + 2 * l * h + A, i:i + b] = out
-    model.train(was_training)
+                r = which(a, l)
+                out = _run_settings(model, cache[entering[l]], l, settings[l][r.start:r.stop], vals)
+                preds[a, 1 + 2 * l * h + r.start: 1 + 2 * l * h + r.stop, i:i + b] = out.view(len(r), b, N).double().cpu()
+
+
+def _importances(preds: torch.Tensor, prompts: Prompts, task: TaskConfig, ablations: Sequence[Ablation],
+                 base_gates: torch.Tensor, n_min: int) -> dict[str, HeadImportance]:
+    """One :class:`HeadImportance` per ablation kind from the predictions ``(K, 1 + 2Lh, P, N)``."""
+    L, h = base_gates.shape
+    P, N = prompts.f.shape
     result = {}
     for a, abl in enumerate(ablations):
         err = np.stack([squared_errors(pr, prompts.f) for pr in preds[a]])  # (1 + 2Lh, P, N)
@@ -357,7 +400,7 @@ def prefix_errors(model: Transformer, prompts: Prompts, gates: torch.Tensor | No
 
 def _assess_per_prefix(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: Sequence[Ablation],
                        gates: torch.Tensor | None, batch_rows: int, n_min: int,
-                       keep: bool = True) -> dict[str, HeadImportance]:
+                       keep: Keep = True) -> dict[str, HeadImportance]:
     """:func:`assess_heads_kinds` for a full-mask model: one pass per context length, errors stacked along n."""
     per_n = []
     for n in range(prompts.f.shape[1]):

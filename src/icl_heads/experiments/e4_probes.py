@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
 from ..analysis.ablation import REFERENCE_STREAM, make_ablations, parse_ablations
@@ -18,7 +19,7 @@ from ..analysis.pruning import default_policy, parse_policy, prune_gates
 from ..claims.keys import AblationKind, ModelKey, Variant, in_context_n_min
 from ..config import ConfigError, Preset
 from ..evaluation import evaluate
-from ..io import save_figure, write_csv, write_json, write_provenance
+from ..io import read_json, save_figure, write_csv, write_json, write_provenance
 from ..model import Transformer
 from ..plotting import new_figure
 from ..tasks import fixed_prompts
@@ -27,13 +28,17 @@ from .loading import load_for_analysis
 
 def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare: Sequence[str | Path] = (),
            preset: Preset | str | None = None, n_prompts: int | None = None, seed: int | None = None,
-           device: str = "cpu", ablations: str | Sequence[str] = ("zero",)) -> dict[str, Any]:
+           device: str = "cpu", ablations: str | Sequence[str] = ("zero",),
+           ranking_from: str | Path | None = None) -> dict[str, Any]:
     """E4: probes for the model in ``ckpt``, its pruned version (``prune`` policy) and ``compare`` models.
 
     ``prune="default"`` means all heads in layer 1, the top head in every later layer; heads are
     ranked by E2 importance on "val" prompts, under each ablation kind in ``ablations``, and the
     pruned heads are ablated the same way (model label ``h=H pruned``, plus `` (mean)`` /
     `` (resample)`` for those kinds). All models are probed on the same prompts.
+    ``ranking_from``: a finished E3 folder of the same checkpoint; where it ranked the heads as E4 would
+    (same checkpoint, seed, prompts, policy and kind: :func:`e3_pruned_gates`), its pruned gates are used
+    instead of ranking again (the main job: the ranking is the same work, done once).
     """
     out = Path(out)
     kinds = parse_ablations(ablations)
@@ -51,13 +56,15 @@ def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare:
     if prune is not None:
         policy = default_policy(model.cfg.n_layers) if prune == "default" else prune
         abls = make_ablations(model, kinds, pre.task, n, seed)
-        imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()),
-                                  n_min=in_context_n_min(pre.task.d), keep=False)  # ranked as E3 ranks them
+        gates = e3_pruned_gates(ranking_from, ckpt, policy, kinds, n, seed) if ranking_from else None
+        if gates is None:
+            imps = assess_heads_kinds(model, fixed_prompts(pre.task, n, seed, "val"), pre.task, list(abls.values()),
+                                      n_min=in_context_n_min(pre.task.d), keep=False)  # ranked as E3 ranks them
+            gates = {kind: prune_gates(imps[kind], policy) for kind in kinds}
         for kind, abl in abls.items():
             label = ModelKey(model.cfg.n_heads, Variant.PRUNED, AblationKind(kind)).e4_label
             kind_of[label] = kind
-            runs.append((label, model, prune_gates(imps[kind], policy), abl.repaired(seed + 1).values(n), abl.values(n),
-                         str(ckpt)))
+            runs.append((label, model, gates[kind], abl.repaired(seed + 1).values(n), abl.values(n), str(ckpt)))
     for other in compare:
         m2, _, _ = load_for_analysis(other, pre, device)
         if m2.cfg.n_layers != model.cfg.n_layers:
@@ -91,6 +98,24 @@ def run_e4(ckpt: str | Path, out: str | Path, prune: str | None = None, compare:
     write_provenance(out, pre, seed, experiment="E4", checkpoint=str(ckpt), compare=[str(c) for c in compare],
                      prune_policy=policy, alphas=ALPHAS, ablations=list(kinds), reference_stream=REFERENCE_STREAM)
     return summary
+
+
+def e3_pruned_gates(e3_dir: str | Path, ckpt: str | Path, policy: str, kinds: Sequence[str], n: int,
+                    seed: int) -> dict[str, torch.Tensor] | None:
+    """The pruned gates ``(L, h)`` per ablation kind of a finished E3 run, if it ranked the heads exactly as E4
+    ranks them: same checkpoint, seed, number of "val" prompts and policy, and every kind present (E3 ranks
+    over ``n >= d/2``, as E4 does). Otherwise None, and E4 ranks them itself."""
+    folder = Path(e3_dir)
+    if not (folder / "summary.json").exists() or not (folder / "config.json").exists():
+        return None
+    summary, config = read_json(folder / "summary.json"), read_json(folder / "config.json")
+    same = (summary.get("checkpoint") == str(ckpt) and summary.get("policy") == policy
+            and summary.get("n_prompts") == n and config.get("seed") == seed
+            and summary.get("finetune_steps") == 0 and set(kinds) <= set(summary.get("by_ablation", {})))
+    if not same:
+        return None
+    return {kind: torch.tensor(summary["by_ablation"][kind]["gates"]["pruned"], dtype=torch.float32)
+            for kind in kinds}
 
 
 def summary_models(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
