@@ -7,7 +7,8 @@ them (three ablation kinds for E2/E3) on one zoo configuration's seed-0 models (
 * its wall time,
 * the forward-pass equivalents (FPE) it does: every attention layer applied to a token row is
   counted (``Attention.forward`` is wrapped: a block's attention, which E2 runs once per layer for
-  all its gate settings; the per-setting output projection and MLP are not counted), and one FPE
+  all its gate settings; the per-setting output projection and MLP are not counted; a last block that
+  computes the read-out's rows only counts those rows), and one FPE
   is the model's ``L`` layers over the stage's base prompt set (``eval.n_test`` prompts,
   ``2 n_max + 1`` tokens each) -- so partial passes from a layer, ablation batches and snapshot
   passes all count for what they cost,
@@ -44,7 +45,8 @@ ROWS = {"n": 0}
 
 def counting(forward):
     def wrapped(self, h, *args, **kwargs):
-        ROWS["n"] += h.shape[0] * h.shape[1]
+        rows = kwargs.get("rows", args[2] if len(args) > 2 else None)  # (mask, gates, rows): query rows computed
+        ROWS["n"] += h.shape[0] * (h.shape[1] if rows is None else len(rows))
         return forward(self, h, *args, **kwargs)
     return wrapped
 

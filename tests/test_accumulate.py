@@ -124,7 +124,9 @@ def test_the_zoo_trainer_exports_each_cooldown_with_its_comparison_and_caps(tmp_
     assert conv["from_step"] == 16 and conv["to_step"] == 32
     for row in conv["at"].values():  # the improvement is the cool-downs' paired comparison
         assert row["improvement"] == pytest.approx(1 - row["risk"] / row["risk_half"], abs=1e-6)  # float32 means
-    decided = all(conv["at"][n]["improvement"] < 0.03 for n in ("5", "10"))  # n = d and 2d of the smoke task
+    # converged: < 3% better at n = d and 2d of the smoke task, and off the plateau (risk at n = d <= 0.5)
+    assert conv["plateau"] == (conv["at"]["5"]["risk"] > 0.5)
+    decided = all(conv["at"][n]["improvement"] < 0.03 for n in ("5", "10")) and not conv["plateau"]
     assert conv["converged"] == decided
     state = "converged" if decided else "capped"  # the cap is 32 steps: no further doubling either way
     assert out == [f"G/seed0/h2: {state}"]

@@ -308,3 +308,81 @@ def test_mlp_is_addressed_by_name_and_keeps_checkpoint_names() -> None:
     assert {"blocks.1.mlp.0.weight", "blocks.1.mlp.2.bias"} <= set(m.state_dict())  # the zoo's names
     assert {"blocks.1.ln_1.weight", "ln_f.bias", "head_gates"} <= set(m.state_dict())  # hook names do not enter
     assert "blocks.1.ln1.hook_scale" in m.hook_dict and "ln_final.hook_normalized" in m.hook_dict
+
+
+def _every_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Transformer, "_read_out_rows_only", lambda self, block: False)
+
+
+@pytest.mark.parametrize("attention,fmt", VARIANTS)
+@pytest.mark.parametrize("mlp", [True, False])
+def test_last_block_computing_the_read_out_rows_only_gives_the_full_passs_predictions(
+        attention: str, fmt: str, mlp: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An evaluation pass computes the last block at the query tokens only; the predictions equal the pass
+    over every row, plain, with per-token head values (mean ablation) and with per-prompt ones (resample),
+    and from a later layer."""
+    m = make(attention, fmt, heads=2, mlp=mlp)
+    x, y = prompts(B=4)
+    T = m.embed(x, y).shape[1]
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    token_vals = torch.randn(2, T, 2, 8, dtype=torch.float64)  # (L, T, h, d_head)
+    prompt_vals = torch.randn(4, 2, T, 2, 8, dtype=torch.float64)  # (B, L, T, h, d_head)
+    resid = m.embed(x, y)
+    runs = {"plain": lambda: m(x, y),
+            "token values": lambda: m.run_with_hooks(x, y, fwd_hooks=head_hooks(g, token_vals)),
+            "prompt values": lambda: m.run_with_hooks(x, y, fwd_hooks=head_hooks(g, prompt_vals)),
+            "from layer 1": lambda: m.run_with_hooks(m.blocks[0](resid, m.token_layout(x.shape[1])[1]),
+                                                     start_at_layer=1, fwd_hooks=head_hooks(g, prompt_vals))}
+    with torch.no_grad():
+        fast = {k: f() for k, f in runs.items()}
+        with monkeypatch.context() as mp:
+            _every_row(mp)
+            full = {k: f() for k, f in runs.items()}
+    for k in runs:
+        torch.testing.assert_close(fast[k], full[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_the_read_out_rows_pass_is_taken_only_when_nothing_watches_the_other_rows() -> None:
+    """Gate hooks see the query rows (and ``hook.rows``) in an evaluation pass; a hook that reads ``hook_z``
+    or anything after it in the last block, or training, sees every token."""
+    m = make("softmax", "pair")
+    x, y = prompts()
+    T, Q = m.embed(x, y).shape[1], x.shape[1]
+    seen = {}
+
+    def record(key: str):
+        def hook(t: torch.Tensor, hook) -> None:
+            seen[key] = (t.shape[1], None if hook.rows is None else hook.rows.tolist())
+        return hook
+
+    gate = head_hooks(torch.ones(2, 2, dtype=torch.float64))[-1][1]
+
+    def rowwise_record(t: torch.Tensor, hook) -> torch.Tensor:
+        seen["gate"] = (t.shape[1], None if hook.rows is None else len(hook.rows))
+        return gate(t, hook=hook)
+    rowwise_record.rowwise = True  # type: ignore[attr-defined]
+
+    last_z, last_mid = act_name("z", 1), act_name("resid_mid", 1)
+    m.run_with_hooks(x, y, fwd_hooks=[(last_z, rowwise_record)])
+    assert seen["gate"] == (Q, Q)
+    m.run_with_hooks(x, y, fwd_hooks=[(last_z, record("z"))])
+    assert seen["z"] == (T, None)
+    m.run_with_hooks(x, y, fwd_hooks=[(last_z, rowwise_record), (last_mid, record("mid"))])
+    assert seen["gate"] == (T, None) and seen["mid"] == (T, None)
+    _, cache = m.run_with_cache(x, y, names_filter=[act_name("resid_post", 1)], return_cache_object=False)
+    assert cache[act_name("resid_post", 1)].shape[1] == T
+    m.train()
+    m.run_with_hooks(x, y, fwd_hooks=[(last_z, rowwise_record)])
+    assert seen["gate"] == (T, None)
+
+
+def test_a_plain_torch_hook_after_the_last_attention_core_sees_every_row() -> None:
+    m = make("softmax", "pair")
+    x, y = prompts()
+    seen = []
+    handle = m.blocks[1].attn.proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    try:
+        m(x, y)
+    finally:
+        handle.remove()
+    assert seen == [m.embed(x, y).shape[1]]

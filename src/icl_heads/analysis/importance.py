@@ -34,7 +34,7 @@ from ..config import ConfigError, TaskConfig
 from ..evaluation import predict
 from ..metrics import curve_from_errors, squared_errors
 from ..model import HookPoint, Transformer, act_name, gate_heads, head_hooks
-from ..model.hooks import Hooks
+from ..model.hooks import Hooks, at_rows, rowwise
 from ..tasks import Prompts
 from .ablation import Ablation, make_ablation
 
@@ -437,8 +437,9 @@ def _run_settings(model: Transformer, resid: torch.Tensor, layer: int, settings:
         values = values.repeat(A, 1, 1, 1, 1)
     v0 = None if values is None else values[..., layer, :, :, :]
 
+    @rowwise
     def fan_out(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # (b, T, h, dh) -> (A*b, T, h, dh)
-        return gate_heads(z.repeat(A, 1, 1, 1), g[:, layer], v0)
+        return gate_heads(z.repeat(A, 1, 1, 1), g[:, layer], at_rows(v0, hook.rows))
 
     hooks = [(act_name("z", layer), fan_out)] + head_hooks(g, values, layers=range(layer + 1, model.cfg.n_layers))
     return model.run_with_hooks(resid, start_at_layer=layer, fwd_hooks=hooks)

@@ -85,6 +85,7 @@ class LensHandle:
     hook: torch.utils.hooks.RemovableHandle
     is_permanent: bool = False
     context_level: int | None = None
+    rowwise: bool = False  # the hook function is marked :func:`rowwise`
 
 
 class HookPoint(nn.Module):
@@ -96,6 +97,9 @@ class HookPoint(nn.Module):
         self.bwd_hooks: list[LensHandle] = []
         self.ctx: dict[Any, Any] = {}
         self.name: str | None = None
+        # The token rows the activation holds when a pass computes only some of them (the last block of an
+        # evaluation pass, which computes the read-out's rows only: Transformer's docstring); None = all T.
+        self.rows: torch.Tensor | None = None
 
     def add_hook(self, hook: HookFn, dir: str = "fwd", is_permanent: bool = False, level: int | None = None,
                  prepend: bool = False) -> LensHandle:
@@ -111,7 +115,7 @@ class HookPoint(nn.Module):
             hooks = self.bwd_hooks
         else:
             raise ValueError(f"add_hook: dir must be fwd or bwd (got {dir!r})")
-        lens = LensHandle(handle, is_permanent, level)
+        lens = LensHandle(handle, is_permanent, level, bool(getattr(hook, "rowwise", False)))
         hooks.insert(0 if prepend else len(hooks), lens)
         return lens
 
@@ -134,6 +138,10 @@ class HookPoint(nn.Module):
     def has_hooks(self) -> bool:
         """Whether anything (a TransformerLens-style hook or a plain torch forward hook) watches this point."""
         return bool(self._forward_hooks)
+
+    def has_only_rowwise_hooks(self) -> bool:
+        """Whether every forward hook here is a :func:`rowwise` hook (true when there are none)."""
+        return len(self._forward_hooks) == len(self.fwd_hooks) and all(h.rowwise for h in self.fwd_hooks)
 
     def clear_context(self) -> None:
         self.ctx = {}
@@ -282,6 +290,20 @@ def _names_filter(names_filter: NamesFilter) -> Callable[[str], bool]:
 # --------------------------------------------------------------------------- the one head intervention
 
 
+def rowwise(fn: HookFn) -> HookFn:
+    """Mark a hook as acting on each token row on its own, aligning any per-token tensor it holds with
+    ``hook.rows`` (the rows the activation holds, or None for all): such hooks at the last block's
+    ``hook_z`` leave its read-out-only evaluation pass on (the model's docstring). Any other hook there turns
+    it off, so a hook that reads or caches the activation always sees every row."""
+    fn.rowwise = True  # type: ignore[attr-defined]
+    return fn
+
+
+def at_rows(values: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-token head values ``(..., T, h, d_head)`` at the token ``rows`` a hook point holds (None: all)."""
+    return values if values is None or rows is None else values.index_select(-3, rows.to(values.device))
+
+
 def gate_heads(z: torch.Tensor, gates: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
     """Head outputs ``z (B, T, h, d_head)`` gated: ``g * z + (1 - g) * values``.
 
@@ -310,6 +332,7 @@ def head_hooks(gates: torch.Tensor, values: Values = None, start: int = 0,
     L = gates.shape[-2]
 
     def hook_for(l: int) -> HookFn:
+        @rowwise
         def hook(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
             B = z.shape[0]
             g = gates[..., l, :] if gates.dim() == 2 else gates[start:start + B, l]
@@ -318,7 +341,7 @@ def head_hooks(gates: torch.Tensor, values: Values = None, start: int = 0,
                 v = None if v is None else (v[l] if v.dim() == 4 else v[:, l])
             else:
                 v = None if values is None else (values[l] if values.dim() == 4 else values[start:start + B, l])
-            return gate_heads(z, g, v)
+            return gate_heads(z, g, at_rows(v, hook.rows))
         return hook
 
     return [(act_name("z", l), hook_for(l)) for l in (range(L) if layers is None else layers)]

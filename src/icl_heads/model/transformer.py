@@ -21,6 +21,11 @@ d_model``, ``h`` heads of ``d_head``, ``Q`` queries (predictions) per prompt.
   (by ``gate_heads``) before ``hook_z``.
 * **Start at a layer**: ``model(resid, start_at_layer=l)`` runs blocks ``l..L-1`` and the read-out on
   the residual stream entering block ``l`` (``blocks.{l}.hook_resid_pre``), as in TransformerLens.
+* **Read-out rows only**: an evaluation pass computes the last block at the query tokens only (keys and
+  values from every token) unless something watches its other rows (:meth:`Transformer._read_out_rows_only`);
+  its ``hook_z`` then holds ``(B, Q, h, d_head)`` and says which tokens in ``hook.rows``, which the head-gate
+  hooks (:func:`~icl_heads.model.hooks.rowwise`) use to align per-token values. Any other hook there, or
+  after it in the last block, sees every token as before.
 
 Linear attention is ``(q . k) v`` summed over the visible keys and divided by their number (an
 average, as in the GD-as-attention literature); a query never attends to itself under linear
@@ -96,22 +101,30 @@ class Attention(nn.Module):
         self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()
         self.hook_z, self.hook_result = HookPoint(), HookPoint()
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer's output ``(B', T, D)`` from the normalised residual stream ``x (B, T, D)``;
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's output ``(B', T', D)`` from the normalised residual stream ``x (B, T, D)``;
         ``gates (h,)`` is the model's head mask for this layer (None: all ones). ``B' = B`` unless a
-        ``hook_z`` hook fans out."""
+        ``hook_z`` hook fans out; ``rows`` (token indices, ``T'`` of them; None: all ``T``) are the query
+        rows computed: keys and values still come from every token."""
         B, T, D = x.shape
         q, k, v = (hook(t.view(B, T, self.n_heads, self.d_head)).transpose(1, 2)  # (B, h, T, d_head)
                    for hook, t in zip((self.hook_q, self.hook_k, self.hook_v), self.qkv(x).split(D, dim=-1)))
+        if rows is not None:
+            q, mask = q[:, :, rows], mask[rows]  # (B, h, T', d_head), (T', T)
         if self.hook_pattern.has_hooks() or self.hook_attn_scores.has_hooks():
             z = self._explicit(q, k, v, mask)
         else:
             z = attend(q, k, v, mask, self.linear)
-        z = z.transpose(1, 2)  # (B, T, h, d_head)
-        z = self.hook_z(z if gates is None else gate_heads(z, gates))  # (B', T, h, d_head)
-        if self.hook_result.has_hooks():  # per-head contributions (B', T, h, D), summed as TransformerLens does
+        z = z.transpose(1, 2)  # (B, T', h, d_head)
+        self.hook_z.rows = rows
+        try:
+            z = self.hook_z(z if gates is None else gate_heads(z, gates))  # (B', T', h, d_head)
+        finally:
+            self.hook_z.rows = None
+        if self.hook_result.has_hooks():  # per-head contributions (B', T', h, D), summed as TransformerLens does
             return self.hook_result(torch.einsum("bthd,hdm->bthm", z, self.W_O)).sum(2) + self.proj.bias
-        return self.proj(z.reshape(z.shape[0], T, D))
+        return self.proj(z.reshape(z.shape[0], z.shape[1], D))
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attention with its scores and pattern materialised (and hooked); SDPA's result to rounding."""
@@ -190,9 +203,13 @@ class Block(nn.Module):
         self.hook_mlp_out = HookPoint() if cfg.mlp else None
         self.hook_resid_post = HookPoint()
 
-    def forward(self, resid: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, resid: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``resid (B, T, D)`` -> ``(B', T', D)``: the block's output at token ``rows`` (None: all ``T``)."""
         resid = self.hook_resid_pre(resid)
-        attn_out = self.hook_attn_out(self.attn(self.ln_1(resid), mask, gates))
+        attn_out = self.hook_attn_out(self.attn(self.ln_1(resid), mask, gates, rows))
+        if rows is not None:
+            resid = resid[:, rows]
         resid = self.hook_resid_mid(_fan_in(resid, attn_out) + attn_out)
         if self.mlp is not None:
             resid = resid + self.hook_mlp_out(self.mlp(self.ln_2(resid)))
@@ -297,9 +314,36 @@ class Transformer(HookedRootModule):
             raise ValueError(f"start_at_layer: must be in 0..{L} (got {start})")
         lay, mask = self.token_layout(self.n_examples_of(resid.shape[1]), resid.device)
         gates = self._head_mask()
+        rows = None
         for l in range(start, L):
-            resid = self.blocks[l](resid, mask, None if gates is None else gates[l])
-        return self.hook_readout(self.read_out(self.ln_f(resid[:, lay.query_index])).squeeze(-1))
+            rows = lay.query_index if l == L - 1 and self._read_out_rows_only(self.blocks[l]) else None
+            resid = self.blocks[l](resid, mask, None if gates is None else gates[l], rows)
+        at_queries = resid if rows is not None else resid[:, lay.query_index]
+        return self.hook_readout(self.read_out(self.ln_f(at_queries)).squeeze(-1))
+
+    def _read_out_rows_only(self, block: Block) -> bool:
+        """Whether the last block may compute only the read-out's rows (the query tokens; keys and values
+        still from every token): in an evaluation pass where nothing observes its other rows -- no hook
+        (hook point or plain torch hook) on anything after its attention core except
+        :func:`~icl_heads.model.hooks.rowwise` hooks at ``hook_z`` (the head gates). The context rows of
+        the last block feed nothing, so the predictions are the same -- to float32 rounding, as the kernels
+        see smaller matrices (bitwise on the zoo's models; 4e-9 on a tiny test model) -- for about half the
+        last block's attention and everything after it (issue 25: docs/performance.md). Training passes
+        compute every row, so training is unchanged."""
+        if self.training:
+            return False
+        attn = block.attn
+        before = {id(m) for m in (block.hook_resid_pre, block.ln_1, attn.qkv, attn.hook_q, attn.hook_k, attn.hook_v)}
+        before |= {id(m) for m in block.ln_1.modules()}
+        for module in block.modules():
+            if id(module) in before or module is block or module is attn:
+                continue
+            if module is attn.hook_z:
+                if module._forward_pre_hooks or not module.has_only_rowwise_hooks():
+                    return False
+            elif module._forward_hooks or module._forward_pre_hooks:
+                return False
+        return not (block._forward_hooks or block._forward_pre_hooks or attn._forward_hooks or attn._forward_pre_hooks)
 
     def _head_mask(self) -> torch.Tensor | None:
         """The head mask, or None when it is all ones: an evaluation pass then skips the multiply by 1 (the

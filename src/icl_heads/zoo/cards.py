@@ -16,7 +16,7 @@ from ..estimators import estimator_table
 from ..io import atomic_write_text
 from ..training import marker_ns
 from .export import SUMS_FILE
-from .registry import CONFIGS, ZooConfig, available, model_path
+from .registry import CONFIGS, ZooConfig, available, member_status, model_path
 
 BASELINES = ("ridge", "lasso", "pto_depth", "pto", "bayes")
 
@@ -37,11 +37,12 @@ def _gain(v: dict) -> str:
     return "" if v.get("improvement") is None else f" ({v['improvement']:+.1%})"
 
 
-def _state(z: dict, conv: dict) -> str:
+def _state(config: ZooConfig, seed: int, h: int, root: Path, z: dict) -> str:
     """converged, capped at T, or still training (accumulating configurations: cool-downs compared)."""
-    if z.get("state") == "training":
+    state = member_status(config, seed, h, root)
+    if state == "training":
         return f"training (next: {2 * z['stable_steps']})"
-    if conv.get("converged"):
+    if state == "converged":
         return "yes"
     return f"**no (capped at {z.get('stable_steps') or z.get('max_steps') or '?'})**" if z.get("schedule") == "wsd" \
         else "**no (cap)**"
@@ -58,7 +59,7 @@ def _model_rows(config: ZooConfig, root: Path, ns: list[int]) -> list[list[str]]
         if z.get("cpu_s"):
             wall += f" ({z['cpu_s'] / 3600:.2f} CPU h)"
         steps = str(meta["step"]) if z.get("schedule") != "wsd" else f"{z['stable_steps']} + {z['cooldown_steps']}"
-        rows.append([f"seed{seed}/h{h}", steps, wall, _state(z, conv), *risk])
+        rows.append([f"seed{seed}/h{h}", steps, wall, _state(config, seed, h, root, z), *risk])
     return rows
 
 
@@ -104,7 +105,9 @@ def write_cards(root: Path, with_baselines: bool = True) -> Path:
              "optimizer state); the h=4 models keep their log-spaced snapshots (E7). "
              f"`{SUMS_FILE}` lists every file's SHA-256: `icl-heads zoo verify` checks them. "
              "A model is *converged* when its test-prompt risk at n = d and at n = 2d improved by less than 3% over "
-             "the last doubling of steps (the percentage in brackets; 2000 test prompts). "
+             "the last doubling of steps (the percentage in brackets; 2000 test prompts) and its risk at n = d is at "
+             "most 0.5 (a model still on the predict-zero plateau changes little between doublings without having "
+             "learned anything, so it is never called converged). "
              "`icl-heads zoo train` trains what is missing; `icl-heads zoo cards` rewrites this file.", ""]
     seen: dict[str, dict[str, dict[int, float]]] = {}  # configurations on one task and depth share their baselines
     for config in CONFIGS.values():

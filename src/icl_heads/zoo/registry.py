@@ -22,6 +22,7 @@ from ..checkpoint import META_FILE, load_meta
 from ..config import ConfigError, ModelConfig, Preset, TaskConfig, TrainConfig, get_preset
 from ..training import TrainSpec
 
+NOT_LEARNED = 0.5  # risk at n = d above this (zero predictor: 1): on the predict-zero plateau, never "converged"
 ZOO_ENV = "ICL_HEADS_ZOO"  # the zoo's folder, overriding the default (an installed package, a copy elsewhere)
 
 
@@ -189,8 +190,17 @@ def cooldown_dir(member: Path, t: int) -> Path:
 
 
 def member_status(config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR) -> str:
-    """``missing``, ``training`` (exported, not converged, below the cap), ``converged`` or ``capped``."""
+    """``missing``, ``training`` (exported, not converged, below the cap), ``converged`` or ``capped``; a model
+    on the predict-zero plateau (risk at n = d above :data:`NOT_LEARNED`) is never ``converged``."""
     path = model_path(config.name, seed, h, root)
     if not (path / META_FILE).exists():
         return "missing"
-    return str(load_meta(path).get("zoo", {}).get("state", "capped"))
+    zoo = load_meta(path).get("zoo", {})
+    conv = zoo.get("convergence", {})
+    state = str(zoo.get("state") or ("converged" if conv.get("converged") else "capped"))  # fixed-length runs: no state
+    task = config.preset(seed).task
+    if state == "converged" and conv.get("at", {}).get(str(min(task.d, task.n_max)), {}).get("risk", 0.0) > NOT_LEARNED:
+        # exported before the plateau rule (convergence.compare_models): on the plateau, so not converged
+        growing = zoo.get("schedule") == "wsd" and 2 * int(zoo.get("stable_steps", 0)) <= config.max_steps
+        return "training" if growing else "capped"
+    return state

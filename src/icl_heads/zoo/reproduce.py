@@ -30,7 +30,7 @@ from ..runs import layout
 from ..runs.layout import SEED_STAGES
 from ..training import train_members
 from ..training.executors import is_local, job_device, run_calls, with_folder
-from .registry import CONFIGS, ZOO_DIR, ZooConfig, available, complete_seeds, model_path
+from .registry import CONFIGS, NOT_LEARNED, ZOO_DIR, ZooConfig, available, complete_seeds, model_path
 
 
 def zoo_preset(config: ZooConfig, root: Path | None = None):
@@ -218,9 +218,8 @@ FACTORS = {("A", "B"): "adding the MLP (A -> B)", ("B", "C"): "interleaving the 
            ("A", "D"): "doubling the depth (A -> D)", ("A", "E"): "interleaving the tokens (A -> E)",
            ("E", "C"): "adding the MLP to interleaved tokens (E -> C)"}
 FORMAT_CONTRAST = ("A", "E")  # the token format alone (attention-only, L = 3)
-NOT_LEARNED = 0.5
-"""A configuration has *not learned* when its h = 4 models' mean risk at n = d (test prompts, zoo meta) is
-above 0.5 of the zero predictor's: its claims about trained models are *not testable* (issue 23)."""
+# NOT_LEARNED (registry.py): a configuration has *not learned* when its h = 4 models' mean risk at n = d
+# (test prompts, zoo meta) is above it: its claims about trained models are *not testable* (issue 23).
 NOT_TESTABLE = "not testable"
 
 
