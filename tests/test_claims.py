@@ -238,3 +238,16 @@ def test_competent_control_with_the_gd_step_split_over_heads_does_not_reproduce_
     assert v2a.verdict == NOT_REPRODUCED, v2a.evidence
     assert v2a.numbers["pruned_over_full"]["ci_low"] > 1.25
     assert v1b.verdict == NOT_REPRODUCED, v1b.evidence
+
+
+def test_bootstrap_counts_are_a_fresh_multinomial_draw_shared_read_only():
+    """The cached resample counts equal the draw each statistic used to make, and cannot be altered by a caller."""
+    from icl_heads.metrics import boot_counts
+
+    c = boot_counts(50, 30, 4)
+    fresh = np.random.default_rng(4).multinomial(50, np.full(50, 1 / 50), size=30)
+    np.testing.assert_array_equal(c, fresh)
+    assert c.dtype == np.float64 and (c.sum(1) == 50).all() and boot_counts(50, 30, 4) is c
+    with pytest.raises(ValueError):
+        c[0, 0] = 1.0
+    assert not np.array_equal(boot_counts(50, 30, 5), c)

@@ -32,7 +32,7 @@ import torch
 
 from ..config import ConfigError, TaskConfig
 from ..evaluation import predict
-from ..metrics import curve_from_errors, squared_errors
+from ..metrics import boot_counts, curve_from_errors, squared_errors
 from ..model import HookPoint, Transformer, act_name, gate_heads, head_hooks
 from ..model.hooks import Hooks, at_rows, rowwise
 from ..tasks import Prompts
@@ -96,8 +96,7 @@ class HeadImportance:
         """
         L, h = self.shape
         data = self.per_prompt_score(ABLATE).reshape(L * h, -1)
-        rng = np.random.default_rng(seed)
-        counts = rng.multinomial(self.n_prompts, np.full(self.n_prompts, 1 / self.n_prompts), size=n_boot)
+        counts = boot_counts(self.n_prompts, n_boot, seed)
         boot = (data @ counts.T / self.n_prompts).reshape(L, h, n_boot)  # (L, h, B)
         point = self.score(ABLATE)
         share, boot_share = top_share(point), top_share(np.moveaxis(boot, -1, 0))  # (L,), (B, L)
@@ -133,7 +132,7 @@ class HeadImportance:
         P = self.n_prompts
         base, abl = _pooled(self.base_err, n_from), _pooled(self.ablate_err, n_from)  # (P,), (L, h, P)
         keep = _pooled(self.keep_err, n_from)
-        counts = np.random.default_rng(seed).multinomial(P, np.full(P, 1 / P), size=n_boot)
+        counts = boot_counts(P, n_boot, seed)
         stats = {}
         for name, w in (("point", np.ones((1, P))), ("boot", counts)):
             stats[name] = (w @ base / P, abl @ w.T / P, keep @ w.T / P)  # (B,), (L, h, B), (L, h, B)

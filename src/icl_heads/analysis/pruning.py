@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, TaskConfig
+from ..metrics import boot_counts
 from ..model import Transformer, head_hooks
 from ..tasks import Prompts
 from ..training import fine_tune
@@ -143,8 +144,7 @@ def paired_ratio(num_err: np.ndarray, den_err: np.ndarray, n_min: int = 1, n_boo
                  seed: int = 0, level: float = 0.95) -> dict[str, float]:
     """Ratio of risks averaged over ``n >= n_min`` with a paired percentile bootstrap CI over prompts."""
     a, b = num_err[:, n_min:].mean(-1), den_err[:, n_min:].mean(-1)
-    P = a.size
-    counts = np.random.default_rng(seed).multinomial(P, np.full(P, 1 / P), size=n_boot)
+    counts = boot_counts(a.size, n_boot, seed)
     boot = (counts @ a) / (counts @ b)
     lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
     return dict(ratio=float(a.mean() / b.mean()), ci_low=float(lo), ci_high=float(hi))
@@ -162,7 +162,7 @@ def claim2a_stats(errs: dict[str, np.ndarray], n_from: int, n_boot: int = 1000, 
     model, n and statistic (paired percentile bootstrap). Rows: ``n`` is an integer or ``"pooled"``.
     """
     P, N = errs["full"].shape
-    counts = np.random.default_rng(seed).multinomial(P, np.full(P, 1 / P), size=n_boot)
+    counts = boot_counts(P, n_boot, seed)
     cols = {"pooled": lambda e: e[:, n_from:].mean(-1, keepdims=True)}
     rows: list[dict[str, Any]] = []
     for n_key, cut in [("pooled", cols["pooled"])] + [(n, (lambda e, n=n: e[:, n:n + 1])) for n in range(n_from, N)]:
