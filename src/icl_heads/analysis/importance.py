@@ -25,7 +25,7 @@ No file is read or written here: :mod:`icl_heads.experiments.e2_importance` is t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Callable, Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -343,7 +343,7 @@ def _assess(model: Transformer, prompts: Prompts, task: TaskConfig, ablations: S
 
 
 def _fill(model: Transformer, prompts: Prompts, ablations: Sequence[Ablation], base_gates: torch.Tensor,
-          preds: torch.Tensor, which: Any, batch_rows: int, base: bool = True) -> None:
+          preds: torch.Tensor, which: Callable[[int, int], range], batch_rows: int, base: bool = True) -> None:
     """Predictions of the gate settings ``which(a, l)`` (a contiguous range of :func:`gate_settings` indices)
     of every ablation ``a`` and layer ``l`` into ``preds`` ``(K, 1 + 2Lh, P, N)`` (row 0: the base pass,
     written when ``base``), by chunks of prompts."""

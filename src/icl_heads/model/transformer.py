@@ -333,17 +333,18 @@ class Transformer(HookedRootModule):
         if self.training:
             return False
         attn = block.attn
-        before = {id(m) for m in (block.hook_resid_pre, block.ln_1, attn.qkv, attn.hook_q, attn.hook_k, attn.hook_v)}
-        before |= {id(m) for m in block.ln_1.modules()}
-        for module in block.modules():
-            if id(module) in before or module is block or module is attn:
+        before = {id(m) for m in (block.hook_resid_pre, attn.qkv, attn.hook_q, attn.hook_k, attn.hook_v,
+                                   *block.ln_1.modules())}
+        for module in block.modules():  # the block and its attention module included: a hook there sees rows too
+            if id(module) in before:
                 continue
             if module is attn.hook_z:
-                if module._forward_pre_hooks or not module.has_only_rowwise_hooks():
-                    return False
-            elif module._forward_hooks or module._forward_pre_hooks:
+                watched = bool(module._forward_pre_hooks) or not module.has_only_rowwise_hooks()
+            else:
+                watched = bool(module._forward_hooks or module._forward_pre_hooks)
+            if watched:
                 return False
-        return not (block._forward_hooks or block._forward_pre_hooks or attn._forward_hooks or attn._forward_pre_hooks)
+        return True
 
     def _head_mask(self) -> torch.Tensor | None:
         """The head mask, or None when it is all ones: an evaluation pass then skips the multiply by 1 (the

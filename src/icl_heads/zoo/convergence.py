@@ -14,7 +14,7 @@ from ..checkpoint import load_model
 from ..config import ConfigError, Preset
 from ..tasks import fixed_prompts
 from ..training import marker_ns, snapshot_dir, snapshot_steps
-from .registry import NOT_LEARNED
+from .registry import on_plateau
 
 CONVERGENCE_TOL = 0.03  # a run is converged when r@d and r@2d improve by < 3% over the last doubling of steps
 
@@ -38,7 +38,7 @@ def compare_models(old: Path | None, new: Path, preset: Preset, tol: float = CON
     """Risk of ``new`` at n = d/2, d, 2d on the *test* prompts (95% CI), and, with ``old``, the relative
     improvement ``1 - risk_new / risk_old`` with a paired bootstrap 95% CI over prompts; converged when
     the improvement at n = d and at n = 2d is below ``tol`` (without ``old``: not converged) and ``new`` has
-    left the plateau: a model at n = d above :data:`NOT_LEARNED` changes little between doublings because
+    left the plateau (:func:`~.registry.on_plateau`): a model at n = d above 0.5 changes little between doublings because
     it has learned nothing yet, and may still leave the plateau (``plateau`` in the result)."""
     task = preset.task
     ns = marker_ns(task)
@@ -63,8 +63,7 @@ def compare_models(old: Path | None, new: Path, preset: Preset, tol: float = CON
             if n in decisive:
                 ok = ok and bool(imp < tol)
         out["at"][str(n)] = row
-    at_d = out["at"][str(min(task.d, task.n_max))]["risk"] if str(min(task.d, task.n_max)) in out["at"] else None
-    out["plateau"] = at_d is not None and at_d > NOT_LEARNED
+    out["plateau"] = on_plateau(out, task)
     out["converged"] = ok and not out["plateau"]
     return out
 

@@ -189,6 +189,11 @@ def cooldown_dir(member: Path, t: int) -> Path:
     return member / f"cool{t:07d}"
 
 
+def on_plateau(convergence: dict[str, Any], task: TaskConfig) -> bool:
+    """Whether a convergence record's risk at n = d (``convergence["at"]``) is above :data:`NOT_LEARNED`."""
+    return convergence.get("at", {}).get(str(min(task.d, task.n_max)), {}).get("risk", 0.0) > NOT_LEARNED
+
+
 def member_status(config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR) -> str:
     """``missing``, ``training`` (exported, not converged, below the cap), ``converged`` or ``capped``; a model
     on the predict-zero plateau (risk at n = d above :data:`NOT_LEARNED`) is never ``converged``."""
@@ -198,8 +203,7 @@ def member_status(config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR) ->
     zoo = load_meta(path).get("zoo", {})
     conv = zoo.get("convergence", {})
     state = str(zoo.get("state") or ("converged" if conv.get("converged") else "capped"))  # fixed-length runs: no state
-    task = config.preset(seed).task
-    if state == "converged" and conv.get("at", {}).get(str(min(task.d, task.n_max)), {}).get("risk", 0.0) > NOT_LEARNED:
+    if state == "converged" and on_plateau(conv, config.preset(seed).task):
         # exported before the plateau rule (convergence.compare_models): on the plateau, so not converged
         growing = zoo.get("schedule") == "wsd" and 2 * int(zoo.get("stable_steps", 0)) <= config.max_steps
         return "training" if growing else "capped"
