@@ -16,11 +16,20 @@ run() {  # name, then --set pairs
   mkdir -p "$keep" && cp "runs/ttq/$name/ttq.csv" "runs/ttq/$name/convergence.json" "$keep/"
 }
 EI="model.mlp=false model.token_format=interleaved train.steps=16000"  # configuration E (issue 23)
-case "${1:?queue A, BC, long, E1 or E2}" in
+case "${1:?queue A, BC, long, E1, E2 or E3 SEED}" in
   E1)  # stop 23: what takes interleaved tokens (attention-only) off the plateau
     run E-lr1e-3-16k $EI train.lr=1e-3
     run E-lr4e-3-16k $EI train.lr=4e-3
     run E-cur-lr1e-3-w2k-16k $EI train.lr=1e-3 train.curriculum=true train.curriculum_d=true train.warmup_steps=2000
+    ;;
+  E3)  # stop 25: which recipe takes E's plateau seeds (2 and 3 under the zoo recipe) off it within 10k steps?
+    k=${2:?E3 needs a seed}  # one seed per core: each recipe's pair of runs ends together
+    EW="$EI train.schedule=wsd train.curriculum_d=true train.curriculum_ramp_steps=8000 train.steps=10000 seed=$k"
+    run E3-lr2e-3-s$k $EW train.lr=2e-3
+    run E3-d1-s$k $EW train.lr=1e-3 train.curriculum_start_frac=0.1
+    run E3-nd-s$k $EW train.lr=1e-3 train.curriculum=true
+    run E3-b256-s$k $EW train.lr=1e-3 train.batch_size=256
+    run E3-lr3e-4-w2k-s$k $EW train.lr=3e-4 train.warmup_steps=2000
     ;;
   E2)
     run E-curd-lr1e-3-16k $EI train.lr=1e-3 train.curriculum_d=true

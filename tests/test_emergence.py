@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from icl_heads.analysis.emergence import LEARNING, trend
 
 
@@ -49,3 +51,38 @@ def test_overlapping_intervals_are_flat_and_no_learning_snapshot_starts_at_the_f
     assert tight["layer_top_share"] == {1: "rises", 2: "falls"} and tight["claim_1b"] == "fades"
     plateau = trend(_snaps((10, LEARNING + 0.05, [0.3, 0.3], 3.0), (20, LEARNING + 0.01, [0.3, 0.3], 3.0)))
     assert plateau["from_step"] == 10
+
+
+def test_claim_rows_with_the_h1_snapshot_add_the_fraction_lost_as_e3_defines_it():
+    """With the single-head model of the same step, each (ablation, read-out) gains single/full and the fraction
+    lost; single/full is the pooled mean error of the h = 1 model over the full model's (by the same read-out,
+    computed here independently), and the fraction is (pruned/full - 1) / (single/full - 1) on the same prompts."""
+    import numpy as np
+    import torch
+
+    from icl_heads.analysis.emergence import claim_stat_rows
+    from icl_heads.analysis.probes import final_readouts
+    from icl_heads.claims.keys import in_context_n_min
+    from icl_heads.config import ModelConfig, TaskConfig
+    from icl_heads.model import Transformer
+    from icl_heads.tasks import fixed_prompts
+
+    task = TaskConfig(d=4, s=2, sigma=0.1, n_max=8)
+    models = []
+    for h in (2, 1):
+        torch.manual_seed(h)
+        models.append(Transformer(ModelConfig(n_dims=4, n_max=8, n_heads=h, d_model=16, n_layers=2)).eval())
+    multi, single = models
+    val, test, fit = (fixed_prompts(task, 64, 0, s) for s in ("val", "test", "probe"))
+    plain = claim_stat_rows(multi, task, 100, val, test, fit, 0, kinds=("zero",), n_boot=50)
+    rows = claim_stat_rows(multi, task, 100, val, test, fit, 0, kinds=("zero",), n_boot=50, single=single)
+    assert {r["statistic"] for r in plain} & {"single_over_full", "fraction_lost"} == set()
+    assert [r for r in rows if r["statistic"] not in ("single_over_full", "fraction_lost")] == plain
+    at = {(r["statistic"], r["readout"]): r["value"] for r in rows}
+    n0 = in_context_n_min(task.d)
+    full, one = final_readouts(multi, fit, test), final_readouts(single, fit, test)
+    for readout in ("model", "probe_ln"):
+        want = one[readout][:, n0:].mean() / full[readout][:, n0:].mean()
+        assert at["single_over_full", readout] == pytest.approx(want, rel=1e-9)
+        frac = (at["pruned_over_full", readout] - 1) / (at["single_over_full", readout] - 1)
+        assert at["fraction_lost", readout] == pytest.approx(frac, rel=1e-9)

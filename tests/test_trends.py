@@ -71,3 +71,31 @@ def test_claim_words_agree_or_are_mixed():
     assert [v.verdict for v in out["2a"]] == [AWAY, AWAY]
     assert summary_word(out["2a"]) == AWAY
     assert summary_word([out["2a"][0], trend_verdict([series(RATIO, -0.3, k) for k in range(5)], list(range(5)), RATIO)]) == "mixed"
+
+
+FRAC = TrendKey("2a", "fraction_lost", "zero", "model", above=False, scale="linear")
+
+
+def advantage(steps, ci_lows):
+    return [dict(step=s, statistic="single_over_full", ablation="zero", readout="model", value=lo + 0.1, ci_low=lo,
+                 ci_high=lo + 0.2) for s, lo in zip(steps, ci_lows)]
+
+
+def test_the_fraction_lost_trend_reads_only_steps_with_a_multi_head_advantage():
+    # the fraction falls (toward the paper) where it is defined; the step without an advantage (CI low 0.9,
+    # single/full not above 1) carries a wild value that would reverse the slope if it were read
+    data = rows(FRAC, [0.8, 0.6, 0.4, 5.0]) + advantage(STEPS, [1.3, 1.2, 1.1, 0.9])
+    v = seed_trend(data, FRAC)
+    assert v.numbers["steps"] == STEPS[:3] and v.numbers["slope"] == pytest.approx(-0.2)
+    assert v.stats[0].value == pytest.approx(0.2)  # oriented: a falling fraction moves toward the paper
+
+
+def test_a_statistic_no_seed_measured_is_left_out_of_the_claim():
+    data = [series(RATIO, 0.3, k) for k in range(3)]
+    plain = [v.claim for v in claim_trends(data, [0, 1, 2], kinds=("zero",))["2a"]]
+    assert len(plain) == 2 and not any("fraction_lost" in c for c in plain)  # pruned/full by both read-outs
+    with_frac = [d + rows(FRAC, 0.5 + 0.01 * k + np.array([0.0, 0.1, 0.22, 0.3])) + advantage(STEPS, [1.5] * 4)
+                 for k, d in enumerate(data)]
+    out = claim_trends(with_frac, [0, 1, 2], kinds=("zero",))["2a"]
+    assert [v.claim for v in out][2:] == ["trend " + FRAC.label, "trend " + FRAC.label.replace("own read-out", "probe after the final LN")]
+    assert out[2].verdict == AWAY and out[3].verdict == UNDECIDED  # the probe read-out's rows were never written

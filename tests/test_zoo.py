@@ -38,7 +38,9 @@ def test_export_layout_meta_and_snapshots(tiny_zoo):
     assert sorted(available("T", root)) == [(0, 1), (0, 2)]
     h2, h1 = model_path("T", 0, 2, root), model_path("T", 0, 1, root)
     assert not (h2 / "state.safetensors").exists()  # no optimizer state in the zoo
-    assert (h2 / "snapshots").is_dir() and not (h1 / "snapshots").exists()  # snapshots for the largest h only
+    # snapshots for the claims' pair (largest and smallest h), not for the head counts between them
+    assert (h2 / "snapshots").is_dir() and (h1 / "snapshots").is_dir()
+    assert [h for h in (1, 2, 4) if ZooConfig("X", "", {}, (0,), (1, 2, 4)).keeps_snapshots(h)] == [1, 4]
     meta = load_meta(h2)
     assert set(meta["sha256"]) == {"model.safetensors"}
     z = meta["zoo"]

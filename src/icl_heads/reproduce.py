@@ -218,7 +218,7 @@ def seed_stages(runner: StageRunner, sd: Path, prefix: str, pk: Preset, device: 
                                                            compare=[single], ranking_from=sd / "e3", **common))
     runner.run(f"{prefix}/e6", sd / "e6", lambda d: run_e6(multi, d, single_ckpt=single, with_construct=first,
                                                            with_any_t=first and any_t, **common))
-    runner.run(f"{prefix}/e7", sd / "e7", lambda d: run_e7(multi, d, **common))
+    runner.run(f"{prefix}/e7", sd / "e7", lambda d: run_e7(multi, d, single_ckpt=single, **common))
 
 
 def _hms(s: float) -> str:

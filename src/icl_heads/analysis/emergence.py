@@ -64,21 +64,26 @@ def snapshot_rows(model: Any, task: TaskConfig, step: int, val: Prompts, test: P
 
 TREND_1B = ("neff_contrast", "keep_top_contrast", "later_keep_top")  # claim 1b's thresholded statistics (E2)
 TREND_2A = ("pruned_over_full",)  # claim 2a's ratio (E3), by the own read-out and the probe after the final LN
+TREND_2A_SINGLE = ("single_over_full", "fraction_lost")  # with the h = 1 snapshot of the same step
 TREND_READOUTS = ("model", "probe_ln")
 
 
 def claim_stat_rows(model: Any, task: TaskConfig, step: int, val: Prompts, test: Prompts, fit: Prompts, seed: int,
-                    kinds: Sequence[str] = ("zero", "mean", "resample"), n_boot: int = 1000) -> list[dict[str, Any]]:
+                    kinds: Sequence[str] = ("zero", "mean", "resample"), n_boot: int = 1000,
+                    single: Any | None = None) -> list[dict[str, Any]]:
     """Claims 1b and 2a's key statistics of one snapshot, as E2 and E3 compute them, under every ablation kind:
     claim 1b's N_eff contrast and keep-top ratios on ``val`` (E2 scores on its own prompts), claim 2a's
     pruned/full (heads ranked on ``val``, scored on ``test``, the probe fitted on ``fit``) by the model's own
     read-out and by the probe after the final LN. Rows: ``step, statistic, ablation, readout, value, ci_low,
-    ci_high`` (95% bootstrap CIs over prompts), pooled over n >= d/2. The fraction of the multi-head advantage
-    lost needs the h = 1 model at the same step, which keeps no snapshots, so it is not among them."""
+    ci_high`` (95% bootstrap CIs over prompts), pooled over n >= d/2. With ``single`` (the same seed's h = 1
+    model at the same step) also the multi-head advantage single/full and the fraction of it pruning loses,
+    as E3 computes them; without it the fraction is not among them."""
     n_from = in_context_n_min(task.d)
     abls = make_ablations(model, kinds, task, val.batch, seed)
     imps = assess_heads_kinds(model, val, task, list(abls.values()), n_min=n_from, keep="top")
     full = final_readouts(model, fit, test, torch.as_tensor(imps[kinds[0]].base_gates))
+    one = final_readouts(single, fit, test) if single is not None else None
+    wanted = TREND_2A + (TREND_2A_SINGLE if one is not None else ())
     policy = default_policy(model.cfg.n_layers)
     rows: list[dict[str, Any]] = []
     for kind, abl in abls.items():
@@ -89,10 +94,12 @@ def claim_stat_rows(model: Any, task: TaskConfig, step: int, val: Prompts, test:
         reads = gated_readouts(model, pruned, abl, fit, test, seed)
         for readout in TREND_READOUTS:
             errs = {"full": full[readout], "pruned": reads["pruned"][readout], "control": reads["pruned"][readout]}
+            if one is not None:
+                errs["single"] = one[readout]
             rows += [dict(step=step, statistic=r["statistic"], ablation=kind, readout=readout, value=r["value"],
                           ci_low=r["ci_low"], ci_high=r["ci_high"])
                      for r in claim2a_stats(errs, n_from, n_boot, seed)
-                     if r["n"] == "pooled" and r["statistic"] in TREND_2A]
+                     if r["n"] == "pooled" and r["statistic"] in wanted]
     return rows
 
 

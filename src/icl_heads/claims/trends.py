@@ -26,6 +26,7 @@ import numpy as np
 from scipy import stats as _stats
 
 from .across_seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Stat, Verdict, across_seeds
+from .rules import ADVANTAGE_MIN
 
 TOWARD, AWAY, UNDECIDED = "moves toward the paper", "moves away", "undecided"
 SLOPE_THRESHOLD = 0.0
@@ -62,7 +63,20 @@ def trend_keys(kinds: Sequence[str] = ("zero", "mean", "resample")) -> list[Tren
                  TrendKey("1b", "later_keep_top", k, "", False, "log")]
     for k in kinds:
         keys += [TrendKey("2a", "pruned_over_full", k, r, False, "log") for r in ("model", "probe_ln")]
+    for k in kinds:
+        keys += [TrendKey("2a", "fraction_lost", k, r, False, "linear") for r in ("model", "probe_ln")]
     return keys
+
+
+def _defined(rows: Sequence[Mapping[str, Any]], key: TrendKey) -> set[float]:
+    """The steps at which ``key`` is defined: every step, except that the fraction of the multi-head advantage
+    lost needs that advantage (single/full's CI above :data:`~.rules.ADVANTAGE_MIN` at the same step, the
+    rule E3's verdict uses)."""
+    steps = {float(r["step"]) for r in rows}
+    if key.statistic != "fraction_lost":
+        return steps
+    return {float(r["step"]) for r in rows if r["statistic"] == "single_over_full" and r["ablation"] == key.ablation
+            and (r.get("readout") or "") == key.readout and float(r["ci_low"]) > ADVANTAGE_MIN}
 
 
 def slope(steps: Sequence[float], values: Sequence[float], scale: str, level: float = 0.95
@@ -85,9 +99,10 @@ def slope(steps: Sequence[float], values: Sequence[float], scale: str, level: fl
 
 def seed_trend(rows: Sequence[Mapping[str, Any]], key: TrendKey) -> Verdict:
     """One seed's trend of ``key`` from its E7 claim rows: the oriented slope and the seed's own direction."""
+    ok = _defined(rows, key)
     mine = sorted(((float(r["step"]), float(r["value"])) for r in rows
                    if r["statistic"] == key.statistic and r["ablation"] == key.ablation
-                   and (r.get("readout") or "") == key.readout), key=lambda sv: sv[0])
+                   and (r.get("readout") or "") == key.readout and float(r["step"]) in ok), key=lambda sv: sv[0])
     s, lo, hi = slope([m[0] for m in mine], [m[1] for m in mine], key.scale)
     sign = 1.0 if key.above else -1.0
     o, olo, ohi = sign * s, *(sorted((sign * lo, sign * hi)))
@@ -113,10 +128,13 @@ def trend_verdict(per_seed_rows: Sequence[Sequence[Mapping[str, Any]]], seeds: S
 
 def claim_trends(per_seed_rows: Sequence[Sequence[Mapping[str, Any]]], seeds: Sequence[int],
                  kinds: Sequence[str] = ("zero", "mean", "resample")) -> dict[str, list[Verdict]]:
-    """``claim -> [trend verdict per key statistic]`` for claims 1b and 2a."""
+    """``claim -> [trend verdict per key statistic]`` for claims 1b and 2a. A statistic no seed's E7 measured
+    (the fraction lost, when no h = 1 snapshots were kept) is left out rather than called undecided."""
     out: dict[str, list[Verdict]] = {"1b": [], "2a": []}
+    measured = {r["statistic"] for rows in per_seed_rows for r in rows}
     for key in trend_keys(kinds):
-        out[key.claim].append(trend_verdict(per_seed_rows, seeds, key))
+        if key.statistic in measured:
+            out[key.claim].append(trend_verdict(per_seed_rows, seeds, key))
     return out
 
 

@@ -34,11 +34,12 @@ def snapshot_dirs(ckpt: str | Path) -> list[tuple[int, Path]]:
 
 def run_e7(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None, n_prompts: int | None = None,
            seed: int | None = None, device: str = "cpu", n_boot: int = 1000, claims: bool = True,
-           trend_prompts: int = TREND_PROMPTS) -> list[dict[str, Any]]:
+           trend_prompts: int = TREND_PROMPTS, single_ckpt: str | Path | None = None) -> list[dict[str, Any]]:
     """E7 for one checkpoint's snapshots: ``emergence.csv`` and ``summary.json`` in ``out``; with ``claims``,
     also ``emergence_claims.csv``: claims 1b and 2a's key statistics under every ablation kind at the late
     snapshots (:func:`~icl_heads.analysis.emergence.late_steps`) on ``trend_prompts`` prompts per set, which
-    the trend verdicts read."""
+    the trend verdicts read. ``single_ckpt`` (the same seed's h = 1 checkpoint): where it has a snapshot at a
+    late step, that step's rows add the fraction of the multi-head advantage pruning loses."""
     out = Path(out)
     snaps = snapshot_dirs(ckpt)
     if not snaps:
@@ -50,13 +51,15 @@ def run_e7(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
     m = min(n, trend_prompts)  # the claims' statistics cost ~8 E7 passes per snapshot: fewer prompts there
     tval, ttest, fit = (fixed_prompts(pre.task, m, seed, s) for s in ("val", "test", "probe"))
     late = late_steps([s for s, _ in snaps]) if claims else []
+    singles = dict(snapshot_dirs(single_ckpt)) if single_ckpt is not None and claims else {}
     rows: list[dict[str, Any]] = []
     claim_rows: list[dict[str, Any]] = []
     for step, path in snaps:
         model, _, _ = load_for_analysis(path, pre, device)
         rows += snapshot_rows(model, pre.task, step, val, test, seed, n_boot)
         if step in late:  # claims 1b and 2a's statistics under every ablation kind, for the trend verdicts
-            claim_rows += claim_stat_rows(model, pre.task, step, tval, ttest, fit, seed, n_boot=n_boot)
+            one = load_for_analysis(singles[step], pre, device)[0] if step in singles else None
+            claim_rows += claim_stat_rows(model, pre.task, step, tval, ttest, fit, seed, n_boot=n_boot, single=one)
     write_csv(out / layout.E7_CSV, rows)
     if claim_rows:
         write_csv(out / layout.E7_CLAIMS_CSV, claim_rows)
@@ -64,7 +67,9 @@ def run_e7(ckpt: str | Path, out: str | Path, preset: Preset | str | None = None
                                       "trend_steps": late, "trend": trend(rows)})
     write_provenance(out, pre, seed, experiment="E7", checkpoint=str(ckpt),
                      snapshots=[str(p) for _, p in snaps], share_stream="val", ratio_stream="test",
-                     trend_steps=late, trend_prompts=m if claims else None)
+                     trend_steps=late, trend_prompts=m if claims else None,
+                     single_checkpoint=None if single_ckpt is None else str(single_ckpt),
+                     single_snapshot_steps=sorted(set(singles) & set(late)))
     return rows
 
 

@@ -49,7 +49,7 @@ def export(run: Path, config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     shutil.copyfile(Path(run) / MODEL_FILE, dest / MODEL_FILE)
-    keep_snaps = h == max(config.heads) if snapshots is None else snapshots
+    keep_snaps = config.keeps_snapshots(h) if snapshots is None else snapshots
     if keep_snaps and (Path(run) / "snapshots").is_dir():
         shutil.copytree(Path(run) / "snapshots", dest / "snapshots")
     meta["sha256"] = {MODEL_FILE: meta["sha256"][MODEL_FILE]}
@@ -66,7 +66,7 @@ def export(run: Path, config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR
 
 def export_cooldown(config: ZooConfig, seed: int, h: int, member: Path, t: int, root: Path = ZOO_DIR) -> Path:
     """Export the cool-down at stable step ``t`` into the zoo (weights, meta, the stable run's snapshots for
-    the largest head count) with the convergence test against the cool-down at ``t / 2``; keeps only the
+    the claims' head counts) with the convergence test against the cool-down at ``t / 2``; keeps only the
     two latest cool-downs' weights in the state folder. Serialised across processes by a lock on the zoo."""
     cool = cooldown_dir(member, t)
     prev = cooldown_dir(member, t // 2)
@@ -90,7 +90,7 @@ def export_cooldown(config: ZooConfig, seed: int, h: int, member: Path, t: int, 
         shutil.copyfile(cool / MODEL_FILE, dest / f".{MODEL_FILE}.tmp")
         os.replace(dest / f".{MODEL_FILE}.tmp", dest / MODEL_FILE)
         snaps = member / "stable" / "snapshots"
-        if h == max(config.heads) and snaps.is_dir():
+        if config.keeps_snapshots(h) and snaps.is_dir():
             for snap in sorted(snaps.iterdir()):
                 if not (dest / "snapshots" / snap.name / META_FILE).exists():
                     shutil.copytree(snap, dest / "snapshots" / snap.name, dirs_exist_ok=True)

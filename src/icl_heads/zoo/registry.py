@@ -68,6 +68,11 @@ class ZooConfig:
     def accumulates(self) -> bool:
         return self.max_steps > 0
 
+    def keeps_snapshots(self, h: int) -> bool:
+        """The zoo keeps training snapshots for the claims' pair of head counts: the largest (E7's head
+        pattern over training) and the smallest (the fraction of the multi-head advantage lost, per step)."""
+        return h in (max(self.heads), min(self.heads))
+
     def preset(self, seed: int = 0) -> Preset:
         return get_preset(self.base, **{**self.overrides, "seed": seed})
 
