@@ -28,8 +28,9 @@ case "${1:?queue A, BC, long, E1, E2 or E3 SEED}" in
     run E3-lr2e-3-s$k $EW train.lr=2e-3
     run E3-d1-s$k $EW train.lr=1e-3 train.curriculum_start_frac=0.1
     run E3-nd-s$k $EW train.lr=1e-3 train.curriculum=true
-    run E3-b256-s$k $EW train.lr=1e-3 train.batch_size=256
-    run E3-lr3e-4-w2k-s$k $EW train.lr=3e-4 train.warmup_steps=2000
+    # both curricula took both seeds off the plateau by 5-6k steps; n and d (cheaper, short prompts early) is
+    # E's recipe from stop 25: the same recipe with an MLP is configuration C's
+    run C3-nd-s$k $EW train.lr=1e-3 train.curriculum=true model.mlp=true
     ;;
   E2)
     run E-curd-lr1e-3-16k $EI train.lr=1e-3 train.curriculum_d=true

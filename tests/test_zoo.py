@@ -327,3 +327,28 @@ def test_the_zoo_folder_is_ICL_HEADS_ZOO_and_a_missing_one_is_one_line(tmp_path,
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err.startswith("error: root: no zoo folder at") and "ICL_HEADS_ZOO" in err
+
+
+def test_snapshots_are_added_only_from_a_run_with_the_same_final_weights(tiny_zoo, tmp_path):
+    """``add_snapshots``: a model exported without snapshots gets those of a run whose final weights are the
+    model's, byte for byte; a run with other weights is refused and the model is left as it was."""
+    from icl_heads.checkpoint import CheckpointError
+    from icl_heads.zoo import add_snapshots
+
+    root, work = tiny_zoo
+    run, other = work / "T/seed0/h1", work / "T/seed0/h2"
+    bare = tmp_path / "zoo"
+    export(run, TINY, 0, 1, bare, snapshots=False)
+    dest = model_path("T", 0, 1, bare)
+    assert not (dest / "snapshots").exists()
+    meta_before = (dest / "meta.json").read_bytes()
+    with pytest.raises(CheckpointError, match="final weights differ"):
+        add_snapshots(other, TINY, 0, 1, bare)
+    assert not (dest / "snapshots").exists()
+    add_snapshots(run, TINY, 0, 1, bare)
+    got = sorted(p.relative_to(dest / "snapshots") for p in (dest / "snapshots").rglob("*") if p.is_file())
+    want = sorted(p.relative_to(run / "snapshots") for p in (run / "snapshots").rglob("*") if p.is_file())
+    assert got == want and len(want) >= 8  # 4 snapshots x (weights, meta)
+    assert all((dest / "snapshots" / p).read_bytes() == (run / "snapshots" / p).read_bytes() for p in want)
+    assert (dest / "meta.json").read_bytes() == meta_before  # the model's own record is kept
+    assert verify(bare) == len(want) + 2

@@ -64,6 +64,31 @@ def export(run: Path, config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR
 
 
 
+def add_snapshots(run: Path, config: ZooConfig, seed: int, h: int, root: Path = ZOO_DIR) -> Path:
+    """Give a zoo model exported without snapshots the snapshots of ``run``, a retraining of it with the same
+    recipe and seed: only if ``run``'s final weights are byte-identical to the zoo model's (then the
+    snapshots are those of the very run the model came from; same seed, same numbers on CPU). The model's
+    own files and meta are kept; ``SHA256SUMS`` is refreshed."""
+    dest = model_path(config.name, seed, h, root)
+    if not (dest / MODEL_FILE).exists():
+        raise CheckpointError(f"{dest}: no zoo model to add snapshots to")
+    if not load_meta(run).get("finished"):
+        raise CheckpointError(f"{run}: training has not finished")
+    if (Path(run) / MODEL_FILE).read_bytes() != (dest / MODEL_FILE).read_bytes():
+        raise CheckpointError(f"{run}: its final weights differ from {dest}'s, so its snapshots are not that "
+                              "model's history (another recipe, seed, code or machine)")
+    snaps = Path(run) / "snapshots"
+    if not snaps.is_dir():
+        raise CheckpointError(f"{run}: no snapshots (train with train.snapshots > 0)")
+    tmp = dest / ".snapshots.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(snaps, tmp)
+    shutil.rmtree(dest / "snapshots", ignore_errors=True)
+    os.replace(tmp, dest / "snapshots")
+    write_sums(root)
+    return dest
+
+
 def export_cooldown(config: ZooConfig, seed: int, h: int, member: Path, t: int, root: Path = ZOO_DIR) -> Path:
     """Export the cool-down at stable step ``t`` into the zoo (weights, meta, the stable run's snapshots for
     the claims' head counts) with the convergence test against the cool-down at ``t / 2``; keeps only the

@@ -101,11 +101,13 @@ CONFIGS: dict[str, ZooConfig] = {c.name: c for c in (
               {"model.mlp": False, "model.n_layers": 6, "train.steps": 32000, "train.lr": 2e-3, **_SNAP},
               seeds=(0, 1, 2), heads=(1, 4)),
     # the format contrast with A (issue 23): interleaved tokens, attention-only; the recipe accumulates (wsd,
-    # cool-down branches at 16k, 32k, 64k, ... steps) and its curriculum over the active coordinates is what
-    # took it off the predict-zero plateau in the recipe study (docs/training.md)
+    # cool-down branches at 16k, 32k, 64k, ... steps). Its curriculum over n and the active coordinates (from
+    # n = 5, d = 3 over 8k steps) took the two seeds that a d-only curriculum left on the predict-zero plateau
+    # for 32k steps off it by 6k (recipe screen, stop 25: docs/training.md)
     ZooConfig("E", "interleaved tokens, attention-only, L = 3",
               {"model.mlp": False, "model.token_format": "interleaved", "train.steps": 16000, "train.lr": 1e-3,
-               "train.schedule": "wsd", "train.curriculum_d": True, "train.curriculum_ramp_steps": 8000, **_SNAP},
+               "train.schedule": "wsd", "train.curriculum": True, "train.curriculum_d": True,
+               "train.curriculum_ramp_steps": 8000, **_SNAP},
               seeds=(0, 1, 2, 3, 4), heads=(1, 4), max_steps=256000),
 )}
 
