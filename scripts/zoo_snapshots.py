@@ -19,7 +19,7 @@ import torch
 
 from icl_heads.checkpoint import CheckpointError
 from icl_heads.training import train
-from icl_heads.workers import run_in_processes
+from icl_heads.workers import Terminated, install_term_handler, run_in_processes
 from icl_heads.zoo import ZOO_DIR, add_snapshots, available, get_config, model_path
 
 
@@ -46,7 +46,11 @@ def main() -> None:
     a = ap.parse_args()
     todo = [(a.config, k, h, a.work) for k, h in available(a.config)
             if h in a.heads and not (model_path(a.config, k, h) / "snapshots").is_dir()]
-    run_in_processes(retrain, todo, a.jobs, on_done=lambda i, line: print(line, flush=True))
+    install_term_handler()  # SIGTERM stops the workers too (they resume on the next call)
+    try:
+        run_in_processes(retrain, todo, a.jobs, on_done=lambda i, line: print(line, flush=True))
+    except Terminated:
+        raise SystemExit("stopped: rerun the same command to resume")
 
 
 if __name__ == "__main__":
