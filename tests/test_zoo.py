@@ -302,6 +302,13 @@ def test_a_plateau_configuration_is_not_testable_and_never_compared(tmp_path):
     assert not plateau["learned"] and plateau["word"].startswith("not learned")
     assert learned["learned"] and learned["word"].startswith("capped at 40 steps")
     assert learned["risk_at_d"] == pytest.approx(0.25)
+    for k in (0, 1):  # an accumulating configuration between milestones is training, not capped
+        write_json(model_path("T", k, 2, tmp_path / "wsd") / "meta.json",
+                   {"step": 19, "zoo": {"state": "training", "stable_steps": 16, "cooldown_steps": 3,
+                                        "convergence": {"converged": False, "at": {"5": {"risk": 0.3}}}}})
+    growing = model_state(cfg, 2, tmp_path / "wsd")
+    assert growing["learned"] and growing["word"] == "training, at 16 + 3 steps (h = 2 at n = d: 0.300; next milestone 32)"
+    assert [m["steps_text"] for m in growing["models"]] == ["16 + 3", "16 + 3"]
     s = factor_sentence("1b", {"A": "not reproduced", "B": "not reproduced", "C": NOT_TESTABLE})
     assert "leaves it unchanged" in s and "not testable in C" in s and "B -> C" not in s
     assert "no configuration learned" in factor_sentence("1b", {"C": NOT_TESTABLE})

@@ -231,7 +231,9 @@ def _join(items: Sequence[str]) -> str:
 def model_state(config: ZooConfig, seeds: int, root: Path) -> dict[str, Any]:
     """The state of a configuration's analysed models, from their zoo meta: per h = 4 model its risk at n = d,
     steps and whether converged (the zoo's test), and the configuration's word: *not learned* (mean h = 4 risk
-    at n = d above :data:`NOT_LEARNED`), *converged* (every model) or *capped at T* with the last gain."""
+    at n = d above :data:`NOT_LEARNED`), *converged* (every model), *training at T + c* (an accumulating
+    configuration whose models grow on: their cool-downs at T, the next milestone at 2T) or *capped at T*,
+    with the last gain."""
     h = max(config.heads)
     models = []
     for k in config.seeds[:seeds]:
@@ -240,8 +242,11 @@ def model_state(config: ZooConfig, seeds: int, root: Path) -> dict[str, Any]:
         conv = z.get("convergence", {})
         d = str(min(config.preset(k).task.d, config.preset(k).task.n_max))
         at = conv.get("at", {}).get(d, {})
+        stable = z.get("stable_steps")  # accumulating (wsd) models: the stable steps their cool-down branched at
         models.append({"seed": k, "steps": meta.get("step"), "risk_at_d": at.get("risk"),
-                       "gain_at_d": at.get("improvement"), "converged": bool(conv.get("converged")),
+                       "steps_text": f"{stable} + {z.get('cooldown_steps')}" if stable else str(meta.get("step")),
+                       "stable_steps": stable, "gain_at_d": at.get("improvement"),
+                       "converged": bool(conv.get("converged")),
                        "state": z.get("state", "converged" if conv.get("converged") else "capped")})
     risks = [m["risk_at_d"] for m in models if m["risk_at_d"] is not None]
     mean = sum(risks) / len(risks) if risks else float("nan")
@@ -251,6 +256,10 @@ def model_state(config: ZooConfig, seeds: int, root: Path) -> dict[str, Any]:
         word = f"not learned (h = {h} at n = d: {mean:.3f} > {NOT_LEARNED:g})"
     elif models and all(m["converged"] for m in models):
         word = f"converged (h = {h} at n = d: {mean:.3f})"
+    elif any(m["state"] == "training" for m in models):
+        at_t = max(m["stable_steps"] or 0 for m in models)
+        word = (f"training, at {models[0]['steps_text']} steps (h = {h} at n = d: {mean:.3f}; next milestone "
+                f"{2 * at_t}" + (f"; last gain there {min(gains):+.0%} to {max(gains):+.0%})" if gains else ")"))
     else:
         word = (f"capped at {steps} steps (h = {h} at n = d: {mean:.3f}"
                 + (f"; last gain there {min(gains):+.0%} to {max(gains):+.0%})" if gains else ")"))
@@ -445,7 +454,7 @@ def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str,
     for n in names:
         ms = states[n]["models"]
         lines.append(f"| {n} | {states[n]['word']} | " + " / ".join(f"{m['risk_at_d']:.3f}" for m in ms) + " | "
-                     + " / ".join(str(m["steps"]) for m in ms) + " |")
+                     + " / ".join(m["steps_text"] for m in ms) + " |")
     lines += ["", "Each cell: the verdict over seeds, the claim's key statistic (and its threshold) for every seed, "
               "the mean over seeds with its 95% interval and the prediction interval for a new seed (ratios on the "
               "log scale, shares on the logit scale; docs/report.md), and how many seeds pass. The rows *where "
