@@ -343,6 +343,14 @@ def process_group(pgid: int) -> list[int]:
     return pids
 
 
+def as_from_a_terminal() -> None:
+    """Start the run with SIGINT at its default, as a command typed at a terminal has it. A test suite started
+    in the background by a shell without job control (``cmd &`` in a script, as a CI runner may) inherits
+    SIGINT *ignored*, and so would the run: it honours that, as a background job should, and a Ctrl-C sent to
+    it changes nothing (the run went on to exit 0; seen in suites started with ``(nohup .ci/run &)``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_during_training(proc: subprocess.Popen, sig: int, wait_for: Path, since_ns: int = 0) -> str:
     """Send ``sig`` to the parent once ``wait_for`` is newer than ``since_ns``; assert the whole process group
     is gone within 10 s, the exit code is 128 + sig and stderr ends in one line saying how to resume."""
@@ -379,7 +387,7 @@ def test_sigterm_then_sigint_stop_every_process_and_the_rerun_is_identical(run, 
     assert json.loads(ckpt.read_text())["finished"] is False
     before = ckpt.stat().st_mtime_ns
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=as_from_a_terminal)
     interrupt_during_training(proc, signal.SIGINT, ckpt, since_ns=before)
     assert not (out / "train/stage.json").exists()
     res = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env())
