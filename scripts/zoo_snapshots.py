@@ -1,8 +1,8 @@
 """Recover the training snapshots of zoo models exported without them (the h = 1 models before stop 25).
 
-Retrains each member with its configuration's recipe and seed into ``--work`` (resumable, one torch thread
-per process) and, when the retrained final weights are byte-identical to the zoo model's, copies the run's
-snapshots into the zoo (``icl_heads.zoo.add_snapshots``): E7 then has the h = 1 model at every snapshot step,
+Retrains each member with its configuration's recipe and seed into ``--work`` with the zoo trainer's worker
+(resumable, one torch thread per process) and, when the retrained final weights are byte-identical to the zoo
+model's, copies the run's snapshots into the zoo (``icl_heads.zoo.add_snapshots``): E7 then has the h = 1 model at every snapshot step,
 which the fraction of the multi-head advantage lost per step needs. A member whose weights differ is reported
 and left alone.
 
@@ -15,21 +15,18 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from icl_heads.checkpoint import CheckpointError
-from icl_heads.training import train
 from icl_heads.workers import Terminated, install_term_handler, run_in_processes
 from icl_heads.zoo import ZOO_DIR, add_snapshots, available, get_config, model_path
+from icl_heads.zoo.train import _train_member  # the zoo trainer's worker: same folder layout, CPU clock
 
 
 def retrain(name: str, seed: int, h: int, work: str) -> str:
-    """Worker: retrain (or resume) one member into ``work``; then add its snapshots to the zoo if identical."""
-    torch.set_num_threads(1)
+    """Worker: retrain (or resume) one member into ``work`` as ``zoo train`` does; then add its snapshots to the
+    zoo if identical."""
     config = get_config(name)
-    run = Path(work) / name / f"seed{seed}" / f"h{h}"
     t0 = time.process_time()
-    train(config.preset(seed), h, run, "cpu", resume=True, progress=False)
+    run = Path(_train_member(config, seed, h, work, threads=1))
     try:
         add_snapshots(run, config, seed, h, ZOO_DIR)
         return f"{name}/seed{seed}/h{h}: snapshots added ({time.process_time() - t0:.0f} CPU s)"

@@ -309,6 +309,11 @@ def test_a_plateau_configuration_is_not_testable_and_never_compared(tmp_path):
     growing = model_state(cfg, 2, tmp_path / "wsd")
     assert growing["learned"] and growing["word"] == "training, at 16 + 3 steps (h = 2 at n = d: 0.300; next milestone 32)"
     assert [m["steps_text"] for m in growing["models"]] == ["16 + 3", "16 + 3"]
+    write_json(model_path("T", 1, 2, tmp_path / "wsd") / "meta.json",  # mid-milestone: seed 1 is further along
+               {"step": 38, "zoo": {"state": "training", "stable_steps": 32, "cooldown_steps": 6,
+                                    "convergence": {"converged": False, "at": {"5": {"risk": 0.3}}}}})
+    assert model_state(cfg, 2, tmp_path / "wsd")["word"].startswith("training, at 32 + 6 steps (h = 2 at n = d: 0.300; "
+                                                                    "next milestone 64)")
     s = factor_sentence("1b", {"A": "not reproduced", "B": "not reproduced", "C": NOT_TESTABLE})
     assert "leaves it unchanged" in s and "not testable in C" in s and "B -> C" not in s
     assert "no configuration learned" in factor_sentence("1b", {"C": NOT_TESTABLE})

@@ -257,9 +257,10 @@ def model_state(config: ZooConfig, seeds: int, root: Path) -> dict[str, Any]:
     elif models and all(m["converged"] for m in models):
         word = f"converged (h = {h} at n = d: {mean:.3f})"
     elif any(m["state"] == "training" for m in models):
-        at_t = max(m["stable_steps"] or 0 for m in models)
-        word = (f"training, at {models[0]['steps_text']} steps (h = {h} at n = d: {mean:.3f}; next milestone "
-                f"{2 * at_t}" + (f"; last gain there {min(gains):+.0%} to {max(gains):+.0%})" if gains else ")"))
+        lead = max(models, key=lambda m: m["stable_steps"] or 0)  # mid-milestone, the members furthest along
+        word = (f"training, at {lead['steps_text']} steps (h = {h} at n = d: {mean:.3f}; next milestone "
+                f"{2 * (lead['stable_steps'] or 0)}" + (f"; last gain there {min(gains):+.0%} to {max(gains):+.0%})"
+                                                        if gains else ")"))
     else:
         word = (f"capped at {steps} steps (h = {h} at n = d: {mean:.3f}"
                 + (f"; last gain there {min(gains):+.0%} to {max(gains):+.0%})" if gains else ")"))
