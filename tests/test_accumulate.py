@@ -139,6 +139,18 @@ def test_the_zoo_trainer_exports_each_cooldown_with_its_comparison_and_caps(tmp_
     assert member_status(GROW, 0, 2, tmp_path / "zoo") == state
 
 
+def test_the_zoo_trainer_trains_only_the_head_counts_asked_for(tmp_path: Path) -> None:
+    """``zoo train --heads 2``: the h = 2 member grows; the h = 1 member waits (nothing trained or exported)."""
+    from dataclasses import replace
+
+    two = replace(GROW, heads=(1, 2), max_steps=16)
+    out = accumulate_zoo([two], 10.0, 1, tmp_path / "zoo", tmp_path / "state", heads=(2,))
+    assert out == ["G/seed0/h2: capped"] or out == ["G/seed0/h2: converged"]
+    assert (model_path("G", 0, 2, tmp_path / "zoo") / "meta.json").exists()
+    assert not model_path("G", 0, 1, tmp_path / "zoo").exists()
+    assert not (tmp_path / "state" / "G" / "seed0" / "h1").exists()
+
+
 def test_the_zoo_trainer_stopped_on_time_again_and_again_ends_with_the_same_weights(tmp_path: Path) -> None:
     accumulate_zoo([GROW], 10.0, 1, tmp_path / "whole", tmp_path / "whole-state")
     calls = 0

@@ -28,6 +28,8 @@ CASES = [
     ("bad-jobs", ["reproduce", "--preset", "smoke", "--jobs", "0"], "jobs", "got 0"),
     ("missing-checkpoint", ["assess-heads", "{tmp}/no_such_ckpt"], "checkpoint", "no_such_ckpt"),
     ("missing-checkpoint-eval", ["eval", "{tmp}/no_such_ckpt"], "checkpoint", "no meta.json"),
+    ("unknown-config", ["reproduce", "--configs", "A,X"], "configs", "'X'"),
+    ("configs-off-the-zoo", ["reproduce", "--preset", "smoke", "--configs", "A"], "configs", "--preset quick"),
     ("prompts-too-few", ["estimators", "--preset", "smoke", "--prompts", "1"], "prompts", "eval.n_val"),
 ]
 
@@ -47,3 +49,13 @@ def test_the_runner_sees_a_good_command_succeed() -> None:
     """The harness itself: --help exits 0 and prints the usage (so the failures above are the commands')."""
     code, stdout, stderr = invoke("eval", "--help")
     assert code == 0 and "Usage:" in stdout and "--prompts" in stdout and stderr == ""
+
+
+@pytest.mark.parametrize("heads, detail", [("x", "integers"), ("0", "positive"), ("3", "none of 3")])
+def test_zoo_train_heads_is_checked_before_any_training(tmp_path: Path, heads: str, detail: str) -> None:
+    code, stdout, stderr = invoke("zoo", "train", "--config", "E", "--heads", heads, "--minutes", "1",
+                                  "--state", str(tmp_path / "state"), "--root", str(tmp_path))
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert code != 0 and "Traceback" not in stderr + stdout and len(lines) == 1, stderr
+    assert lines[0].startswith("error: heads: ") and detail in lines[0]
+    assert not (tmp_path / "state").exists()

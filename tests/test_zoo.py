@@ -170,6 +170,7 @@ def test_reproduce_on_the_zoo_analyses_its_models_without_training(tiny_zoo, tmp
     out = tmp_path / "run"
     report = reproduce_zoo(out, [TINY], root=root, any_t=False, not_learned=True)  # the tiny models learn nothing
     assert report == out / "report.md" and "| claim | T |" in report.read_text()
+    assert "Not in this run: **A** paired tokens" in report.read_text()  # the zoo's own configurations
     man = read_json(out / "T" / "manifest.json")
     assert "train" not in man["stage_wall_s"] and man["models"]["seed0/h2"] == str(model_path("T", 0, 2, root))
     assert not (out / "T" / "seed0" / "e1" / "models").exists()  # nothing trained
@@ -282,6 +283,16 @@ def test_a_configuration_that_has_not_learned_is_not_analysed_by_default(tiny_zo
     text = reproduce_zoo(tmp_path / "run", [TINY], root=root, any_t=False).read_text()
     assert "| T | not learned" in text and "not analysed" in text
     assert not (tmp_path / "run" / "T" / "seed0").exists()
+
+
+def test_the_main_job_leaves_out_the_deeper_side_study_and_the_report_says_how_to_add_it():
+    from icl_heads.zoo import CONFIGS, main_job_configs
+    from icl_heads.zoo.reproduce import left_out_text
+
+    assert [c.name for c in main_job_configs()] == ["A", "B", "C", "E"]
+    text = left_out_text([CONFIGS["D"]])
+    assert "**D** paired tokens, attention-only, L = 6" in text and "--configs A,B,C,D,E" in text
+    assert left_out_text([]) == ""
 
 
 def test_a_plateau_configuration_is_not_testable_and_never_compared(tmp_path):

@@ -54,6 +54,17 @@ def parse_floats(text: str, field: str) -> list[float]:
     return values
 
 
+def parse_ints(text: str, field: str) -> list[int]:
+    """``"1,4"`` to ``[1, 4]`` (each a positive integer), or a one-line error naming ``field``."""
+    try:
+        values = [int(v) for v in parse_list(text, field)]
+    except ValueError:
+        raise ConfigError(f"{field}: expected comma-separated integers (got {text!r})") from None
+    if any(v < 1 for v in values):
+        raise ConfigError(f"{field}: expected positive integers (got {text!r})")
+    return values
+
+
 def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs to dotted overrides; VALUE is read as JSON when it parses, else as text."""
     ov: dict[str, Any] = {}

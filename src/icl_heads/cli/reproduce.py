@@ -12,7 +12,7 @@ import torch
 
 from ..config import MAX_SEEDS, ConfigError, Preset, TaskConfig, validate
 from .options import (check_cores, check_count, device_option, executor_options, make_executor, make_preset,
-                      out_option, parse_floats, preset_option, resolve_device, split_executor_sets, writing)
+                      out_option, parse_floats, parse_list, preset_option, resolve_device, split_executor_sets, writing)
 
 
 @click.command()
@@ -40,10 +40,14 @@ from .options import (check_cores, check_count, device_option, executor_options,
 @click.option("--not-learned", "not_learned", is_flag=True,
               help="quick on the zoo: also analyse configurations whose models have not learned (their claims "
                    "are not testable; skipped by default)")
+@click.option("--configs", "configs_opt", default=None, metavar="A,B,...",
+              help="quick on the zoo: the configurations to analyse (default: every one but D, the deeper side "
+                   "study; zoo/README.md)")
 @executor_options
 def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str], stacked: Optional[bool],
               any_t: bool, device: str, sets: tuple[str, ...], threads: int, train_all: bool,
-              jobs: Optional[int], not_learned: bool, executor: str, no_wait: bool) -> None:
+              jobs: Optional[int], not_learned: bool, configs_opt: Optional[str], executor: str,
+              no_wait: bool) -> None:
     """Run E5, E1-E4, E6 and E7 for a preset over seeds and write report.md/report.html into OUT.
 
     On the quick preset with no --set/--seeds/--sigmas, the models are the zoo's (every
@@ -59,16 +63,24 @@ def reproduce(preset: str, out: Path, seeds: Optional[int], sigmas: Optional[str
     check_threads(threads)
     check_cores("jobs", jobs)
     levels = check_sigmas(p, parse_floats(sigmas, "sigmas")) if sigmas is not None else None
+    zoo_run = preset == "quick" and not (sets or seeds or levels)
+    if configs_opt is not None and not zoo_run:
+        raise ConfigError("configs: selects the zoo's configurations and needs --preset quick without "
+                          "--set/--seeds/--sigmas")
+    from ..zoo import get_config
+
+    names = [] if configs_opt is None else list(dict.fromkeys(parse_list(configs_opt, "configs")))
+    chosen = [get_config(c, "configs") for c in names] or None
     from ..reproduce import reproduce as run
 
     torch.set_num_threads(threads)
-    if preset == "quick" and not (sets or seeds or levels):
+    if zoo_run:
         from ..zoo import CONFIGS, ZOO_DIR, complete_seeds
         from ..zoo.reproduce import reproduce_zoo
 
-        if train_all or any(complete_seeds(c) for c in CONFIGS.values()):
+        if train_all or any(complete_seeds(c) for c in (chosen or CONFIGS.values())):
             with writing(out, "reproduce"):
-                report = reproduce_zoo(out, train=train_all, device=dev, any_t=any_t,
+                report = reproduce_zoo(out, chosen, train=train_all, device=dev, any_t=any_t,
                                        jobs=jobs or (1 if dev == "cuda" else os.cpu_count() or 1), executor=ex,
                                        not_learned=not_learned)
             click.echo(f"done: factor report at {report}; one report per configuration under {out}/<config>/")

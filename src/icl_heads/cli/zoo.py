@@ -14,7 +14,8 @@ from typing import Optional
 import click
 
 from ..config import ConfigError
-from .options import executor_options, make_executor, parse_list, parse_sets, resolve_device, split_executor_sets
+from .options import (executor_options, make_executor, parse_ints, parse_list, parse_sets, resolve_device,
+                      split_executor_sets)
 from .output import echo_lines, zoo_lines
 
 
@@ -78,13 +79,16 @@ def verify_cmd(root: Optional[Path]) -> None:
 @click.option("--minutes", type=float, default=None,
               help="accumulating configurations (wsd, e.g. E): train this long, export cool-downs, then stop "
                    "cleanly; the state under --state resumes on the next call")
+@click.option("--heads", "heads_opt", default=None, metavar="H[,H...]",
+              help="accumulating configurations: train only these head counts (e.g. 4: the largest models "
+                   "first); the others wait for a later call")
 @click.option("--state", "state_root", type=click.Path(path_type=Path), default=None,
               help="resumable state of accumulating configurations (default: the repository's zoo_state/)")
 @executor_options
 @root_option
 def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, stacked: bool,
-              sets: tuple[str, ...], minutes: Optional[float], state_root: Optional[Path], executor: str,
-              no_wait: bool, root: Optional[Path]) -> None:
+              sets: tuple[str, ...], minutes: Optional[float], heads_opt: Optional[str], state_root: Optional[Path],
+              executor: str, no_wait: bool, root: Optional[Path]) -> None:
     """Train every zoo model not yet in the zoo with its configuration's recipe (resumable).
 
     Accumulating configurations grow each model's stable run by doublings, take a cool-down at each and
@@ -119,6 +123,11 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, st
     if minutes is not None and fixed:
         raise ConfigError(f"minutes: only accumulating configurations stop on time ({', '.join(c.name for c in fixed)} "
                           "train to a fixed length)")
+    heads = None if heads_opt is None else tuple(parse_ints(heads_opt, "heads"))
+    if heads is not None and not growing:
+        raise ConfigError("heads: only accumulating configurations train a subset of their head counts")
+    if heads is not None and not any(h in c.heads + tuple(h for _, h in c.extra) for c in growing for h in heads):
+        raise ConfigError(f"heads: none of {heads_opt} is a head count of {', '.join(c.name for c in growing)}")
     if growing and executor != "local":
         raise ConfigError(f"executor: accumulating configurations ({', '.join(c.name for c in growing)}) train on "
                           "this machine's processes (--executor local); on a cluster, run `zoo train --minutes` "
@@ -127,7 +136,8 @@ def train_cmd(configs: str, work: Path, jobs: int, commit: bool, device: str, st
         from ..zoo import STATE_DIR, accumulate_zoo
 
         sroot = STATE_DIR if state_root is None else state_root
-        for line in accumulate_zoo(growing, 10**6 if minutes is None else minutes, jobs, zroot, sroot, device):
+        for line in accumulate_zoo(growing, 10**6 if minutes is None else minutes, jobs, zroot, sroot, device,
+                                   heads):
             click.echo(line)
         if commit:
             commit_paths(zroot.parent, [zroot, sroot], f"zoo train: {', '.join(c.name for c in growing)}")

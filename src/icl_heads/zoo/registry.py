@@ -63,6 +63,7 @@ class ZooConfig:
     base: str = "quick"  # the preset the overrides apply to (tests use smoke)
     max_steps: int = 0  # > 0: the recipe accumulates (wsd): stable run doubled from train.steps up to this cap
     cooldown_frac: float = 0.2  # a cool-down branch at stable step T runs round(frac * T) steps
+    main_job: bool = True  # analysed by default by the main job (False: on request, `reproduce --configs`)
 
     @property
     def accumulates(self) -> bool:
@@ -96,10 +97,13 @@ CONFIGS: dict[str, ZooConfig] = {c.name: c for c in (
                "train.curriculum": True, "train.curriculum_d": True, **_SNAP},
               seeds=(0, 1, 2), heads=(1, 4)),
     # the deeper variant (issue 14, 2.): is depth what keeps A above ridge at n >= d? Twice A's layers,
-    # half its lr (the issue's L = 6 trial: 0.143 at n = d after 8k steps, against A's 0.165), twice its steps
+    # half its lr (the issue's L = 6 trial: 0.143 at n = d after 8k steps, against A's 0.165), twice its steps.
+    # Analysed on request (`reproduce --configs ...,D`): its pairs cost 2.2x A's (twice the layers, each ablated
+    # under three kinds), a third of the main job's CPU for 3 of 16 pairs, which kept it over 15 minutes on two
+    # cores (docs/performance.md, stop 26); the SPEC's quick preset names depth as the optional factor
     ZooConfig("D", "paired tokens, attention-only, L = 6",
               {"model.mlp": False, "model.n_layers": 6, "train.steps": 32000, "train.lr": 2e-3, **_SNAP},
-              seeds=(0, 1, 2), heads=(1, 4)),
+              seeds=(0, 1, 2), heads=(1, 4), main_job=False),
     # the format contrast with A (issue 23): interleaved tokens, attention-only; the recipe accumulates (wsd,
     # cool-down branches at 16k, 32k, 64k, ... steps). Its curriculum over n and the active coordinates (from
     # n = 5, d = 3 over 8k steps) took the two seeds that a d-only curriculum left on the predict-zero plateau
@@ -112,9 +116,14 @@ CONFIGS: dict[str, ZooConfig] = {c.name: c for c in (
 )}
 
 
-def get_config(name: str) -> ZooConfig:
+def main_job_configs() -> list[ZooConfig]:
+    """The configurations the main job analyses by default (``reproduce --configs`` names others)."""
+    return [c for c in CONFIGS.values() if c.main_job]
+
+
+def get_config(name: str, field: str = "config") -> ZooConfig:
     if name not in CONFIGS:
-        raise ConfigError(f"config: unknown zoo configuration {name!r} (choose from {', '.join(CONFIGS)})")
+        raise ConfigError(f"{field}: unknown zoo configuration {name!r} (choose from {', '.join(CONFIGS)})")
     return CONFIGS[name]
 
 

@@ -30,7 +30,8 @@ from ..runs import layout
 from ..runs.layout import SEED_STAGES
 from ..training import train_members
 from ..training.executors import is_local, job_device, run_calls, with_folder
-from .registry import CONFIGS, NOT_LEARNED, ZOO_DIR, ZooConfig, available, complete_seeds, model_path
+from .registry import (CONFIGS, NOT_LEARNED, ZOO_DIR, ZooConfig, available, complete_seeds, main_job_configs,
+                       model_path)
 
 
 def zoo_preset(config: ZooConfig, root: Path | None = None):
@@ -111,6 +112,9 @@ def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: 
                   executor: ExecutorConfig | None = None, not_learned: bool = False) -> Path:
     """Run the main job over the zoo's configurations into ``out``; returns ``out/report.md``.
 
+    ``configs``: default the main job's (:func:`~icl_heads.zoo.registry.main_job_configs`: every one but D,
+    which ``reproduce --configs`` adds); the factor report names the configurations left out.
+
     A configuration whose models have not learned (:func:`model_state`, read from the zoo before any
     analysis) is *not testable* for every claim about trained models, so it is not analysed unless
     ``not_learned`` (``reproduce --not-learned``): its column in the factor report says so, with its state.
@@ -120,7 +124,7 @@ def reproduce_zoo(out: Path, configs: Sequence[ZooConfig] | None = None, train: 
     with ``train``, every configuration's models train first as one batch of jobs (:func:`train_all`);
     on the zoo's models, the (configuration, seed) analyses are the jobs."""
     out = Path(out)
-    configs = list(CONFIGS.values()) if configs is None else list(configs)
+    configs = main_job_configs() if configs is None else list(configs)
     mode = {"source": "trained" if train else "zoo", "configs": [c.name for c in configs]}
     mode_file = out / "zoo_run.json"
     if mode_file.exists() and read_json(mode_file).get("source") != mode["source"]:
@@ -423,6 +427,15 @@ def claim_verdicts(claim: str, names: Sequence[str], cell: dict[tuple[str, str],
             if (claim, n) in cell or (done[n].get("not_learned") and about_models)}
 
 
+def left_out_text(left_out: Sequence[ZooConfig]) -> str:
+    """The sentence naming the zoo's configurations a run left out (and how to add them); empty if none."""
+    if not left_out:
+        return ""
+    return (" Not in this run: " + "; ".join(f"**{c.name}** {c.title}" for c in left_out)
+            + f" (`reproduce --configs {','.join(CONFIGS)}` analyses every configuration; the main job leaves "
+            "out the side studies to stay within 15 minutes on two cores: docs/performance.md).")
+
+
 def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[str, Any]],
                         root: Path = ZOO_DIR) -> Path:
     rows = factor_rows(out, configs, done)
@@ -446,7 +459,8 @@ def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str,
     lines = ["# icl-heads: the factor study on the zoo", "",
              f"![configuration x claim]({fig.name})", "",
              "Configurations (quick task, h = 4 analysed, h = 1 as the single-head reference): "
-             + "; ".join(f"**{c.name}** {c.title} ({_seeds_text(done[c.name])})" for c in configs) + ".", "",
+             + "; ".join(f"**{c.name}** {c.title} ({_seeds_text(done[c.name])})" for c in configs) + "."
+             + left_out_text([c for c in CONFIGS.values() if c.name not in by_name]), "",
              "**State of the models** (zoo meta, test prompts; a configuration whose h = 4 models' mean risk at "
              f"n = d is above {NOT_LEARNED:g} has *not learned*, and its claims about trained models are *not "
              "testable*). Beside them on the same task at n = d: "

@@ -157,20 +157,22 @@ def _exported_at(config: ZooConfig, seed: int, h: int, zoo_root: str | Path) -> 
 
 
 def accumulate_zoo(configs: list[ZooConfig], minutes: float, jobs: int, root: Path = ZOO_DIR,
-                   state_root: Path = STATE_DIR, device: str = "cpu") -> list[str]:
+                   state_root: Path = STATE_DIR, device: str = "cpu",
+                   heads: tuple[int, ...] | None = None) -> list[str]:
     """Train the accumulating ``configs`` for ``minutes`` of wall time on ``jobs`` processes, breadth first:
     every member reaches a milestone (and exports its cool-down) before any member goes on to the next, so
     all seeds stand at the same training length whenever the time is up. Members go in the configurations'
     order (seed by seed, largest head count first); each stops at its next checkpoint after the time is up
     and resumes from ``state_root`` on the next call. Returns each member's last status line. On a GPU
     (``device="cuda"``) the ``jobs`` processes share the device, one model each (a resumed run continues on
-    any device; bit-identity holds only on CPU)."""
+    any device; bit-identity holds only on CPU). ``heads`` trains only those head counts (e.g. ``(4,)``: the
+    claims' largest models first, as issue 23 orders A and E); the others wait for a later call."""
     stop = time.time() + 60 * minutes
     last: dict[tuple[str, int, int], str] = {}
     for t in sorted({m for c in configs for m in milestones(c)}):
         todo = [(c, k, h) for c in configs for k, h in c.members()
                 if member_status(c, k, h, root) not in ("converged", "capped") and _exported_at(c, k, h, root) < t
-                and t in milestones(c)]
+                and t in milestones(c) and (heads is None or h in heads)]
         todo.sort(key=lambda m: (m[1], configs.index(m[0]), m[0].members().index((m[1], m[2]))))
         if not todo:
             continue
@@ -181,4 +183,4 @@ def accumulate_zoo(configs: list[ZooConfig], minutes: float, jobs: int, root: Pa
                                  max(1, jobs))
         last.update({(c.name, k, h): line for (c, k, h), line in zip(todo, lines)})
     return [last.get((c.name, k, h), f"{c.name}/seed{k}/h{h}: {member_status(c, k, h, root)}")
-            for c in configs for k, h in c.members()]
+            for c in configs for k, h in c.members() if heads is None or h in heads]
