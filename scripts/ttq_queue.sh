@@ -16,7 +16,7 @@ run() {  # name, then --set pairs
   mkdir -p "$keep" && cp "runs/ttq/$name/ttq.csv" "runs/ttq/$name/convergence.json" "$keep/"
 }
 EI="model.mlp=false model.token_format=interleaved train.steps=16000"  # configuration E (issue 23)
-case "${1:?queue A, BC, long, E1, E2 or E3 SEED}" in
+case "${1:?queue A, BC, long, E1, E2, E3 SEED or A4 SEED}" in
   E1)  # stop 23: what takes interleaved tokens (attention-only) off the plateau
     run E-lr1e-3-16k $EI train.lr=1e-3
     run E-lr4e-3-16k $EI train.lr=4e-3
@@ -31,6 +31,12 @@ case "${1:?queue A, BC, long, E1, E2 or E3 SEED}" in
     # both curricula took both seeds off the plateau by 5-6k steps; n and d (cheaper, short prompts early) is
     # E's recipe from stop 25: the same recipe with an MLP is configuration C's
     run C3-nd-s$k $EW train.lr=1e-3 train.curriculum=true model.mlp=true
+    ;;
+  A4)  # stop 26: A under E's exact recipe (wsd at 1e-3, the n-and-d curriculum, a 20% cool-down from 16k), so
+    # that the format contrast A vs E differs in the token format alone; compared with A's cosine models at 16k
+    k=${2:?A4 needs a seed}
+    run A4-erecipe-s$k model.mlp=false train.steps=19200 train.cooldown_from=16000 train.schedule=wsd \
+      train.lr=1e-3 train.curriculum=true train.curriculum_d=true train.curriculum_ramp_steps=8000 seed=$k
     ;;
   E2)
     run E-curd-lr1e-3-16k $EI train.lr=1e-3 train.curriculum_d=true

@@ -325,6 +325,13 @@ def test_a_plateau_configuration_is_not_testable_and_never_compared(tmp_path):
                                     "convergence": {"converged": False, "at": {"5": {"risk": 0.3}}}}})
     assert model_state(cfg, 2, tmp_path / "wsd")["word"].startswith("training, at 32 + 6 steps (h = 2 at n = d: 0.300; "
                                                                     "next milestone 64)")
+    for k, step in ((0, 19), (1, 38)):  # the h = 1 references: seed 1's lags its h = 2 model (grown by --heads)
+        write_json(model_path("T", k, 1, tmp_path / "wsd") / "meta.json", {"step": step if k == 0 else 19})
+    word = model_state(cfg, 2, tmp_path / "wsd")["word"]
+    assert word.endswith("; **h = 1 at other lengths** (seed 1: 19 steps): the head-count comparisons (1a, 2b, "
+                         "the fraction of the advantage lost) mix training lengths")
+    write_json(model_path("T", 1, 1, tmp_path / "wsd") / "meta.json", {"step": 38})
+    assert "other lengths" not in model_state(cfg, 2, tmp_path / "wsd")["word"]
     s = factor_sentence("1b", {"A": "not reproduced", "B": "not reproduced", "C": NOT_TESTABLE})
     assert "leaves it unchanged" in s and "not testable in C" in s and "B -> C" not in s
     assert "no configuration learned" in factor_sentence("1b", {"C": NOT_TESTABLE})

@@ -268,7 +268,24 @@ def model_state(config: ZooConfig, seeds: int, root: Path) -> dict[str, Any]:
     else:
         word = (f"capped at {steps} steps (h = {h} at n = d: {mean:.3f}"
                 + (f"; last gain there {min(gains):+.0%} to {max(gains):+.0%})" if gains else ")"))
+    word += _length_mismatch(config, seeds, root, models)
     return {"word": word, "learned": not (risks and mean > NOT_LEARNED), "risk_at_d": mean, "models": models}
+
+
+def _length_mismatch(config: ZooConfig, seeds: int, root: Path, models: list[dict[str, Any]]) -> str:
+    """A warning when the single-head reference models stand at another training length than the largest-head
+    ones (an accumulating configuration grown head count by head count, `zoo train --heads`): 1a, 2b and the
+    fraction of the advantage lost then compare models trained for different lengths."""
+    h1 = min(config.heads)
+    other = []
+    for k, m in zip(config.seeds[:seeds], models):
+        path = model_path(config.name, k, h1, root) / "meta.json"
+        if path.exists() and (step := read_json(path).get("step")) != m["steps"]:
+            other.append(f"seed {k}: {step}")
+    if not other:
+        return ""
+    return (f"; **h = {h1} at other lengths** ({', '.join(other)} steps): the head-count comparisons (1a, 2b, the "
+            "fraction of the advantage lost) mix training lengths")
 
 
 def factor_sentence(claim: str, verdicts: dict[str, str]) -> str:
