@@ -79,7 +79,9 @@ def card(config: ZooConfig, root: Path, baselines: dict[str, dict[int, float]] |
                 "'stable + cool-down'; the percentage beside a risk compares this cool-down with the previous one "
                 "(half the stable steps) on the same test prompts."),
              f"Members: seeds {list(config.seeds)} x heads {list(config.heads)}"
-             + (f", plus {list(config.extra)}" if config.extra else "") + ".", ""]
+             + (f", plus {list(config.extra)}" if config.extra else "") + "."
+             + ("" if config.main_job else " The main job analyses it on request (`icl-heads reproduce --configs "
+                f"{','.join(CONFIGS)}`)."), ""]
     machines = {load_meta(model_path(config.name, k, h, root))["zoo"]["machine"] for k, h in available(config.name, root)}
     if machines:
         lines += [f"Trained on: {', '.join(sorted(machines))} (one torch thread per model).", ""]
@@ -100,7 +102,8 @@ def write_cards(root: Path, with_baselines: bool = True) -> Path:
     """Write ``root/README.md`` from the models under ``root``."""
     parts = ["# The model zoo", "",
              "Reference models of the factor study (issues 14, 23): the quick task under the configurations below (A, B, C, E: "
-             "the factor study -- A vs E is the token format alone; D: A's deeper variant), "
+             "the factor study -- A vs E is the token format alone; D: A's deeper variant, which the main job "
+             "analyses on request), "
              "trained with the recipes below. Each model is `CONFIG/seed{k}/h{h}/` (safetensors + meta.json, no "
              "optimizer state); the h=4 models keep their log-spaced snapshots (E7), and so do the h=1 models "
              "trained since stop 25 (E7's fraction of the multi-head advantage lost, per step). "
