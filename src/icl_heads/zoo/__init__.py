@@ -14,14 +14,12 @@ from .export import SUMS_FILE, add_snapshots, export, export_cooldown, read_sums
 from .machine import CPU_CLOCK, cpu_kernels, cpu_seconds, cpu_vendor, machine
 from .registry import (CONFIGS, STATE_DIR, ZOO_DIR, ZOO_ENV, ZooConfig, available, complete_seeds, cooldown_dir,
                        cooldown_preset, cooldown_steps, default_zoo_dir, get_config, listing, main_job_configs,
-                       member_status,
-                       milestones, model_path, require_zoo, spec_of, stable_preset, state_path)
+                       member_status, milestones, model_path, require_zoo, spec_of, stable_preset, state_path)
 from .train import accumulate_zoo, train_zoo
 
 __all__ = ["CONFIGS", "CONVERGENCE_TOL", "CPU_CLOCK", "STATE_DIR", "SUMS_FILE", "ZOO_DIR", "ZOO_ENV", "ZooConfig",
            "accumulate_zoo", "add_snapshots", "available", "compare_models", "complete_seeds", "convergence", "cooldown_dir",
            "cooldown_preset", "cooldown_steps", "cpu_kernels", "cpu_seconds", "cpu_vendor", "default_zoo_dir",
            "export", "export_cooldown", "get_config", "listing", "machine", "main_job_configs", "member_status",
-           "milestones",
-           "model_errors", "model_path", "read_sums", "require_zoo", "snapshot_errors", "spec_of", "stable_preset",
+           "milestones", "model_errors", "model_path", "read_sums", "require_zoo", "snapshot_errors", "spec_of", "stable_preset",
            "state_path", "train_zoo", "verify", "write_sums"]
