@@ -151,6 +151,23 @@ def test_the_zoo_trainer_trains_only_the_head_counts_asked_for(tmp_path: Path) -
     assert not (tmp_path / "state" / "G" / "seed0" / "h1").exists()
 
 
+def test_a_zoo_that_missed_an_export_gets_it_from_the_state_without_retraining(tmp_path: Path) -> None:
+    """The state drops a cool-down's optimizer state once it is exported; a zoo folder that never got that
+    export (trained into another folder, or restored from git) gets the same model and record from it."""
+    import shutil
+
+    state, first, other = tmp_path / "state", tmp_path / "zoo", tmp_path / "elsewhere"
+    _accumulate_member(GROW, 0, 2, str(state), str(first), time.time() + 60, 1, upto=16)
+    shutil.copytree(first, other)
+    _accumulate_member(GROW, 0, 2, str(state), str(other), time.time() + 60, 1, upto=32)  # the 32 export goes there
+    assert not (state / "G" / "seed0" / "h2" / "cool0000032" / "state.safetensors").exists()
+    _accumulate_member(GROW, 0, 2, str(state), str(first), time.time() + 60, 1, upto=32)  # used to raise
+    a, b = (load_model(model_path("G", 0, 2, root))[0] for root in (first, other))
+    assert weights_equal(a, b)
+    ma, mb = (load_meta(model_path("G", 0, 2, root))["zoo"] for root in (first, other))
+    assert ma["stable_steps"] == 32 and ma["convergence"] == mb["convergence"]
+
+
 def test_the_zoo_trainer_stopped_on_time_again_and_again_ends_with_the_same_weights(tmp_path: Path) -> None:
     accumulate_zoo([GROW], 10.0, 1, tmp_path / "whole", tmp_path / "whole-state")
     calls = 0
