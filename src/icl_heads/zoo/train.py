@@ -146,19 +146,11 @@ def _accumulate_member(config: ZooConfig, seed: int, h: int, state_root: str, zo
             return f"{tag}: stopped (stable run)"
         # a finished cool-down is exported as it is: its optimizer state is gone once exported (so a zoo that
         # lost or never got that export, e.g. one restored from git, gets it again without retraining)
-        if not _finished(cool, cooldown_preset(config, seed, t)) and not _timed_train(
-                cooldown_preset(config, seed, t), h, cool, deadline, show, init_from=member / "stable", device=device):
+        if not is_finished(cool) and not _timed_train(cooldown_preset(config, seed, t), h, cool, deadline, show,
+                                                       init_from=member / "stable", device=device):
             return f"{tag}: stopped (cool-down at {t})"
         export_cooldown(config, seed, h, member, t, Path(zoo_root))
     return f"{tag}: {member_status(config, seed, h, Path(zoo_root))}"
-
-
-def _finished(run: Path, preset: Preset) -> bool:
-    """Whether ``run`` is a finished training of ``preset``'s length (its meta says so)."""
-    if not (run / META_FILE).exists():
-        return False
-    meta = load_meta(run)
-    return bool(meta.get("finished")) and int(meta["step"]) >= preset.train.steps
 
 
 def _exported_at(config: ZooConfig, seed: int, h: int, zoo_root: str | Path) -> int:
