@@ -16,7 +16,7 @@ from icl_heads.tasks import fixed_prompts
 from icl_heads.zoo import (CONFIGS, ZOO_DIR, ZooConfig, available, cpu_kernels, export, listing, model_path, spec_of,
                            train_zoo, verify, write_sums)
 from icl_heads.zoo.cards import card
-from icl_heads.zoo.registry import stable_preset
+from icl_heads.experiments.e7_emergence import snapshot_dirs
 
 TINY = ZooConfig("T", "tiny smoke configuration",
                  {"model.d_model": 16, "train.steps": 40, "train.snapshots": 4, "train.eval_every": 20,
@@ -130,10 +130,10 @@ def test_repository_zoo_model_retrains_to_its_first_snapshot(tmp_path):
     path = model_path(c, k, h)
     torch.set_num_threads(load_meta(path)["zoo"]["threads"])
     if CONFIGS[c].accumulates:  # the meta holds the cool-down's recipe; the snapshots are the stable run's
-        spec, heads = stable_preset(CONFIGS[c], k, CONFIGS[c].preset(k).train.steps), h
+        spec, heads = CONFIGS[c].preset(k), h
     else:
         spec, heads = spec_of(path), None
-    step = min(int(p.name[4:]) for p in (path / "snapshots").iterdir())
+    step = snapshot_dirs(path)[0][0]
     r = train(spec, heads, tmp_path / "again", "cpu", progress=False, stop_at=step)
     snap, _ = load_model(snapshot_dir(path, step))
     if load_meta(path)["zoo"].get("cpu") == cpu_kernels():  # same kernels: bit for bit
