@@ -16,7 +16,7 @@ run() {  # name, then --set pairs
   mkdir -p "$keep" && cp "runs/ttq/$name/ttq.csv" "runs/ttq/$name/convergence.json" "$keep/"
 }
 EI="model.mlp=false model.token_format=interleaved train.steps=16000"  # configuration E (issue 23)
-case "${1:?queue A, BC, long, E1, E2, E3 SEED or A4 SEED}" in
+case "${1:?queue A, BC, long, E1, E2, E3 SEED, A4 SEED or C4 SEED}" in
   E1)  # stop 23: what takes interleaved tokens (attention-only) off the plateau
     run E-lr1e-3-16k $EI train.lr=1e-3
     run E-lr4e-3-16k $EI train.lr=4e-3
@@ -37,6 +37,13 @@ case "${1:?queue A, BC, long, E1, E2, E3 SEED or A4 SEED}" in
     k=${2:?A4 needs a seed}
     run A4-erecipe-s$k model.mlp=false train.steps=19200 train.cooldown_from=16000 train.schedule=wsd \
       train.lr=1e-3 train.curriculum=true train.curriculum_d=true train.curriculum_ramp_steps=8000 seed=$k
+    ;;
+  C4)  # stop 28: does C (interleaved, MLP) leave the plateau under E's recipe given longer, or from an easier start?
+    k=${2:?C4 needs a seed}
+    CW="model.mlp=true model.token_format=interleaved train.schedule=wsd train.lr=1e-3 train.curriculum=true"
+    CW="$CW train.curriculum_d=true train.curriculum_ramp_steps=8000 seed=$k"
+    run C4-d1-16k-s$k $CW train.steps=19200 train.cooldown_from=16000 train.curriculum_start_frac=0.1
+    run C4-nd-32k-s$k $CW train.steps=38400 train.cooldown_from=32000  # E's recipe to its 32k cool-down
     ;;
   E2)
     run E-curd-lr1e-3-16k $EI train.lr=1e-3 train.curriculum_d=true

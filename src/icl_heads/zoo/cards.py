@@ -77,7 +77,9 @@ def card(config: ZooConfig, root: Path, baselines: dict[str, dict[int, float]] |
                 f"doublings from {preset.train.steps} steps up to {config.max_steps}, and at each a cool-down branch "
                 f"(lr linearly to 0 over {config.cooldown_frac:.0%} of the steps so far) is exported. Steps read "
                 "'stable + cool-down'; the percentage beside a risk compares this cool-down with the previous one "
-                "(half the stable steps) on the same test prompts."),
+                "(half the stable steps) on the same test prompts. Wall time is this model's path (the stable run to "
+                "its branch, then the cool-down); CPU time is all this member's training so far, its earlier "
+                "cool-downs and any stable steps past the branch included, so it can exceed the wall time."),
              f"Members: seeds {list(config.seeds)} x heads {list(config.heads)}"
              + (f", plus {list(config.extra)}" if config.extra else "") + "."
              + ("" if config.main_job else " The main job analyses it on request (`icl-heads reproduce --configs "
