@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session: train the fixed-length zoo (configurations B, C, D; every seed and head count) as
-# stacks on one GPU, grow the accumulating ones (A, E) from the repository's state, write the model
+# One GPU session: train the fixed-length zoo (configurations B, D; every seed and head count) as
+# stacks on one GPU, grow the accumulating ones (A, E, C) from the repository's state, write the model
 # cards, then (with the time left) the paper preset longer.
 #
 #   scripts/device_zoo.sh OUT
@@ -10,19 +10,19 @@
 #      the run before anything long starts.
 #   1. icl-heads zoo train --stacked --device $DEVICE --root OUT/zoo --work OUT/zoo-train
 #      (ZOO_SET: extra "--set k=v" for every configuration, e.g. a dry run's tiny sizes).
-#   1b. ACC_MINUTES>0: the accumulating configurations (ACC_CONFIGS [A,E]) grow on the device from the
+#   1b. ACC_MINUTES>0: the accumulating configurations (ACC_CONFIGS [A,E,C]) grow on the device from the
 #      repository's resumable state (copied to OUT/zoo_state first), the same trainer as on CPU:
-#      icl-heads zoo train --config A,E --minutes $ACC_MINUTES --device $DEVICE --state OUT/zoo_state
+#      icl-heads zoo train --config A,E,C --minutes $ACC_MINUTES --device $DEVICE --state OUT/zoo_state
 #      (copy OUT/zoo_state over zoo_state/ and OUT/zoo over zoo/ and commit: the GPU's steps add up).
 #   2. icl-heads zoo cards and zoo verify on OUT/zoo (copy OUT/zoo over the repository's zoo/ and commit).
 #   3. SKIP_PAPER=0: icl-heads reproduce --preset paper --seeds 1 --set train.steps=$PAPER_STEPS.
-# Environment: DEVICE [cuda] PYTHON [python] ZOO_CONFIGS [B,C,D] PAPER_STEPS [20000] SKIP_PAPER [0]
-#   ACC_MINUTES [0] ACC_CONFIGS [A,E] ACC_JOBS [4] ACC_FROM_REPO [1]
+# Environment: DEVICE [cuda] PYTHON [python] ZOO_CONFIGS [B,D] PAPER_STEPS [20000] SKIP_PAPER [0]
+#   ACC_MINUTES [0] ACC_CONFIGS [A,E,C] ACC_JOBS [4] ACC_FROM_REPO [1]
 #   PAPER_SET (extra --set for the paper run) BENCH [0].
 # tests/test_device_script.py dry-runs this script on the CPU with tiny sizes so it cannot rot.
 set -euo pipefail
 OUT=${1:?usage: scripts/device_zoo.sh OUT}
-DEVICE=${DEVICE:-cuda}; PY=${PYTHON:-python}; CONFIGS=${ZOO_CONFIGS:-B,C,D}
+DEVICE=${DEVICE:-cuda}; PY=${PYTHON:-python}; CONFIGS=${ZOO_CONFIGS:-B,D}
 ICL=("$PY" -m icl_heads)
 mkdir -p "$OUT"
 say() { echo "[device] $(date +%H:%M:%S) $*"; }
@@ -36,7 +36,7 @@ say "zoo train ($CONFIGS) on $DEVICE"
 "${ICL[@]}" zoo train --config "$CONFIGS" --stacked --device "$DEVICE" --root "$OUT/zoo" --work "$OUT/zoo-train" \
   "${ZSET[@]}" > "$OUT/zoo_train.log" 2>&1
 say "$(grep -c '^exported' "$OUT/zoo_train.log") models exported"
-ACC_CONFIGS=${ACC_CONFIGS:-A,E}
+ACC_CONFIGS=${ACC_CONFIGS:-A,E,C}
 if [ "${ACC_MINUTES:-0}" != 0 ]; then
   if [ "${ACC_FROM_REPO:-1}" = 1 ]; then  # continue the repository's runs (0: start afresh, e.g. a dry run)
     [ -d zoo_state ] && [ ! -d "$OUT/zoo_state" ] && cp -r zoo_state "$OUT/zoo_state"

@@ -101,11 +101,13 @@ CONFIGS: dict[str, ZooConfig] = {c.name: c for c in (
               seeds=(0, 1, 2), heads=(1, 4)),
     # the format contrast with MLP (B vs C): E's accumulating recipe, but the curriculum starts from n = 2 and
     # one active coordinate (`curriculum_start_frac` 0.1) -- stop 28's screen: from E's start (n = 5, d = 3) C
-    # stayed on the plateau (0.82 at n = d after 20k steps), from this start it left it by 12k (docs/training.md)
+    # stayed on the plateau (0.82 at n = d after 20k steps), from this start it left it by 12k (docs/training.md).
+    # Analysed on request (`reproduce --configs A,B,C,E`): its pairs are the costliest of L = 3 (MLP blocks,
+    # prompts twice as long), and five of them would take the main job past 15 minutes on two cores
     ZooConfig("C", "interleaved tokens, MLP (Garg et al.), L = 3",
               {"model.mlp": True, "model.token_format": "interleaved", **_WSD, "train.curriculum_start_frac": 0.1,
                **_SNAP},
-              seeds=(0, 1, 2, 3, 4), heads=(1, 4), max_steps=256000),
+              seeds=(0, 1, 2, 3, 4), heads=(1, 4), max_steps=256000, main_job=False),
     # the deeper variant (issue 14, 2.): is depth what keeps A above ridge at n >= d? Twice A's layers,
     # half its lr (the issue's L = 6 trial: 0.143 at n = d after 8k steps, against A's 0.165), twice its steps.
     # Analysed on request (`reproduce --configs ...,D`): its pairs cost 2.2x A's (twice the layers, each ablated

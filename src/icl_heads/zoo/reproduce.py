@@ -450,7 +450,7 @@ def left_out_text(left_out: Sequence[ZooConfig]) -> str:
         return ""
     return (" Not in this run: " + "; ".join(f"**{c.name}** {c.title}" for c in left_out)
             + f" (`reproduce --configs {','.join(CONFIGS)}` analyses every configuration; the main job leaves "
-            "out the side studies to stay within 15 minutes on two cores: docs/performance.md).")
+            "these out to stay within 15 minutes on two cores: docs/performance.md).")
 
 
 def write_factor_report(out: Path, configs: Sequence[ZooConfig], done: dict[str, dict[str, Any]],
