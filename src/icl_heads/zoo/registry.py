@@ -85,8 +85,9 @@ class ZooConfig:
 
 
 _SNAP = {"train.snapshots": 8, "train.eval_every": 1000, "train.checkpoint_every": 1000}
-# the accumulating recipe of A and E: warm-up, then a constant lr with cool-down branches at 16k, 32k, 64k, ...
-# stable steps; the curriculum over n and the active coordinates ramps from n = 5, d = 3 over the first 8k steps
+# the accumulating recipe of A, E and C: warm-up, then a constant lr with cool-down branches at 16k, 32k, 64k, ...
+# stable steps; the curriculum over n and the active coordinates ramps from n = 5, d = 3 (C: n = 2, d = 1) over
+# the first 8k steps
 _WSD = {"train.steps": 16000, "train.lr": 1e-3, "train.schedule": "wsd", "train.curriculum": True,
         "train.curriculum_d": True, "train.curriculum_ramp_steps": 8000}
 CONFIGS: dict[str, ZooConfig] = {c.name: c for c in (
